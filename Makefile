@@ -1,0 +1,29 @@
+# `make train` and `make test` do all the set-up on a fresh machine with Python 3.11 and the package index.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH_PIN := torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install train test clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_PIN)"  # pinned: the CPU wheel, not several GB of CUDA
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: install
+	$(PY) src/train.py experiment=eval_tiny
+
+# pytest exits 5 when it collects no test; that is not a failure of the suite.
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS); status=$$?; \
+	if [ $$status -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$status
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
