@@ -1,0 +1,210 @@
+"""Streams of records for training and a fixed test set, for every data source (DESIGN §4).
+
+Batches are plain `list[Record]`: each method tokenizes for its own models (the assistant and the
+main model may have different tokenizers), so the data side stays model-agnostic.
+
+Procedural streams derive record i from a seed string `"{seed}:{rank}:{i}"`, so the stream is the
+same on every run, distinct per DDP rank, and can be resumed from any position. Train and test use
+disjoint seeds and no test question ever appears in the train stream.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader, IterableDataset
+
+from dlr.data import synthetic_logic, synthetic_math
+from dlr.data.schema import Record, SkipCounter
+
+GENERATORS: dict[str, Callable[[random.Random, int, int, str], Record]] = {
+    "math": synthetic_math.generate,
+    "logic": synthetic_logic.generate,
+}
+SYNTHETIC_SOURCES = {"synthetic_math": {"math": 1.0}, "synthetic_logic": {"logic": 1.0}}
+HUB_SOURCES = ("gsm8k", "math500", "prontoqa")
+
+
+@dataclass(frozen=True)
+class ProceduralSpec:
+    """What a procedural stream draws: task weights and an inclusive depth range."""
+
+    task_weights: dict[str, float]  # e.g. {"math": 0.5, "logic": 0.5}
+    min_depth: int
+    max_depth: int
+
+    def __post_init__(self) -> None:
+        unknown = set(self.task_weights) - set(GENERATORS)
+        if unknown or not self.task_weights:
+            raise ValueError(f"data task weights must name tasks from {sorted(GENERATORS)}, got {self.task_weights}")
+        if any(w < 0 for w in self.task_weights.values()) or sum(self.task_weights.values()) <= 0:
+            raise ValueError(f"data task weights must be >= 0 with a positive sum, got {self.task_weights}")
+        if not 1 <= self.min_depth <= self.max_depth:
+            raise ValueError(f"data depths need 1 <= min_depth <= max_depth, got {self.min_depth}..{self.max_depth}")
+
+
+def procedural_record(spec: ProceduralSpec, seed: int, rank: int, index: int) -> Record:
+    """Record `index` of the stream `(seed, rank)`; a pure function of its arguments."""
+    rng = random.Random(f"{seed}:{rank}:{index}")
+    tasks = sorted(spec.task_weights)
+    task = rng.choices(tasks, weights=[spec.task_weights[t] for t in tasks])[0]
+    depth = rng.randint(spec.min_depth, spec.max_depth)
+    return GENERATORS[task](rng, depth, index, f"{task}-s{seed}-r{rank}")
+
+
+def fixed_test_set(spec: ProceduralSpec, seed: int, per_depth: int) -> list[Record]:
+    """`per_depth` problems for every (task, depth) of `spec`, in a fixed order."""
+    records = []
+    for task in sorted(t for t, w in spec.task_weights.items() if w > 0):
+        for depth in range(spec.min_depth, spec.max_depth + 1):
+            rng = random.Random(f"test:{seed}:{task}:{depth}")
+            records += [GENERATORS[task](rng, depth, i, f"{task}-test-d{depth}") for i in range(per_depth)]
+    return records
+
+
+class ProceduralStream(IterableDataset):
+    """Infinite seeded stream of procedural records, skipping any question that is in the test set."""
+
+    def __init__(self, spec: ProceduralSpec, seed: int, rank: int, exclude_questions: frozenset[str]) -> None:
+        self.spec, self.seed, self.rank = spec, seed, rank
+        self.exclude_questions = exclude_questions
+        self.next_index = 0  # position in the stream; saved and restored on resume
+        self.skipped = SkipCounter()
+
+    def __iter__(self) -> Iterator[Record]:
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None and worker.num_workers > 1:
+            raise ValueError("procedural streams are generated in the main process: set data.num_workers=0")
+        while True:
+            record = procedural_record(self.spec, self.seed, self.rank, self.next_index)
+            self.next_index += 1
+            if record.question in self.exclude_questions:
+                self.skipped.skip("question is in the test set")
+                continue
+            yield record
+
+
+class HubStream(IterableDataset):
+    """Records from a hub dataset (or a local JSONL file in its schema), sharded by rank, repeated,
+    skipping test-set questions (single-split releases train and test on one split)."""
+
+    def __init__(
+        self, name: str, split: str, local_path: str | None, rank: int, world_size: int, exclude_questions: frozenset[str]
+    ) -> None:
+        self.name, self.split, self.local_path = name, split, local_path
+        self.rank, self.world_size = rank, world_size
+        self.exclude_questions = exclude_questions
+        self.skipped = SkipCounter()
+
+    def __iter__(self) -> Iterator[Record]:
+        from dlr.data.hub import stream_hub_records
+
+        for epoch in itertools.count():
+            rows = stream_hub_records(self.name, self.split, self.skipped, local_path=self.local_path)
+            count = 0
+            for i, record in enumerate(rows):
+                if record.question in self.exclude_questions:
+                    self.skipped.skip("question is in the test set")
+                elif i % self.world_size == self.rank:
+                    count += 1
+                    yield record
+            if count == 0:
+                raise ValueError(f"dataset {self.name!r} split {self.split!r} has no valid records for rank {self.rank}")
+
+
+class ReasoningDataModule(LightningDataModule):
+    """Train stream and fixed test set for one data source.
+
+    `source`: synthetic_math | synthetic_logic | mixed | gsm8k | math500 | prontoqa.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        batch_size: int,
+        train_depths: Sequence[int],
+        eval_depths: Sequence[int],
+        train_seed: int,
+        test_seed: int,
+        test_per_depth: int,
+        mix_weights: dict[str, float] | None = None,
+        train_split: str | None = None,
+        test_split: str | None = None,
+        local_path: str | None = None,
+        test_size: int = 200,
+    ) -> None:
+        super().__init__()
+        if source not in (*SYNTHETIC_SOURCES, "mixed", *HUB_SOURCES):
+            raise ValueError(
+                f"data.source must be one of {sorted([*SYNTHETIC_SOURCES, 'mixed', *HUB_SOURCES])}, got {source!r}"
+            )
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if train_seed == test_seed:
+            raise ValueError("data.train_seed and data.test_seed must differ (train and test streams are disjoint)")
+        self.source, self.batch_size = source, batch_size
+        self.train_seed, self.test_seed, self.test_per_depth = train_seed, test_seed, test_per_depth
+        if source in HUB_SOURCES:  # a release's own held-out split unless configured otherwise
+            from dlr.data.hub import HUB_DATASETS
+
+            default = HUB_DATASETS[source].default_split
+            train_split, test_split = train_split or default, test_split or default
+        self.train_split, self.test_split, self.local_path, self.test_size = train_split, test_split, local_path, test_size
+        weights = dict(mix_weights or {}) if source == "mixed" else SYNTHETIC_SOURCES.get(source, {})
+        self.train_spec = ProceduralSpec(weights, *train_depths) if weights else None
+        self.eval_spec = ProceduralSpec(weights, *eval_depths) if weights else None
+        self._test_set: list[Record] | None = None
+        self.train_stream: IterableDataset | None = None
+
+    @property
+    def is_procedural(self) -> bool:
+        return self.train_spec is not None
+
+    def check_source(self) -> None:
+        """Fail at start (before any model loads) when a hub dataset cannot be reached or read."""
+        if not self.is_procedural:
+            from dlr.data.hub import check_hub_dataset
+
+            for split in {self.train_split, self.test_split}:
+                check_hub_dataset(self.source, split, self.local_path)
+
+    def test_records(self) -> list[Record]:
+        """The fixed test set (same on every call, every rank, every run)."""
+        if self._test_set is None:
+            if self.eval_spec is not None:
+                self._test_set = fixed_test_set(self.eval_spec, self.test_seed, self.test_per_depth)
+            else:
+                from dlr.data.hub import stream_hub_records
+
+                rows = stream_hub_records(self.source, self.test_split, SkipCounter(), local_path=self.local_path)
+                self._test_set = list(itertools.islice(rows, self.test_size))
+        return self._test_set
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_stream is not None:
+            return
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        world = self.trainer.world_size if self.trainer is not None else 1
+        exclude = frozenset(r.question for r in self.test_records())
+        if self.train_spec is not None:
+            self.train_stream = ProceduralStream(self.train_spec, self.train_seed, rank, exclude)
+        else:
+            self.train_stream = HubStream(self.source, self.train_split, self.local_path, rank, world, exclude)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        return DataLoader(self.train_stream, batch_size=self.batch_size, collate_fn=list, num_workers=0)
+
+    def state_dict(self) -> dict:
+        stream = self.train_stream
+        return {"next_index": stream.next_index} if isinstance(stream, ProceduralStream) else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.setup()
+        if isinstance(self.train_stream, ProceduralStream) and "next_index" in state:
+            self.train_stream.next_index = state["next_index"]

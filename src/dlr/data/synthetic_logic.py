@@ -1,0 +1,67 @@
+"""ProntoQA-style fictional-ontology problems (our own generator and invented words).
+
+Someone belongs to a concept; a chain of `depth` rules leads from it to a query concept, the last rule
+positive or negated. A distractor chain ends in the query concept with the opposite polarity, so the
+answer cannot be read off the rule that mentions the query concept: the proof has to follow the
+person's own chain, `depth` hops. Rules are shuffled.
+
+    question: "kai is a blick . every dax is a wug . every fep is not a wug . every blick is a dax .
+               true or false : kai is a wug ."
+    cot:      "kai is a blick . every blick is a dax . every dax is a wug ."
+    answer:   "true"
+
+The proof cites each rule it applies, as ProntoQA's gold chains do. That also makes the lookup a
+small model has to learn symmetric: in a rule and in the proof the subject sits at the same distance
+before the object, so one attention pattern finds the rule that continues the chain.
+"""
+
+from __future__ import annotations
+
+import random
+
+from dlr.data.schema import Record
+
+CONCEPTS = (
+    "blick", "dax", "wug", "fep", "tove", "glim", "prell", "quib", "snarf", "vell", "kront", "mip",
+    "jorb", "plim", "trax", "yurn", "bleem", "drox", "zorp", "larn", "nib", "sorm", "tulk", "vosh",
+)
+PEOPLE = ("kai", "max", "rin", "sol", "tam", "uma", "vic", "wes", "xia", "yan", "zoe", "ola")
+MAX_DEPTH = (len(CONCEPTS) - 2) // 2  # the person's chain and the distractor need distinct concepts
+
+
+def vocabulary() -> list[str]:
+    """Every word a logic problem, its proof or its answer line can contain."""
+    words = {"every", "is", "a", "not", "true", "or", "false", ":", "."}
+    return sorted(words | set(CONCEPTS) | set(PEOPLE))
+
+
+def generate(rng: random.Random, depth: int, index: int, id_prefix: str) -> Record:
+    """One true/false query whose proof takes exactly `depth` hops."""
+    if not 1 <= depth <= MAX_DEPTH:
+        raise ValueError(f"depth must be in 1..{MAX_DEPTH}, got {depth}")
+    person = rng.choice(PEOPLE)
+    concepts = rng.sample(CONCEPTS, 2 * depth + 2)
+    chain, distractor = concepts[: depth + 1], concepts[depth + 1 :]
+    query = chain[-1]
+    distractor = distractor[: rng.randint(1, depth)] + [query]
+    negated = rng.random() < 0.5
+    article = "not a" if negated else "a"
+    other = "a" if negated else "not a"
+
+    rules_used = [f"every {a} is a {b} ." for a, b in zip(chain[:-2], chain[1:-1])]
+    rules_used.append(f"every {chain[-2]} is {article} {query} .")
+    rules = rules_used + [f"every {a} is a {b} ." for a, b in zip(distractor[:-2], distractor[1:-1])]
+    rules.append(f"every {distractor[-2]} is {other} {query} .")
+    rng.shuffle(rules)
+
+    question = " ".join([f"{person} is a {chain[0]} ."] + rules + [f"true or false : {person} is a {query} ."])
+    proof = [f"{person} is a {chain[0]} ."] + rules_used
+    return Record(
+        id=f"{id_prefix}-{index}",
+        task="logic",
+        question=question,
+        cot=" ".join(proof),
+        answer="false" if negated else "true",
+        depth=depth,
+        source="synthetic_logic",
+    )

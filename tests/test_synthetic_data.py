@@ -1,0 +1,148 @@
+"""Procedural generators: deterministic, gold answers right (recomputed independently), depth honest,
+streams seeded per rank, test set fixed and disjoint from training."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+
+from dlr.data import synthetic_logic, synthetic_math
+from dlr.data.datamodule import ProceduralSpec, ReasoningDataModule, fixed_test_set, procedural_record
+from dlr.models.tiny import build_tokenizer
+
+GAIN_VERBS = {"gets", "finds", "buys", "wins"}
+LOSS_VERBS = {"gives", "loses", "sells", "drops"}
+
+
+def solve_math(question: str) -> tuple[int, int]:
+    """Independent solver: read the start count and each gain/loss clause; return (answer, steps)."""
+    sentences = [s.strip() for s in question.split(".") if s.strip()]
+    value = int(re.fullmatch(r"\w+ has (\d+) \w+", sentences[0]).group(1))
+    steps = 0
+    for sentence in sentences[1:]:
+        words = sentence.split()
+        if len(words) >= 3 and words[1] in GAIN_VERBS | LOSS_VERBS:
+            amount = int(words[2])
+            value += amount if words[1] in GAIN_VERBS else -amount
+            steps += 1
+    return value, steps
+
+
+def solve_logic(question: str) -> tuple[str, int]:
+    """Independent solver: breadth-first search over the rules from the person's concept."""
+    body, query = question.split("true or false :")
+    person, target = re.fullmatch(r"\s*(\w+) is a (\w+) \.\s*", query).groups()
+    edges: dict[str, list[tuple[str, bool]]] = {}
+    start = None
+    for sentence in (s.strip() for s in body.split(".") if s.strip()):
+        rule = re.fullmatch(r"every (\w+) is (not )?a (\w+)", sentence)
+        if rule:
+            edges.setdefault(rule.group(1), []).append((rule.group(3), rule.group(2) is None))
+        else:
+            start = re.fullmatch(rf"{person} is a (\w+)", sentence).group(1)
+    frontier, hops = [start], 0
+    seen = {start}
+    while frontier:
+        hops += 1
+        nxt = []
+        for concept in frontier:
+            for child, positive in edges.get(concept, []):
+                if child == target:
+                    return ("true" if positive else "false"), hops
+                if positive and child not in seen:
+                    seen.add(child)
+                    nxt.append(child)
+        frontier = nxt
+    raise AssertionError("query not provable")
+
+
+@pytest.mark.parametrize("depth", range(1, 9))
+def test_math_gold_answer_and_depth_are_right(depth):
+    rng = random.Random(depth)
+    for i in range(200):
+        record = synthetic_math.generate(rng, depth, i, "t")
+        answer, steps = solve_math(record.question)
+        assert (str(answer), steps, record.depth) == (record.answer, depth, depth)
+        assert 0 <= answer <= synthetic_math.MAX_VALUE
+        assert record.cot.count("=") == depth and record.cot.endswith(f"= {record.answer} .")
+
+
+@pytest.mark.parametrize("depth", range(1, 9))
+def test_logic_gold_answer_and_depth_are_right(depth):
+    rng = random.Random(depth)
+    answers = set()
+    for i in range(200):
+        record = synthetic_logic.generate(rng, depth, i, "t")
+        answer, hops = solve_logic(record.question)
+        assert (answer, hops, record.depth) == (record.answer, depth, depth)
+        assert record.cot.count("every") == depth  # the proof cites one rule per hop
+        answers.add(answer)
+    assert answers == {"true", "false"}
+
+
+def test_logic_answer_needs_the_chain():
+    """The query concept appears in two rules with opposite polarity, so no single rule gives the answer."""
+    record = synthetic_logic.generate(random.Random(0), 3, 0, "t")
+    query = record.question.split("true or false :")[1].split()[-2]
+    polarities = {("not a " + query) in s for s in record.question.split(".") if s.strip().endswith(query) and "every" in s}
+    assert polarities == {True, False}
+
+
+def test_generators_are_deterministic():
+    spec = ProceduralSpec({"math": 0.5, "logic": 0.5}, 1, 4)
+    first = [procedural_record(spec, 7, 0, i) for i in range(50)]
+    assert first == [procedural_record(spec, 7, 0, i) for i in range(50)]
+    assert first != [procedural_record(spec, 7, 1, i) for i in range(50)]  # ranks differ
+    assert {r.task for r in first} == {"math", "logic"}
+    assert {r.depth for r in first} == {1, 2, 3, 4}
+
+
+def test_every_generated_word_is_in_the_tiny_vocabulary():
+    tokenizer = build_tokenizer()
+    spec = ProceduralSpec({"math": 0.5, "logic": 0.5}, 1, 8)
+    for i in range(300):
+        record = procedural_record(spec, 3, 0, i)
+        ids = tokenizer(f"{record.question} {record.cot} #### {record.answer}").input_ids
+        assert tokenizer.unk_token_id not in ids
+
+
+def test_test_set_is_fixed_and_never_in_the_train_stream():
+    dm = ReasoningDataModule("mixed", 16, (1, 2), (1, 3), train_seed=1, test_seed=2, test_per_depth=20,
+                             mix_weights={"math": 0.5, "logic": 0.5})
+    test = dm.test_records()
+    assert len(test) == 2 * 3 * 20 and test == fixed_test_set(dm.eval_spec, 2, 20)
+    dm.setup()
+    questions = {r.question for r in test}
+    stream = iter(dm.train_stream)
+    train = [next(stream) for _ in range(3000)]
+    assert not questions & {r.question for r in train}
+    assert dm.train_stream.skipped.total > 0  # depth-1 problems do collide and are dropped
+
+
+def test_stream_resumes_from_its_position():
+    dm = ReasoningDataModule("synthetic_math", 4, (1, 4), (1, 4), 1, 2, 2)
+    batches = iter(dm.train_dataloader())
+    [next(batches) for _ in range(3)]
+    state = dm.state_dict()
+    expected = next(batches)
+    fresh = ReasoningDataModule("synthetic_math", 4, (1, 4), (1, 4), 1, 2, 2)
+    fresh.load_state_dict(state)
+    assert next(iter(fresh.train_dataloader())) == expected
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"source": "nope"}, "data.source"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"train_seed": 5, "test_seed": 5}, "must differ"),
+        ({"train_depths": (3, 1)}, "min_depth"),
+    ],
+)
+def test_bad_data_config_names_the_key(kwargs, message):
+    args = dict(source="mixed", batch_size=4, train_depths=(1, 4), eval_depths=(1, 8), train_seed=1, test_seed=2,
+                test_per_depth=2, mix_weights={"math": 1.0})
+    with pytest.raises(ValueError, match=message):
+        ReasoningDataModule(**{**args, **kwargs})
