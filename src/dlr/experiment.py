@@ -1,0 +1,173 @@
+"""What `src/train.py` runs: one function per `method.name`, each writing into the run folder.
+
+The flow follows lightning-hydra-template: seed, instantiate data, model, callbacks, loggers and trainer
+from the config, fit, evaluate, write results beside the resolved config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
+from omegaconf import DictConfig, OmegaConf
+
+from dlr.callbacks.evaluation import DepthScore, depth_table, evaluate_by_depth, scores_as_dicts
+from dlr.data.datamodule import ReasoningDataModule
+from dlr.models import tiny
+from dlr.models.backbones import ModelSpec, PromptFormat, load_assistant, load_main, load_tokenizer, resolve_path
+from dlr.rewards import RewardConfig
+
+log = logging.getLogger(__name__)
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    """The run folder: Hydra's when Hydra runs us, else `paths.output_dir` (tests, notebooks)."""
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(cfg.paths.output_dir)
+
+
+def check_writable(folder: Path) -> None:
+    """Fail at start, not after an hour of training, when results could not be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise SystemExit(f"error: the run folder {folder} is not writable ({err}); set paths.log_dir to a writable folder")
+
+
+def model_spec(node: DictConfig, root_dir: str) -> ModelSpec:
+    fields = OmegaConf.to_container(node, resolve=True)
+    fields["name_or_path"] = resolve_path(fields["name_or_path"], root_dir)
+    return ModelSpec(**fields)
+
+
+def prompt_format(cfg: DictConfig) -> PromptFormat:
+    return PromptFormat(**OmegaConf.to_container(cfg.backbone.prompt, resolve=True))
+
+
+def reward_config(cfg: DictConfig) -> RewardConfig:
+    fields = OmegaConf.to_container(cfg.reward, resolve=True)
+    return RewardConfig(**{k: v for k, v in fields.items() if v is not None})  # null = the default
+
+
+def instantiate_list(group: DictConfig | None) -> list:
+    """Instantiate every entry of a callbacks/logger group that has a `_target_`."""
+    if not group:
+        return []
+    return [instantiate(entry) for entry in group.values() if entry is not None and "_target_" in entry]
+
+
+def build_trainer(cfg: DictConfig) -> L.Trainer:
+    loggers = instantiate_list(cfg.get("logger"))
+    callbacks = instantiate_list(cfg.get("callbacks"))
+    if not loggers:  # Lightning refuses a learning-rate monitor without a logger
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+
+def write_json(path: Path, payload) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)  # atomic: a reader never sees half a file
+
+
+def evaluate_models(
+    cfg: DictConfig, models: dict[str, torch.nn.Module], tokenizer, fmt: PromptFormat, records
+) -> list[DepthScore]:
+    """Evaluate each named model in each configured mode on the fixed test set."""
+    scores: list[DepthScore] = []
+    for name, model in models.items():
+        for mode in cfg.eval.modes:
+            scores += evaluate_by_depth(
+                model, tokenizer, fmt, records,
+                label=f"{name}/{mode}", mode=mode,
+                max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                reward=reward_config(cfg),
+            )
+    return scores
+
+
+def write_eval(out: Path, scores: list[DepthScore], title: str) -> str:
+    table = depth_table(scores)
+    (out / "eval.md").write_text(f"# {title}\n\nGreedy accuracy on the fixed test set, by depth.\n\n{table}\n")
+    write_json(out / "eval.json", scores_as_dicts(scores))
+    log.info("evaluation written to %s\n%s", out / "eval.md", table)
+    print(f"\n{title}\n{table}\nwritten to {out / 'eval.md'}")
+    return table
+
+
+def run_warmstart(cfg: DictConfig, out: Path) -> None:
+    """Train the tiny main and assistant from scratch, evaluate them, save them in `save_pretrained` format."""
+    from transformers import LlamaForCausalLM, Qwen2ForCausalLM
+
+    from dlr.methods.warmstart_module import WarmStartModule
+
+    datamodule: ReasoningDataModule = instantiate(cfg.data)
+    datamodule.check_source()
+    tokenizer = tiny.build_tokenizer()
+    shapes = cfg.backbone.shapes
+    main = LlamaForCausalLM(tiny.main_config(tokenizer, tiny.TinyShape(**shapes.main)))
+    assistant = Qwen2ForCausalLM(tiny.assistant_config(tokenizer, tiny.TinyShape(**shapes.assistant)))
+    log.info("tiny main: %.2fM parameters, assistant: %.2fM", main.num_parameters() / 1e6, assistant.num_parameters() / 1e6)
+
+    fmt = prompt_format(cfg)
+    module = WarmStartModule(
+        main, assistant, tokenizer, fmt,
+        lr=cfg.method.lr, weight_decay=cfg.method.weight_decay, warmup_steps=cfg.method.warmup_steps,
+        direct_fraction=cfg.method.direct_fraction, max_length=cfg.method.max_length, seed=cfg.seed,
+    )
+    trainer = build_trainer(cfg)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    if trainer.is_global_zero:
+        saved = out / "backbone"
+        for name, model in (("main", main), ("assistant", assistant)):
+            model.save_pretrained(saved / name)
+            tokenizer.save_pretrained(saved / name)
+        scores = evaluate_models(cfg, {"main": main, "assistant": assistant}, tokenizer, fmt, datamodule.test_records())
+        write_eval(out, scores, f"Tiny backbone after {trainer.global_step} warm-start steps")
+        if cfg.method.export_to:
+            target = Path(resolve_path(cfg.method.export_to, cfg.paths.root_dir))
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(saved, target)
+            shutil.copy(out / "eval.md", target / "eval.md")
+            print(f"exported the backbone to {target}")
+
+
+def run_evaluate(cfg: DictConfig, out: Path) -> None:
+    """Evaluate the configured backbone (main as loaded for RL: frozen and quantized) on the test set."""
+    datamodule: ReasoningDataModule = instantiate(cfg.data)
+    datamodule.check_source()
+    fmt = prompt_format(cfg)
+    main_spec = model_spec(cfg.backbone.main, cfg.paths.root_dir)
+    tokenizer = load_tokenizer(main_spec.name_or_path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    models = {"main": load_main(main_spec, device)}
+    if cfg.method.include_assistant:
+        spec = model_spec(cfg.backbone.assistant, cfg.paths.root_dir)
+        models["assistant"] = load_assistant(ModelSpec(spec.name_or_path, spec.quantization, spec.dtype), device)
+    write_eval(out, evaluate_models(cfg, models, tokenizer, fmt, datamodule.test_records()), f"Backbone {cfg.backbone.name}")
+
+
+METHODS = {"warmstart": run_warmstart, "evaluate": run_evaluate}
+
+
+def run(cfg: DictConfig) -> None:
+    if cfg.method.name not in METHODS:
+        raise SystemExit(f"error: method.name must be one of {sorted(METHODS)}, got {cfg.method.name!r}")
+    out = output_dir(cfg)
+    check_writable(out)
+    OmegaConf.save(cfg, out / "config_resolved.yaml", resolve=True)
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_num_threads(cfg.get("num_threads") or torch.get_num_threads())
+    METHODS[cfg.method.name](cfg, out)

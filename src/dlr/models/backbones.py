@@ -1,0 +1,195 @@
+"""Loading the frozen (4-bit) main model, the LoRA assistant, their tokenizers and prompts (DESIGN §6).
+
+Models load by hub id or local path. With no network, a hub id that is not cached fails at once with
+one paragraph naming the model and the embedded tiny alternative, instead of a minute of retries and
+a long traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+
+QUANTIZATIONS = ("nf4", "int8", "none")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class BackboneUnavailable(RuntimeError):
+    """A model could not be loaded; the message is one paragraph saying what was asked and what to do."""
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a question becomes the text a model reads, and the latent markers of DESIGN §7."""
+
+    template: str = "{question} answer :"  # plain-text prompt; `{question}` is replaced
+    use_chat_template: bool = False  # instruct models: wrap `instruction` + question in the chat template
+    instruction: str = "Solve the problem step by step. End with a last line of the form '#### <answer>'."
+    bol: str = "<bol>"  # existing token that opens the latent span in the main model's input
+    eol: str = "<eol>"  # existing token that closes it
+    answer_cue: str = "####"  # text after <eol> that starts the answer line
+
+    def prompt(self, question: str, tokenizer: PreTrainedTokenizerBase) -> str:
+        if self.use_chat_template:
+            messages = [{"role": "system", "content": self.instruction}, {"role": "user", "content": question}]
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        bos = tokenizer.bos_token or ""
+        return f"{bos} {self.template.format(question=question)}".strip()
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of a backbone pair, as configured under `backbone.main` / `backbone.assistant`."""
+
+    name_or_path: str  # hub id (e.g. Qwen/Qwen2.5-1.5B-Instruct) or local folder
+    quantization: str = "none"  # nf4 | int8 | none
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16
+    lora: dict | None = field(default=None)  # peft LoraConfig kwargs; None = full fine-tuning
+
+    def __post_init__(self) -> None:
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"backbone quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"backbone dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+
+def resolve_path(name_or_path: str, project_root: str | Path | None = None) -> str:
+    """A relative local path is taken from the project root (Hydra changes the working directory)."""
+    if project_root is not None and not os.path.isabs(name_or_path):
+        candidate = Path(project_root) / name_or_path
+        if candidate.exists():
+            return str(candidate)
+    return name_or_path
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def _unavailable(name: str, what: str, err: Exception | None) -> BackboneUnavailable:
+    reason = f" ({type(err).__name__}: {str(err).splitlines()[0][:200]})" if err else ""
+    return BackboneUnavailable(
+        f"Could not load the {what} '{name}': it is not a local folder, not in the Hugging Face cache, "
+        f"and the hub cannot be reached{reason}. Connect to the internet once to download it (it is cached "
+        "afterwards), point backbone.*.name_or_path at a local copy, or run offline on the embedded tiny "
+        "backbone with `backbone=tiny`."
+    )
+
+
+def _from_pretrained(loader, name: str, what: str, **kwargs):
+    """Try local files / cache first; go to the hub only if it answers, and fail in one paragraph."""
+    try:
+        return loader(name, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as err:
+        if os.path.isdir(name):
+            first_line = str(err).strip().splitlines()[0]
+            raise BackboneUnavailable(f"The {what} folder '{name}' could not be loaded: {first_line}") from None
+        if isinstance(err, ValueError):
+            raise
+        if not _hub_reachable():
+            raise _unavailable(name, what, None) from None
+    try:
+        return loader(name, **kwargs)
+    except OSError as err:
+        raise _unavailable(name, what, err) from None
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, name_or_path, "tokenizer")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # batched generation continues each row from its last real token
+    return tokenizer
+
+
+def quantization_config(spec: ModelSpec) -> BitsAndBytesConfig | None:
+    if spec.quantization == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=DTYPES[spec.dtype],
+        )
+    if spec.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_causal_lm(spec: ModelSpec, device: torch.device | str = "cpu", what: str = "model") -> torch.nn.Module:
+    kwargs = {"dtype": DTYPES[spec.dtype], "device_map": {"": str(device)}}
+    qconfig = quantization_config(spec)
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+    return _from_pretrained(AutoModelForCausalLM.from_pretrained, spec.name_or_path, what, **kwargs)
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Frozen means: no gradients, eval mode (no dropout). The optimizer never sees these weights."""
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def keep_4bit_layout(model: torch.nn.Module) -> torch.nn.Module:
+    """Stop bitsandbytes from repacking 4-bit weights on the CPU.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 rewrites a Linear4bit's stored weight into a packed
+    layout at its first inference call, with the block scales rounded to bf16, and converts back when
+    the state is read: the frozen weights then change without any training, and the main-weight hash
+    (the "cannot forget" check) would fail for no reason. The plain 4-bit kernel computes the same layer.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def load_main(spec: ModelSpec, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The main model, frozen and quantized as configured."""
+    model = freeze(load_causal_lm(spec, device, what="main model"))
+    return keep_4bit_layout(model) if spec.quantization == "nf4" else model
+
+
+def add_lora(model: torch.nn.Module, lora: dict) -> torch.nn.Module:
+    """Wrap a model with trainable LoRA adapters; its base weights stay frozen."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
+
+
+def load_assistant(spec: ModelSpec, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The assistant: LoRA adapters when `spec.lora` is set, otherwise fully trainable."""
+    model = load_causal_lm(spec, device, what="assistant model")
+    return add_lora(model, spec.lora) if spec.lora else model
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 over every tensor of the model's state (names, dtypes, shapes and bytes), in name order.
+
+    For a 4-bit model this covers the packed weights and their quantisation state, so any change to
+    what the model computes with changes the hash.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,93 @@
+"""Backbones: 4-bit NF4 frozen main on the CPU, LoRA assistant, the weight hash, offline errors."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from dlr.models.backbones import (
+    BackboneUnavailable,
+    ModelSpec,
+    PromptFormat,
+    load_assistant,
+    load_main,
+    load_tokenizer,
+    weights_sha256,
+)
+from dlr.models.tiny import BOL, EOL, LAT, build_tokenizer
+
+LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+
+
+def test_tiny_tokenizer_has_the_latent_markers_as_single_tokens():
+    tokenizer = build_tokenizer()
+    for marker in (BOL, EOL, LAT):
+        assert len(tokenizer(marker, add_special_tokens=False).input_ids) == 1
+    assert tokenizer.decode(tokenizer("ana has 7 pens . <bol> <eol> #### 9").input_ids, skip_special_tokens=True) == "ana has 7 pens . #### 9"
+
+
+def test_nf4_main_loads_frozen_4bit_and_tracks_full_precision(tiny_pair):
+    path = str(tiny_pair / "main")
+    full = load_main(ModelSpec(path, "none"))
+    nf4 = load_main(ModelSpec(path, "nf4"))
+    linear4 = [m for m in nf4.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(linear4) == 2 * 7  # q,k,v,o,gate,up,down in each of 2 layers
+    assert linear4[0].weight.quant_state.quant_type == "nf4" and linear4[0].weight.quant_state.nested  # double quant
+    assert not any(p.requires_grad for p in nf4.parameters()) and not nf4.training
+    ids = build_tokenizer()("<bos> ana has 7 pens . answer :", add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        p_full = full(ids).logits.softmax(-1)
+        p_nf4 = nf4(ids).logits.softmax(-1)
+    assert (p_full - p_nf4).abs().sum(-1).max() < 0.5  # 4-bit rounding moves the distribution a little
+
+
+def test_lora_assistant_trains_only_adapters_and_leaves_the_main_hash_unchanged(tiny_pair):
+    main = load_main(ModelSpec(str(tiny_pair / "main"), "nf4"))
+    before = weights_sha256(main)
+    assistant = load_assistant(ModelSpec(str(tiny_pair / "assistant"), "none", lora=LORA))
+    trainable = {n for n, p in assistant.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    frozen_before = {n: p.detach().clone() for n, p in assistant.named_parameters() if not p.requires_grad}
+
+    optimizer = torch.optim.AdamW([p for p in assistant.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(8, 100, (2, 12))
+    for _ in range(3):
+        assistant(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            main(input_ids=ids)  # the main model is used, never trained
+    assert weights_sha256(main) == before
+    assert all(torch.equal(p, frozen_before[n]) for n, p in assistant.named_parameters() if n in frozen_before)
+    changed = [n for n, p in assistant.named_parameters() if "lora_B" in n and p.abs().sum() > 0]
+    assert changed  # lora_B starts at zero; training moved it
+
+
+def test_hash_sees_any_change_to_the_main_weights(tiny_pair):
+    main = load_main(ModelSpec(str(tiny_pair / "main"), "none"))
+    before = weights_sha256(main)
+    assert weights_sha256(main) == before
+    with torch.no_grad():
+        main.model.layers[0].mlp.up_proj.weight[0, 0] += 1e-3
+    assert weights_sha256(main) != before
+
+
+def test_missing_local_folder_and_offline_hub_fail_in_one_paragraph(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BackboneUnavailable) as err:
+        load_main(ModelSpec("some-org/not-a-cached-model", "nf4"))
+    message = str(err.value)
+    assert "some-org/not-a-cached-model" in message and "backbone=tiny" in message and "\n" not in message
+    with pytest.raises(BackboneUnavailable, match="folder"):
+        load_tokenizer(str(tmp_path))  # an existing folder without a tokenizer
+
+
+def test_bad_quantization_is_refused_before_loading():
+    with pytest.raises(ValueError, match="quantization"):
+        ModelSpec("x", "nf8")
+
+
+def test_prompt_format_plain_and_chat():
+    tokenizer = build_tokenizer()
+    assert PromptFormat().prompt("ana has 7 pens .", tokenizer) == "<bos> ana has 7 pens . answer :"
