@@ -1,0 +1,152 @@
+"""Losses against hand-derived values and reference implementations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+
+from dlr.methods.losses import (
+    aggregate_token_loss,
+    bidirectional_info_nce,
+    clipped_surrogate,
+    gaussian_entropy,
+    gaussian_kl,
+    gaussian_log_prob,
+    group_advantages,
+    k3_kl,
+    latent_policy_loss,
+    mode_separation_loss,
+)
+
+torch.manual_seed(0)
+
+
+def test_gaussian_log_prob_and_entropy_match_torch_distributions():
+    mu, log_sigma = torch.randn(3, 1, 4, 5), torch.randn(3, 1, 4, 5) * 0.3
+    z = mu + torch.exp(log_sigma) * torch.randn(3, 6, 4, 5)  # [B=3, G=6, T=4, Dz=5]
+    reference = Normal(mu, torch.exp(log_sigma))
+    expected = reference.log_prob(z).mean(dim=(-2, -1))  # [3, 6]
+    torch.testing.assert_close(gaussian_log_prob(z, mu, log_sigma), expected)
+    torch.testing.assert_close(gaussian_entropy(log_sigma), reference.entropy().mean(dim=(-2, -1)))
+
+
+def test_gaussian_kl_matches_closed_form_reference_and_monte_carlo():
+    mu_p, ls_p = torch.randn(2, 3, 4), torch.randn(2, 3, 4) * 0.2
+    mu_q, ls_q = torch.randn(2, 3, 4), torch.randn(2, 3, 4) * 0.2
+    kl = gaussian_kl(mu_p, ls_p, mu_q, ls_q)  # [2]
+    p, q = Normal(mu_p, ls_p.exp()), Normal(mu_q, ls_q.exp())
+    torch.testing.assert_close(kl, kl_divergence(p, q).mean(dim=(-2, -1)))
+    samples = p.sample((200_000,))  # Monte Carlo: E_p[log p - log q]
+    monte_carlo = (p.log_prob(samples) - q.log_prob(samples)).mean(0).mean(dim=(-2, -1))
+    torch.testing.assert_close(kl, monte_carlo, atol=0.02, rtol=0.02)
+    assert gaussian_kl(mu_p, ls_p, mu_p, ls_p).abs().max() < 1e-6
+
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([[1.0, 0.0], [1.2, 1.2]])
+    adv, zero = group_advantages(rewards, "group")
+    s = math.sqrt(0.5)  # unbiased std of (1, 0)
+    torch.testing.assert_close(adv, torch.tensor([[0.5 / (s + 1e-4), -0.5 / (s + 1e-4)], [0.0, 0.0]]))
+    assert zero.tolist() == [False, True]
+    adv_none, _ = group_advantages(rewards, "none")
+    torch.testing.assert_close(adv_none, torch.tensor([[0.5, -0.5], [0.0, 0.0]]))
+    with pytest.raises(ValueError, match="scale"):
+        group_advantages(rewards, "global")
+
+
+def test_latent_policy_loss_plain_and_clipped():
+    logp = torch.tensor([[-1.0, -2.0]])
+    adv = torch.tensor([[1.0, -1.0]])
+    assert latent_policy_loss(logp, adv).item() == pytest.approx(-((-1.0) * 1 + (-2.0) * -1) / 2)
+    old = logp - torch.tensor([[math.log(1.5), math.log(0.5)]])  # ratios 1.5 and 0.5
+    # min(1.5*1, 1.2*1) = 1.2 ; min(0.5*-1, 0.8*-1) = -0.8  -> loss = -(1.2 - 0.8) / 2
+    assert latent_policy_loss(logp, adv, old, clip_eps=0.2).item() == pytest.approx(-0.2)
+
+
+def test_bidirectional_info_nce_two_questions_by_hand():
+    r"""B=2 questions, K=2 decoded latents each, T=1, Dz=2, tau=1.
+
+    anchors a1=(1,0), a2=(0,1); latents z11=(2,0) A=+1, z12=(0,-1) A=-1, z21=(0,3) A=+1, z22=(1,1) A=-1.
+    Cosines c = 1/sqrt(2):  s(a1, .) = [1, 0, 0, c],  s(a2, .) = [0, -1, 1, c].
+    forward:  b1: -log(e^1 / (e^1 + e^0 + e^0 + e^c))      = log(e + 2 + e^c) - 1      = 0.90900
+              b2: -log(e^1 / (e^0 + e^-1 + e^1 + e^c))     = log(1 + 1/e + e + e^c) - 1 = 0.81060
+              L_fwd = (0.90900 + 0.81060) / 2 = 0.85980
+    backward: z11 picks a1 among (a1, a2): -log(e^1 / (e^1 + e^0)) = log(1 + 1/e) = 0.31326;
+              z21 picks a2 likewise: 0.31326;  L_bwd = 0.31326
+    L_con = (0.85980 + 0.31326) / 2 = 0.58653
+    """
+    anchors = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]], requires_grad=True)  # [2, 1, 2]
+    latents = torch.tensor([[[[2.0, 0.0]], [[0.0, -1.0]]], [[[0.0, 3.0]], [[1.0, 1.0]]]])  # [2, 2, 1, 2]
+    adv = torch.tensor([[1.0, -1.0], [1.0, -1.0]])
+    loss, skipped = bidirectional_info_nce(anchors, latents, adv, tau=1.0)
+    e, c = math.e, 1 / math.sqrt(2)
+    l_fwd = ((math.log(e + 2 + math.exp(c)) - 1) + (math.log(1 + 1 / e + e + math.exp(c)) - 1)) / 2
+    l_bwd = math.log(1 + 1 / e)
+    assert loss.item() == pytest.approx((l_fwd + l_bwd) / 2, abs=1e-6)
+    assert loss.item() == pytest.approx(0.58653, abs=1e-5) and skipped == 0
+
+    loss.backward()  # gradients reach the anchors; a descent step keeps a1 specific to its question:
+    a1 = anchors[0, 0].detach()
+    a1_after = a1 - 0.1 * anchors.grad[0, 0]
+    cos = torch.nn.functional.cosine_similarity
+    z22 = torch.tensor([1.0, 1.0])  # the other question's latent a1 is most similar to
+    assert cos(a1_after, z22, dim=0) < cos(a1, z22, dim=0)
+    assert cos(a1_after, torch.tensor([2.0, 0.0]), dim=0) > 0.99  # and still on its positive z11
+
+
+def test_info_nce_skips_questions_without_positives():
+    anchors = torch.randn(3, 2, 4, requires_grad=True)
+    latents = torch.randn(3, 5, 2, 4)
+    adv = torch.tensor([[1.0, 0, 0, 0, 0], [0.0] * 5, [-1.0] * 5])
+    loss, skipped = bidirectional_info_nce(anchors, latents, adv)
+    assert skipped == 2 and torch.isfinite(loss)
+    zero, all_skipped = bidirectional_info_nce(anchors, latents, torch.zeros(3, 5))
+    assert all_skipped == 3 and zero.item() == 0.0 and zero.requires_grad
+
+
+def test_mode_separation_prefers_distinct_modes():
+    same = torch.ones(1, 3, 2, 2)
+    apart = torch.eye(4)[:3].reshape(1, 3, 2, 2)
+    assert mode_separation_loss(apart) < mode_separation_loss(same)
+    assert mode_separation_loss(same).item() == pytest.approx(math.log(3), abs=1e-5)
+
+
+def two_by_two():
+    """Ratios [[1.0, 1.5], [0.5, 1.0]], advantages [+1, -1], second sequence one token long."""
+    old = torch.zeros(2, 2)
+    logp = torch.log(torch.tensor([[1.0, 1.5], [0.5, 1.0]]))
+    return logp, old, torch.tensor([1.0, -1.0]), torch.tensor([[1, 1], [1, 0]])
+
+
+def test_clipped_surrogate_by_hand():
+    logp, old, adv, _ = two_by_two()
+    per_token, low, high = clipped_surrogate(logp, old, adv, eps_low=0.2, eps_high=0.28)
+    # seq 1 (A=+1): -min(1.0, 1.0) = -1 ; -min(1.5, 1.28) = -1.28
+    # seq 2 (A=-1): -min(-0.5, -0.8) = 0.8 ; -min(-1.0, -1.0) = 1.0
+    torch.testing.assert_close(per_token, torch.tensor([[-1.0, -1.28], [0.8, 1.0]]))
+    assert high.tolist() == [[False, True], [False, False]] and low.tolist() == [[False, False], [True, False]]
+
+
+@pytest.mark.parametrize(
+    "loss_type, expected",
+    [
+        ("grpo", ((-1.0 - 1.28) / 2 + 0.8) / 2),  # per-sequence token mean, then mean: -0.17
+        ("bnpo", (-1.0 - 1.28 + 0.8) / 3),  # token mean over the batch: -0.4933
+        ("dapo", (-1.0 - 1.28 + 0.8) / 3),
+        ("dr_grpo", (-1.0 - 1.28 + 0.8) / (2 * 4)),  # sum / (B * max_completion_length=4): -0.185
+    ],
+)
+def test_loss_type_aggregation_by_hand(loss_type, expected):
+    logp, old, adv, mask = two_by_two()
+    per_token, _, _ = clipped_surrogate(logp, old, adv, 0.2, 0.28)
+    assert aggregate_token_loss(per_token, mask, loss_type, max_completion_length=4).item() == pytest.approx(expected)
+
+
+def test_k3_kl_formula():
+    logp, ref = torch.log(torch.tensor([[0.5]])), torch.log(torch.tensor([[0.25]]))
+    # delta = log(0.25 / 0.5) ; exp(delta) - delta - 1 = 0.5 + log 2 - 1
+    assert k3_kl(logp, ref).item() == pytest.approx(0.5 + math.log(2) - 1)
+    assert k3_kl(ref, ref).item() == 0.0
