@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_PIN)"  # pinned: the CPU wheel, not several GB of CUDA
+	$(PY) -m pip install --quiet "$(TORCH_PIN)"  # pinned first: where a local CPU wheel exists pip takes it
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 

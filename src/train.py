@@ -1,7 +1,7 @@
 """Entry point: compose the Hydra config, run the experiment it names, write the results.
 
     python src/train.py experiment=warmstart_tiny trainer.max_steps=20
-    python src/train.py experiment=eval_tiny --trainer.accelerator cpu    # LightningCLI style works too
+    python src/train.py experiment=eval_tiny --trainer.accelerator cpu   # LightningCLI style works too
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
+os.environ["PROJECT_ROOT"] = str(PROJECT_ROOT)  # configs resolve paths from this checkout
 sys.path.insert(0, str(PROJECT_ROOT / "src"))  # run from a checkout without `pip install -e .`
 
 import hydra  # noqa: E402

@@ -91,3 +91,8 @@ def test_bad_quantization_is_refused_before_loading():
 def test_prompt_format_plain_and_chat():
     tokenizer = build_tokenizer()
     assert PromptFormat().prompt("ana has 7 pens .", tokenizer) == "<bos> ana has 7 pens . answer :"
+
+
+def test_missing_local_backbone_folder_says_how_to_build_it(tmp_path):
+    with pytest.raises(BackboneUnavailable, match="does not exist.*warmstart_tiny"):
+        load_main(ModelSpec(str(tmp_path / "nope"), "nf4"))

@@ -445,3 +445,22 @@ def test_pathological_values():
     assert extract_answer(PATHOLOGICAL["boxed 10k deep unbalanced"]) is None
     assert score(PATHOLOGICAL["marker and 100k digits"], "72", "math") == RewardBreakdown(0.0, 1.0, 0.2)
     assert score("#### ٧٢", "72", "math") == RewardBreakdown(0.0, 1.0, 0.2)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("#### 9 gets more", "9"),  # the model kept going after its answer: the answer still counts
+        ("#### 9 #### ", "9"),  # an empty last answer line falls back to the previous one
+        ("#### true false", "true"),
+        ("#### \\frac{1}{2} + x", "\\frac{1}{2} + x"),  # LaTeX answers stay whole
+        ("#### x", "x"),
+    ],
+)
+def test_answer_line_takes_the_last_non_empty_marker_and_its_leading_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_runaway_completion_is_correct_but_malformed():
+    s = score("#### 9 gets more", "9", "math")
+    assert (s.correct, s.format, s.total) == (1.0, 0.0, 1.0)

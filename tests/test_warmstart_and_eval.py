@@ -71,7 +71,9 @@ def test_warmstart_runs_end_to_end_and_writes_its_table(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     table = (run_dir / "eval.md").read_text()
     assert all(f"| {d} |" in table for d in range(1, 9))
-    scores = json.loads((run_dir / "eval.json").read_text())
+    results = json.loads((run_dir / "eval.json").read_text())
+    scores = results["scores"]
+    assert set(results["skipped_records"]) == {"train", "test"}
     assert {(s["model"], s["task"]) for s in scores} == {
         (m, t) for m in ("main/cot", "main/direct", "assistant/cot", "assistant/direct") for t in ("math", "logic")
     }

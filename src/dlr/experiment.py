@@ -81,12 +81,17 @@ def write_json(path: Path, payload) -> None:
     tmp.replace(path)  # atomic: a reader never sees half a file
 
 
-def evaluate_models(
-    cfg: DictConfig, models: dict[str, torch.nn.Module], tokenizer, fmt: PromptFormat, records
-) -> list[DepthScore]:
-    """Evaluate each named model in each configured mode on the fixed test set."""
+def evaluation_device(accelerator: str) -> str:
+    """The device `trainer.accelerator` asks for, for work done outside Lightning's loop."""
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
+def evaluate_models(cfg: DictConfig, models: dict[str, tuple], fmt: PromptFormat, records) -> list[DepthScore]:
+    """Evaluate each named (model, tokenizer) in each configured mode on the fixed test set."""
     scores: list[DepthScore] = []
-    for name, model in models.items():
+    for name, (model, tokenizer) in models.items():
         for mode in cfg.eval.modes:
             scores += evaluate_by_depth(
                 model, tokenizer, fmt, records,
@@ -97,13 +102,28 @@ def evaluate_models(
     return scores
 
 
-def write_eval(out: Path, scores: list[DepthScore], title: str) -> str:
+def write_eval(out: Path, scores: list[DepthScore], skipped: dict, title: str) -> str:
     table = depth_table(scores)
     (out / "eval.md").write_text(f"# {title}\n\nGreedy accuracy on the fixed test set, by depth.\n\n{table}\n")
-    write_json(out / "eval.json", scores_as_dicts(scores))
+    write_json(out / "eval.json", {"scores": scores_as_dicts(scores), "skipped_records": skipped})
     log.info("evaluation written to %s\n%s", out / "eval.md", table)
     print(f"\n{title}\n{table}\nwritten to {out / 'eval.md'}")
     return table
+
+
+BACKBONE_FILES = {"main", "assistant", "eval.md"}
+
+
+def export_target(export_to: str, root_dir: str) -> Path:
+    """Where to publish a trained backbone; refuses any folder that holds more than a backbone,
+    so a typo (`export_to=.`) cannot delete the checkout."""
+    target = Path(export_to) if Path(export_to).is_absolute() else Path(root_dir) / export_to
+    if target.exists() and not {p.name for p in target.iterdir()} <= BACKBONE_FILES:
+        raise SystemExit(
+            f"error: method.export_to={export_to} holds files other than a backbone ({sorted(BACKBONE_FILES)}); "
+            "refusing to overwrite it"
+        )
+    return target
 
 
 def run_warmstart(cfg: DictConfig, out: Path) -> None:
@@ -112,6 +132,10 @@ def run_warmstart(cfg: DictConfig, out: Path) -> None:
 
     from dlr.methods.warmstart_module import WarmStartModule
 
+    if cfg.method.export_to:
+        export_target(cfg.method.export_to, cfg.paths.root_dir)  # fail now, not after training
+    if cfg.trainer.max_steps is None or cfg.trainer.max_steps < 1:
+        raise SystemExit("error: the warm start needs trainer.max_steps > 0 (its learning-rate schedule ends there)")
     datamodule: ReasoningDataModule = instantiate(cfg.data)
     datamodule.check_source()
     tokenizer = tiny.build_tokenizer()
@@ -134,10 +158,12 @@ def run_warmstart(cfg: DictConfig, out: Path) -> None:
         for name, model in (("main", main), ("assistant", assistant)):
             model.save_pretrained(saved / name)
             tokenizer.save_pretrained(saved / name)
-        scores = evaluate_models(cfg, {"main": main, "assistant": assistant}, tokenizer, fmt, datamodule.test_records())
-        write_eval(out, scores, f"Tiny backbone after {trainer.global_step} warm-start steps")
+        device = evaluation_device(cfg.trainer.accelerator)  # Lightning hands the module back on the CPU
+        models = {"main": (main.to(device), tokenizer), "assistant": (assistant.to(device), tokenizer)}
+        scores = evaluate_models(cfg, models, fmt, datamodule.test_records())
+        write_eval(out, scores, datamodule.skip_counts(), f"Tiny backbone after {trainer.global_step} warm-start steps")
         if cfg.method.export_to:
-            target = Path(resolve_path(cfg.method.export_to, cfg.paths.root_dir))
+            target = export_target(cfg.method.export_to, cfg.paths.root_dir)
             shutil.rmtree(target, ignore_errors=True)
             shutil.copytree(saved, target)
             shutil.copy(out / "eval.md", target / "eval.md")
@@ -150,13 +176,14 @@ def run_evaluate(cfg: DictConfig, out: Path) -> None:
     datamodule.check_source()
     fmt = prompt_format(cfg)
     main_spec = model_spec(cfg.backbone.main, cfg.paths.root_dir)
-    tokenizer = load_tokenizer(main_spec.name_or_path)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    models = {"main": load_main(main_spec, device)}
-    if cfg.method.include_assistant:
+    device = evaluation_device(cfg.trainer.accelerator)
+    models = {"main": (load_main(main_spec, device), load_tokenizer(main_spec.name_or_path))}
+    if cfg.method.include_assistant:  # as a plain text generator, in its own tokenizer, without adapters
         spec = model_spec(cfg.backbone.assistant, cfg.paths.root_dir)
-        models["assistant"] = load_assistant(ModelSpec(spec.name_or_path, spec.quantization, spec.dtype), device)
-    write_eval(out, evaluate_models(cfg, models, tokenizer, fmt, datamodule.test_records()), f"Backbone {cfg.backbone.name}")
+        plain = ModelSpec(spec.name_or_path, spec.quantization, spec.dtype)
+        models["assistant"] = (load_assistant(plain, device), load_tokenizer(spec.name_or_path))
+    scores = evaluate_models(cfg, models, fmt, datamodule.test_records())
+    write_eval(out, scores, datamodule.skip_counts(), f"Backbone {cfg.backbone.name}")
 
 
 METHODS = {"warmstart": run_warmstart, "evaluate": run_evaluate}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -77,9 +78,6 @@ class ProceduralStream(IterableDataset):
         self.skipped = SkipCounter()
 
     def __iter__(self) -> Iterator[Record]:
-        worker = torch.utils.data.get_worker_info()
-        if worker is not None and worker.num_workers > 1:
-            raise ValueError("procedural streams are generated in the main process: set data.num_workers=0")
         while True:
             record = procedural_record(self.spec, self.seed, self.rank, self.next_index)
             self.next_index += 1
@@ -145,8 +143,6 @@ class ReasoningDataModule(LightningDataModule):
             )
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
-        if train_seed == test_seed:
-            raise ValueError("data.train_seed and data.test_seed must differ (train and test streams are disjoint)")
         self.source, self.batch_size = source, batch_size
         self.train_seed, self.test_seed, self.test_per_depth = train_seed, test_seed, test_per_depth
         if source in HUB_SOURCES:  # a release's own held-out split unless configured otherwise
@@ -159,7 +155,12 @@ class ReasoningDataModule(LightningDataModule):
         self.train_spec = ProceduralSpec(weights, *train_depths) if weights else None
         self.eval_spec = ProceduralSpec(weights, *eval_depths) if weights else None
         self._test_set: list[Record] | None = None
+        self._test_skipped = SkipCounter()
         self.train_stream: IterableDataset | None = None
+        # Lightning fetches one batch ahead, so the stream's own position runs ahead of training: each
+        # batch carries the position after it, and only batches actually used advance `_consumed`.
+        self._batch_ends: deque[int] = deque()
+        self._consumed = 0
 
     @property
     def is_procedural(self) -> bool:
@@ -181,7 +182,7 @@ class ReasoningDataModule(LightningDataModule):
             else:
                 from dlr.data.hub import stream_hub_records
 
-                rows = stream_hub_records(self.source, self.test_split, SkipCounter(), local_path=self.local_path)
+                rows = stream_hub_records(self.source, self.test_split, self._test_skipped, local_path=self.local_path)
                 self._test_set = list(itertools.islice(rows, self.test_size))
         return self._test_set
 
@@ -196,15 +197,36 @@ class ReasoningDataModule(LightningDataModule):
         else:
             self.train_stream = HubStream(self.source, self.train_split, self.local_path, rank, world, exclude)
 
+    def skip_counts(self) -> dict[str, dict[str, int]]:
+        """Records dropped so far, by stream and reason (malformed rows, test-set questions)."""
+        counts = {"test": dict(self._test_skipped.by_reason)}
+        if self.train_stream is not None:
+            counts["train"] = dict(self.train_stream.skipped.by_reason)
+        return counts
+
+    def _collate(self, records: list[Record]) -> list[Record]:
+        if isinstance(self.train_stream, ProceduralStream):
+            self._batch_ends.append(self.train_stream.next_index)
+        return records
+
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(self.train_stream, batch_size=self.batch_size, collate_fn=list, num_workers=0)
+        # Procedural records are cheap to make; one process keeps the stream position exact for resuming.
+        return DataLoader(self.train_stream, batch_size=self.batch_size, collate_fn=self._collate, num_workers=0)
+
+    def transfer_batch_to_device(self, batch: list[Record], device, dataloader_idx: int) -> list[Record]:
+        return batch  # records are text; each method makes its tensors on its own device
+
+    def on_before_batch_transfer(self, batch: list[Record], dataloader_idx: int) -> list[Record]:
+        if self._batch_ends:  # this batch is now being trained on
+            self._consumed = self._batch_ends.popleft()
+        return batch
 
     def state_dict(self) -> dict:
-        stream = self.train_stream
-        return {"next_index": stream.next_index} if isinstance(stream, ProceduralStream) else {}
+        return {"next_index": self._consumed} if isinstance(self.train_stream, ProceduralStream) else {}
 
     def load_state_dict(self, state: dict) -> None:
         self.setup()
         if isinstance(self.train_stream, ProceduralStream) and "next_index" in state:
-            self.train_stream.next_index = state["next_index"]
+            self.train_stream.next_index = self._consumed = state["next_index"]
+            self._batch_ends.clear()

@@ -67,9 +67,6 @@ class WarmStartModule(LightningModule):
         self.direct_fraction, self.max_length = direct_fraction, max_length
         self.format_rng = random.Random(f"warmstart-format:{seed}")
 
-    def transfer_batch_to_device(self, batch: list[Record], device, dataloader_idx: int) -> list[Record]:
-        return batch  # records are text; tensors are made and moved in training_step
-
     def training_step(self, batch: list[Record], batch_idx: int) -> torch.Tensor:
         prompts = [self.fmt.prompt(r.question, self.tokenizer) for r in batch]
         completions = [

@@ -91,6 +91,12 @@ def _unavailable(name: str, what: str, err: Exception | None) -> BackboneUnavail
 
 def _from_pretrained(loader, name: str, what: str, **kwargs):
     """Try local files / cache first; go to the hub only if it answers, and fail in one paragraph."""
+    if os.path.isabs(name) or name.startswith((".", "~")):
+        if not os.path.isdir(os.path.expanduser(name)):
+            raise BackboneUnavailable(
+                f"The {what} folder '{name}' does not exist. The tiny backbone is rebuilt with `python src/train.py "
+                "experiment=warmstart_tiny method.export_to=data/backbones/tiny`; a hub model is named by its id."
+            )
     try:
         return loader(name, local_files_only=True, **kwargs)
     except (OSError, ValueError) as err:

@@ -74,9 +74,10 @@ _ASCII_DIGIT = re.compile(r"[0-9]")
 
 def extract_answer(text: str, *, lenient: bool = False) -> str | None:
     """The final answer in a completion, or None. Strict mode (lenient=False) is what rewards use."""
-    mark = text.rfind("####")
-    if mark >= 0 and (answer := _clean(_rest_of_line(text, mark + 4))):
-        return answer
+    mark = len(text)
+    while (mark := text.rfind("####", 0, mark)) >= 0:  # the last non-empty answer line
+        if answer := _clean(_rest_of_line(text, mark + 4)):
+            return _plain_head(answer)
     last_answer_is = None
     for last_answer_is in _ANSWER_IS.finditer(text):
         pass
@@ -91,6 +92,16 @@ def extract_answer(text: str, *, lenient: bool = False) -> str | None:
         if last_number:
             return last_number.group()
     return None
+
+
+def _plain_head(answer: str) -> str:
+    """`9 gets more` -> `9`: a model that did not stop after its answer still gave that answer.
+    Only when the whole line is not itself a number or a truth value (LaTeX answers stay whole)."""
+    head = answer.split(maxsplit=1)[0]
+    if head != answer and parse_number(answer) is None and parse_bool(answer) is None:
+        if parse_number(_strip_delimiters(head)) is not None or parse_bool(head) is not None:
+            return _strip_delimiters(head)
+    return answer
 
 
 def _rest_of_line(text: str, start: int) -> str:
