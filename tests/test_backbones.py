@@ -96,3 +96,11 @@ def test_prompt_format_plain_and_chat():
 def test_missing_local_backbone_folder_says_how_to_build_it(tmp_path):
     with pytest.raises(BackboneUnavailable, match="does not exist.*warmstart_tiny"):
         load_main(ModelSpec(str(tmp_path / "nope"), "nf4"))
+
+
+def test_int8_main_loads_frozen_and_runs(tiny_pair):
+    main = load_main(ModelSpec(str(tiny_pair / "main"), "int8"))
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in main.modules())
+    assert not any(p.requires_grad for p in main.parameters())
+    with torch.no_grad():
+        assert main(input_ids=torch.randint(8, 100, (2, 5))).logits.shape == (2, 5, main.config.vocab_size)
