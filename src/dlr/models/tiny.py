@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import LlamaConfig, PretrainedConfig, PreTrainedTokenizerFast, Qwen2Config
 
 from dlr.data import synthetic_logic, synthetic_math
 
@@ -51,8 +51,8 @@ class TinyShape:
     max_position_embeddings: int = 512
 
 
-def main_config(tokenizer: PreTrainedTokenizerFast, shape: TinyShape) -> LlamaConfig:
-    return LlamaConfig(
+def _config(config_class: type[PretrainedConfig], tokenizer: PreTrainedTokenizerFast, shape: TinyShape) -> PretrainedConfig:
+    return config_class(
         vocab_size=len(tokenizer),
         hidden_size=shape.hidden_size,
         intermediate_size=shape.intermediate_size,
@@ -65,19 +65,13 @@ def main_config(tokenizer: PreTrainedTokenizerFast, shape: TinyShape) -> LlamaCo
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def main_config(tokenizer: PreTrainedTokenizerFast, shape: TinyShape) -> LlamaConfig:
+    """The tiny main model is a Llama, like Llama-3 mains."""
+    return _config(LlamaConfig, tokenizer, shape)
 
 
 def assistant_config(tokenizer: PreTrainedTokenizerFast, shape: TinyShape) -> Qwen2Config:
-    return Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_hidden_layers,
-        num_attention_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.num_attention_heads,
-        max_position_embeddings=shape.max_position_embeddings,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    """The tiny assistant is a Qwen2, so main and assistant differ in architecture as real pairs may."""
+    return _config(Qwen2Config, tokenizer, shape)
