@@ -53,7 +53,7 @@ EXTRACTION_CASES = [
     ("####72", "72", "72"),
     ("#### 1 then #### 2", "2", "2"),  # last marker wins
     ("#### 1\n#### 2\n", "2", "2"),
-    ("#### 5 apples\nbye", "5 apples", "5 apples"),  # rest of the marker's line
+    ("#### 5 apples\nbye", "5", "5"),  # the answer leading the marker's line
     ("#### true", "true", "true"),
     ("#### 72.", "72", "72"),
     ("#### $\\frac{1}{2}$", "\\frac{1}{2}", "\\frac{1}{2}"),
