@@ -8,7 +8,7 @@ steps (`depth`). Sources that produce something else are adapted; anything that 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 TASKS = ("math", "logic")
@@ -27,19 +27,6 @@ class Record:
     answer: str  # gold final answer, normalised ("72", "true", "\\frac{1}{2}")
     depth: int  # number of reasoning steps the gold solution takes (>= 1)
     source: str  # where it came from: "synthetic_math", "gsm8k", ...
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @property
-    def target(self) -> str:
-        """The formatted answer line a model is trained to emit: `#### <answer>`."""
-        return f"#### {self.answer}"
-
-    @property
-    def cot_target(self) -> str:
-        """Gold reasoning followed by the formatted answer line."""
-        return f"{self.cot} {self.target}" if self.cot else self.target
 
 
 def make_record(**fields: Any) -> Record:
