@@ -77,3 +77,9 @@ def test_unknown_experiment_lists_the_valid_ones():
 def test_misspelt_key_fails_the_command():
     result = run_train(["experiment=eval_tiny", "trainer.max_stepz=5"], timeout=120)
     assert result.returncode != 0 and "max_stepz" in result.stderr
+
+
+def test_bad_reward_weight_fails_before_any_model_loads():
+    result = run_train(["experiment=eval_tiny", "reward.w_format=-1"], timeout=120)
+    assert result.returncode != 0 and "reward.w_format" in result.stderr
+    assert "Loading weights" not in result.stderr

@@ -102,13 +102,12 @@ def evaluate_models(cfg: DictConfig, models: dict[str, tuple], fmt: PromptFormat
     return scores
 
 
-def write_eval(out: Path, scores: list[DepthScore], skipped: dict, title: str) -> str:
+def write_eval(out: Path, scores: list[DepthScore], skipped: dict, title: str) -> None:
     table = depth_table(scores)
     (out / "eval.md").write_text(f"# {title}\n\nGreedy accuracy on the fixed test set, by depth.\n\n{table}\n")
     write_json(out / "eval.json", {"scores": scores_as_dicts(scores), "skipped_records": skipped})
-    log.info("evaluation written to %s\n%s", out / "eval.md", table)
+    log.info("evaluation written to %s", out / "eval.md")
     print(f"\n{title}\n{table}\nwritten to {out / 'eval.md'}")
-    return table
 
 
 BACKBONE_FILES = {"main", "assistant", "eval.md"}
@@ -192,6 +191,7 @@ METHODS = {"warmstart": run_warmstart, "evaluate": run_evaluate}
 def run(cfg: DictConfig) -> None:
     if cfg.method.name not in METHODS:
         raise SystemExit(f"error: method.name must be one of {sorted(METHODS)}, got {cfg.method.name!r}")
+    reward_config(cfg), prompt_format(cfg)  # a bad reward or prompt setting fails before any model loads
     out = output_dir(cfg)
     check_writable(out)
     OmegaConf.save(cfg, out / "config_resolved.yaml", resolve=True)
