@@ -464,3 +464,12 @@ def test_answer_line_takes_the_last_non_empty_marker_and_its_leading_answer(text
 def test_runaway_completion_is_correct_but_malformed():
     s = score("#### 9 gets more", "9", "math")
     assert (s.correct, s.format, s.total) == (1.0, 0.0, 1.0)
+
+
+def test_an_idle_worker_that_died_is_replaced_not_counted_as_a_wrong_answer():
+    from dlr.rewards import verify
+
+    assert warm_up_verifier()
+    verify._idle_workers[-1].proc.kill()
+    verify._idle_workers[-1].proc.wait()
+    assert latex_equivalent("\\frac{1}{2}", "0.5", timeout_s=30)

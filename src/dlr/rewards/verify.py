@@ -206,6 +206,9 @@ def latex_equivalent(pred: str, gold: str, *, timeout_s: float = DEFAULT_TIMEOUT
     False on timeout, worker crash or worker start failure (logged); never raises."""
     try:
         worker = _take_worker()
+        while worker.proc.poll() is not None:  # an idle worker died meanwhile (killed for memory, say)
+            worker.close()
+            worker = _take_worker()
     except OSError as error:
         logger.warning("math-verify worker did not start (%s); answer counted as wrong", error)
         return False
