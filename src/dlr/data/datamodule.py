@@ -16,7 +16,6 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
-import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 

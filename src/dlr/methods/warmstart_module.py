@@ -82,8 +82,8 @@ class WarmStartModule(LightningModule):
         return loss_main + loss_assistant
 
     def configure_optimizers(self):
-        decay = [p for n, p in self.named_parameters() if p.ndim >= 2]
-        no_decay = [p for n, p in self.named_parameters() if p.ndim < 2]
+        decay = [p for p in self.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.parameters() if p.ndim < 2]
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.lr,
