@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -67,12 +68,12 @@ def instantiate_list(group: DictConfig | None) -> list:
     return [instantiate(entry) for entry in group.values() if entry is not None and "_target_" in entry]
 
 
-def build_trainer(cfg: DictConfig) -> L.Trainer:
+def build_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
     loggers = instantiate_list(cfg.get("logger"))
     callbacks = instantiate_list(cfg.get("callbacks"))
     if not loggers:  # Lightning refuses a learning-rate monitor without a logger
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
 
 
 def write_json(path: Path, payload) -> None:
@@ -185,7 +186,56 @@ def run_evaluate(cfg: DictConfig, out: Path) -> None:
     write_eval(out, scores, datamodule.skip_counts(), f"Backbone {cfg.backbone.name}")
 
 
-METHODS = {"warmstart": run_warmstart, "evaluate": run_evaluate}
+def run_dlr(cfg: DictConfig, out: Path) -> None:
+    """DLR: latent alignment then latent RL against the frozen main model; evaluates the main model
+    alone, the policy after alignment and after RL; fails loudly if the main model's weights changed."""
+    from dlr.callbacks.evaluation import AlignmentEval
+    from dlr.methods.dlr_module import DLRModule, DLRSettings
+    from dlr.models.backbones import weights_sha256
+
+    try:
+        settings = DLRSettings.from_dict(OmegaConf.to_container(cfg.method, resolve=True))
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    datamodule: ReasoningDataModule = instantiate(cfg.data)
+    datamodule.check_source()
+    fmt = prompt_format(cfg)
+    device = evaluation_device(cfg.trainer.accelerator)
+    main_spec = model_spec(cfg.backbone.main, cfg.paths.root_dir)
+    assistant_spec = model_spec(cfg.backbone.assistant, cfg.paths.root_dir)
+    main, main_tokenizer = load_main(main_spec, device), load_tokenizer(main_spec.name_or_path)
+    main_hash = weights_sha256(main)
+    module = DLRModule(
+        main, main_tokenizer, load_assistant(assistant_spec, device), load_tokenizer(assistant_spec.name_or_path),
+        fmt, settings, reward_config(cfg), cfg.backbone.placeholder, main_sha256=main_hash,
+    )
+    records = datamodule.test_records()
+    scores = evaluate_models(cfg, {"main": (main, main_tokenizer)}, fmt, records)  # the frozen main alone
+
+    # Lightning warns that manual-optimization checkpoints hold the weights after the step; that is
+    # what resuming at that step needs.
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+    max_steps = settings.total_steps if cfg.trainer.max_steps in (None, -1) else cfg.trainer.max_steps
+    trainer = build_trainer(cfg, max_steps=max_steps)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    final_hash = weights_sha256(module.main)
+    write_json(out / "main_sha256.json", {"start": main_hash, "end": final_hash, "unchanged": final_hash == main_hash})
+    if final_hash != main_hash:
+        raise SystemExit(
+            f"error: the frozen main model's weights changed during training (SHA-256 {main_hash[:12]}… at start, "
+            f"{final_hash[:12]}… at the end): the no-forgetting guarantee is broken; the run in {out} is not valid"
+        )
+    log.info("main model unchanged: SHA-256 %s", main_hash)
+    if trainer.is_global_zero:
+        module.to(device)
+        aligned = next((c.scores for c in trainer.callbacks if isinstance(c, AlignmentEval) and c.scores), [])
+        final = module.evaluate_latent(records, "dlr/final", cfg.eval.batch_size)
+        write_eval(out, scores + aligned + final, datamodule.skip_counts(),
+                   f"DLR on {cfg.backbone.name}: {trainer.global_step} steps ({settings.alignment.steps} alignment + RL)")
+
+
+METHODS = {"warmstart": run_warmstart, "evaluate": run_evaluate, "dlr": run_dlr}
 
 
 def run(cfg: DictConfig) -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from lightning import Callback
 from transformers import PreTrainedTokenizerBase
 
+from dlr.callbacks.metrics import log_now
 from dlr.data.schema import Record
 from dlr.models.backbones import PromptFormat
 from dlr.models.generation import greedy_complete
@@ -35,6 +36,28 @@ def completion_prefix(fmt: PromptFormat, mode: str) -> str:
     return "" if mode == "cot" else f" {fmt.bol} {fmt.eol} {fmt.answer_cue}"
 
 
+def score_by_depth(
+    records: Sequence[Record],
+    complete: Callable[[Sequence[Record]], list[str]],
+    *,
+    label: str,
+    batch_size: int,
+    reward: RewardConfig = RewardConfig(),
+) -> list[DepthScore]:
+    """Score `complete(chunk)` (one completion per record, answer line included) with the reward's
+    strict checker, batch by batch, grouped by (task, depth)."""
+    scored: dict[tuple[str, int], list[tuple[float, float]]] = defaultdict(list)
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        for record, completion in zip(chunk, complete(chunk), strict=True):
+            s = score(completion, record.answer, record.task, **asdict(reward))
+            scored[(record.task, record.depth)].append((s.correct, s.format))
+    return [
+        DepthScore(label, task, depth, len(v), sum(c for c, _ in v) / len(v), sum(f for _, f in v) / len(v))
+        for (task, depth), v in sorted(scored.items())
+    ]
+
+
 @torch.no_grad()
 def evaluate_by_depth(
     model: torch.nn.Module,
@@ -48,21 +71,15 @@ def evaluate_by_depth(
     batch_size: int = 64,
     reward: RewardConfig = RewardConfig(),
 ) -> list[DepthScore]:
-    """Greedy-decode every record and score it with the reward's strict checker, grouped by (task, depth)."""
+    """Greedy text completions of a model, scored by (task, depth)."""
     prefix = completion_prefix(fmt, mode)
-    scored: dict[tuple[str, int], list[tuple[float, float]]] = defaultdict(list)
-    for start in range(0, len(records), batch_size):
-        chunk = records[start : start + batch_size]
+
+    def complete(chunk: Sequence[Record]) -> list[str]:
         prompts = [fmt.prompt(r.question, tokenizer) + prefix for r in chunk]
         outputs = greedy_complete(model, tokenizer, prompts, max_new_tokens)
-        for record, text in zip(chunk, outputs):
-            completion = text if mode == "cot" else f"{fmt.answer_cue} {text}"
-            s = score(completion, record.answer, record.task, **asdict(reward))
-            scored[(record.task, record.depth)].append((s.correct, s.format))
-    return [
-        DepthScore(label, task, depth, len(v), sum(c for c, _ in v) / len(v), sum(f for _, f in v) / len(v))
-        for (task, depth), v in sorted(scored.items())
-    ]
+        return outputs if mode == "cot" else [f"{fmt.answer_cue} {text}" for text in outputs]
+
+    return score_by_depth(records, complete, label=label, batch_size=batch_size, reward=reward)
 
 
 def depth_table(scores: Sequence[DepthScore]) -> str:
@@ -111,6 +128,29 @@ class PeriodicDepthEval(Callback):
             label=f"{self.model_attr}/{self.mode}", mode=self.mode, max_new_tokens=self.max_new_tokens,
             batch_size=len(records),
         )
-        for s in scores:
-            pl_module.log(f"eval/{s.task}_acc_d{s.depth}", s.accuracy, rank_zero_only=True)
+        log_now(trainer, {f"eval/{s.task}_acc_d{s.depth}": s.accuracy for s in scores})
         print(f"\nstep {step}: " + ", ".join(f"{s.task[0]}{s.depth}={100 * s.accuracy:.0f}%" for s in scores), flush=True)
+
+
+class AlignmentEval(Callback):
+    """Evaluates a DLR module's latent chains on the full test set once, when stage 1 (latent
+    alignment) ends and before stage 2 starts; the scores survive a resume in the checkpoint."""
+
+    LABEL = "dlr/after_alignment"
+
+    def __init__(self, batch_size: int = 128) -> None:
+        self.batch_size = batch_size
+        self.scores: list[DepthScore] | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.scores is not None or pl_module.stage != "rl" or not trainer.is_global_zero:
+            return
+        self.scores = pl_module.evaluate_latent(trainer.datamodule.test_records(), self.LABEL, self.batch_size)
+        log_now(trainer, {f"eval_alignment/{s.task}_acc_d{s.depth}": s.accuracy for s in self.scores})
+        print(f"\nafter latent alignment:\n{depth_table(self.scores)}", flush=True)
+
+    def state_dict(self) -> dict:
+        return {"scores": scores_as_dicts(self.scores) if self.scores is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scores = [DepthScore(**s) for s in state["scores"]] if state.get("scores") is not None else None

@@ -7,6 +7,7 @@ T latent steps, Dz latent width, L completion tokens.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -139,6 +140,52 @@ def mode_separation_loss(mode_means: torch.Tensor, tau: float = 0.1) -> torch.Te
     logits = m @ m.transpose(1, 2) / tau  # [B, M, M]
     target = torch.arange(M, device=logits.device).expand(B, M)
     return F.cross_entropy(logits.reshape(B * M, M), target.reshape(-1))
+
+
+@dataclass(frozen=True)
+class LatentRLWeights:
+    """Weights of the stage-2 objective L_pg + lambda_con L_con + beta KL - lambda_ent H (DESIGN §7)."""
+
+    lambda_con: float = 0.1  # bidirectional contrastive term
+    tau: float = 0.1  # its cosine temperature
+    beta: float = 0.0  # KL to the policy frozen after stage 1
+    lambda_ent: float = 0.0  # entropy bonus
+    clip_eps: float = 0.2  # ratio clip when old log-probs are given (ppo_epochs > 1)
+
+
+def latent_rl_loss(
+    mu: torch.Tensor,
+    log_sigma: torch.Tensor,
+    z: torch.Tensor,
+    advantages: torch.Tensor,
+    anchors: torch.Tensor,
+    weights: LatentRLWeights,
+    ref: tuple[torch.Tensor, torch.Tensor] | None = None,
+    old_logp: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The latent policy's stage-2 loss on the K decoded latents of each of B questions.
+
+    mu, log_sigma: [B, K, T, Dz] the policy's Gaussian for each decoded latent (its mode's, or its
+    step-wise one in recurrent mode); z: [B, K, T, Dz] the sampled actions; advantages: [B, K];
+    anchors: [B, T, Dz] the question's mean chain; ref: the frozen policy's (mu, log_sigma) in the
+    same shapes, needed when beta > 0; old_logp: [B, K] for the clipped-ratio form.
+    Returns (scalar loss, detached terms for logging).
+    """
+    logp = gaussian_log_prob(z.detach(), mu, log_sigma)  # [B, K]
+    pg = latent_policy_loss(logp, advantages, old_logp, weights.clip_eps)
+    con, skipped = bidirectional_info_nce(anchors, z, advantages, weights.tau)
+    entropy = gaussian_entropy(log_sigma).mean()
+    loss = pg + weights.lambda_con * con - weights.lambda_ent * entropy
+    kl = torch.zeros((), device=mu.device)
+    if weights.beta > 0:
+        if ref is None:
+            raise ValueError("beta > 0 needs the reference policy's (mu, log_sigma)")
+        kl = gaussian_kl(mu, log_sigma, ref[0].detach(), ref[1].detach()).mean()
+        loss = loss + weights.beta * kl
+    terms = {"pg": pg, "contrastive": con, "kl": kl, "entropy": entropy, "logp": logp}  # logp: [B, K]
+    terms = {k: v.detach() for k, v in terms.items()}
+    terms["contrastive_skipped"] = torch.tensor(float(skipped))
+    return loss, terms
 
 
 # --- token-space GRPO -----------------------------------------------------------------------------

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
+
+from dlr.models.latent_policy import left_padded_positions
 
 
 @torch.no_grad()
@@ -35,7 +38,8 @@ def latent_main_inputs(
     eol: str,
     answer_cue: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The main model's input for single-pass decoding: `prompt <bol> P(z_1)..P(z_T) <eol> cue`.
+    """The main model's input for single-pass decoding: `prompt <bol> P(z_1)..P(z_T) <eol> cue`
+    (an empty cue lets the main model write a rationale before its own answer line).
 
     prompts: N prompt texts (already in the main model's own format, chat template included);
     projected: [N, T, Dmain] latents already in the main model's embedding space.
@@ -63,3 +67,24 @@ def greedy_decode_embeds(
         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
     )  # [N, <= max_new_tokens]: with inputs_embeds only the new tokens come back
     return tokenizer.batch_decode(out, skip_special_tokens=True)
+
+
+def latent_target_nll(
+    main: torch.nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+    target_ids: torch.Tensor, target_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Mean NLL per row of the main model writing `target_ids` after left-padded `inputs_embeds`.
+
+    inputs_embeds: [N, L, D]; attention_mask: [N, L]; target_ids, target_mask: [N, Lt], right-padded.
+    Gradients flow into inputs_embeds (the frozen main model's weights get none). Positions count
+    from each row's first real token, as in generation. Returns [N].
+    """
+    embeds = torch.cat([inputs_embeds, main.get_input_embeddings()(target_ids).to(inputs_embeds.dtype)], dim=1)
+    mask = torch.cat([attention_mask, target_mask.to(attention_mask.dtype)], dim=1)  # [N, L + Lt]
+    Lt = target_ids.shape[1]
+    logits = main(
+        inputs_embeds=embeds, attention_mask=mask, position_ids=left_padded_positions(mask), logits_to_keep=Lt + 1
+    ).logits[:, :-1]  # [N, Lt, V]: the logits that predict each target token
+    nll = F.cross_entropy(logits.float().transpose(1, 2), target_ids, reduction="none")  # [N, Lt]
+    weights = target_mask.to(nll.dtype)
+    return (nll * weights).sum(1) / weights.sum(1).clamp(min=1)

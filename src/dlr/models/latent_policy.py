@@ -49,6 +49,8 @@ class LatentPolicy(nn.Module):
             raise ValueError(f"latent.mode must be one of {LATENT_MODES}, got {mode!r}")
         if num_steps < 1 or latent_dim < 1 or num_modes < 1:
             raise ValueError(f"latent steps, width and modes must be >= 1, got T={num_steps}, Dz={latent_dim}, M={num_modes}")
+        if mode == "recurrent" and num_modes > 1:
+            raise ValueError("latent.num_modes > 1 needs latent.mode=parallel (recurrent chains have one start)")
         if not log_sigma_min < log_sigma_max:
             raise ValueError(f"latent.log_sigma_min must be < log_sigma_max, got {log_sigma_min} >= {log_sigma_max}")
         self.assistant = assistant
@@ -142,8 +144,22 @@ class LatentPolicy(nn.Module):
     ) -> tuple[torch.Tensor, LatentDistribution]:
         """Recurrent mode: sample G chains per question step by step, each z_t fed back as the next
         input. Returns (z [B, G, T, Dz] detached, the per-step distributions, with M axis = G)."""
+        return self._recurrent_rollout(input_ids, attention_mask, num_samples, generator, noise=True)
+
+    def mean_chain(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The noise-free chain, with gradients: mu of every mode [B, M, T, Dz] in parallel mode; in
+        recurrent mode [B, 1, T, Dz], each mu_t fed back as the next input. Stage 1 trains it and
+        greedy evaluation decodes it."""
+        if self.mode == "parallel":
+            return self(input_ids, attention_mask).mu
+        return self._recurrent_rollout(input_ids, attention_mask, 1, None, noise=False)[0]
+
+    def _recurrent_rollout(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_samples: int,
+        generator: torch.Generator | None, noise: bool,
+    ) -> tuple[torch.Tensor, LatentDistribution]:
         if self.mode != "recurrent":
-            raise RuntimeError("sample_recurrent() needs latent.mode=recurrent")
+            raise RuntimeError("recurrent rollouts need latent.mode=recurrent")
         B, G = input_ids.shape[0], num_samples
         ids, mask = input_ids.repeat_interleave(G, 0), attention_mask.repeat_interleave(G, 0)
         start = self._placeholders(B * G, input_ids.device)[:, :1]  # [B*G, 1, H]
@@ -151,8 +167,9 @@ class LatentPolicy(nn.Module):
         mus, log_sigmas, zs = [], [], []
         for t in range(self.num_steps):
             mu, log_sigma = self._heads(h[:, -1])  # [B*G, Dz]
-            noise = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
-            z = (mu + log_sigma.exp() * noise).detach()
+            z = mu
+            if noise:
+                z = (mu + log_sigma.exp() * torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)).detach()
             mus.append(mu), log_sigmas.append(log_sigma), zs.append(z)
             if t + 1 == self.num_steps:
                 break

@@ -1,0 +1,455 @@
+"""DLR: latent alignment (stage 1), then latent RL (stage 2), with a frozen main model (DESIGN §7).
+
+Stage 1 runs for `alignment.steps` optimizer steps: the assistant's mean chain, projected into the main
+model's input, must make the frozen main model write the gold target. Stage 2 runs `rl.steps` more:
+sample G chains per question, keep K by the critic's predicted reward, decode them once with the main
+model, reward them, and update the policy with the latent policy gradient, the bidirectional
+contrastive term, KL to the stage-1 policy and an entropy bonus; the critic learns the rewards.
+
+Only the assistant's adapters, the Gaussian heads, the projector and the critic are given to an
+optimizer. Gradients are accumulated and clipped by hand (manual optimization).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field, fields
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from lightning import LightningModule
+from transformers import PreTrainedTokenizerBase
+
+from dlr.callbacks.evaluation import DepthScore, score_by_depth
+from dlr.callbacks.metrics import log_now
+from dlr.data.schema import Record
+from dlr.methods.losses import LatentRLWeights, group_advantages, latent_rl_loss, mode_separation_loss
+from dlr.models.backbones import PromptFormat
+from dlr.models.critic import FILTERS, RewardCritic, select_latents
+from dlr.models.generation import greedy_decode_embeds, latent_main_inputs, latent_target_nll
+from dlr.models.latent_policy import LATENT_MODES, LatentPolicy
+from dlr.models.projector import LatentProjector, mean_embedding_norm
+from dlr.rewards import RewardConfig, score_batch
+
+ALIGNMENT_TARGETS = ("answer", "cot_answer")
+
+
+@dataclass(frozen=True)
+class LatentSettings:
+    steps: int = 8  # T
+    dim: int = 64  # Dz
+    mode: str = "parallel"
+    num_modes: int = 1
+    log_sigma_min: float = -5.0
+    log_sigma_max: float = 0.5
+    log_sigma_init: float = -1.0
+
+
+@dataclass(frozen=True)
+class AlignmentSettings:
+    steps: int = 100
+    lr: float = 1e-3
+    target: str = "answer"
+
+
+@dataclass(frozen=True)
+class RLSettings:
+    steps: int = 100
+    lr: float = 1e-4
+    num_samples: int = 16  # G
+    num_decoded: int = 4  # K
+    filter: str = "critic"
+    k_explore: int = 1
+    scale: str = "group"
+    ppo_epochs: int = 1
+    clip_eps: float = 0.2
+    lambda_con: float = 0.1
+    tau: float = 0.1
+    beta: float = 0.0
+    lambda_ent: float = 0.0
+    lambda_modes: float = 0.1
+
+
+@dataclass(frozen=True)
+class CriticSettings:
+    hidden: int = 256
+    lr: float = 1e-3
+    warmup: int = 10  # RL batches with a random filter before the critic chooses
+    weight: float = 1.0  # of L_critic in the stage-2 loss
+
+
+@dataclass(frozen=True)
+class DLRSettings:
+    """`cfg.method` of `method=dlr`, validated once at start so a bad value fails before any training."""
+
+    latent: LatentSettings = field(default_factory=LatentSettings)
+    alignment: AlignmentSettings = field(default_factory=AlignmentSettings)
+    rl: RLSettings = field(default_factory=RLSettings)
+    critic: CriticSettings = field(default_factory=CriticSettings)
+    max_new_tokens: int = 8  # single-pass decode length
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    accumulate_grad_batches: int = 1
+
+    @classmethod
+    def from_dict(cls, values: dict) -> DLRSettings:
+        groups = {"latent": LatentSettings, "alignment": AlignmentSettings, "rl": RLSettings, "critic": CriticSettings}
+        kwargs = {}
+        for key, value in values.items():
+            if key == "name":
+                continue
+            if key not in {f.name for f in fields(cls)}:
+                raise ValueError(f"method.{key} is not a DLR setting")
+            if key in groups:
+                known = {f.name for f in fields(groups[key])}
+                unknown = set(value) - known
+                if unknown:
+                    raise ValueError(f"method.{key} has unknown settings {sorted(unknown)}; known: {sorted(known)}")
+                value = groups[key](**value)
+            kwargs[key] = value
+        return cls(**kwargs)
+
+    def __post_init__(self) -> None:
+        rl, latent = self.rl, self.latent
+        checks = [
+            (latent.mode in LATENT_MODES, f"method.latent.mode must be one of {LATENT_MODES}, got {latent.mode!r}"),
+            (self.alignment.target in ALIGNMENT_TARGETS,
+             f"method.alignment.target must be one of {ALIGNMENT_TARGETS}, got {self.alignment.target!r}"),
+            (rl.filter in FILTERS, f"method.rl.filter must be one of {FILTERS}, got {rl.filter!r}"),
+            (1 <= rl.num_decoded <= rl.num_samples,
+             f"need 1 <= method.rl.num_decoded (K={rl.num_decoded}) <= method.rl.num_samples (G={rl.num_samples})"),
+            (0 <= rl.k_explore <= rl.num_decoded, f"need 0 <= method.rl.k_explore <= K, got {rl.k_explore}"),
+            (rl.filter != "none" or rl.num_decoded == rl.num_samples, "method.rl.filter=none decodes all G: set num_decoded = num_samples"),
+            (self.alignment.steps >= 0 and rl.steps >= 0, "method.alignment.steps and method.rl.steps must be >= 0"),
+            (rl.ppo_epochs >= 1, f"method.rl.ppo_epochs must be >= 1, got {rl.ppo_epochs}"),
+            (rl.ppo_epochs == 1 or self.accumulate_grad_batches == 1,
+             "method.rl.ppo_epochs > 1 updates on each batch several times: use accumulate_grad_batches=1"),
+            (self.accumulate_grad_batches >= 1, "method.accumulate_grad_batches must be >= 1"),
+            (self.grad_clip > 0, f"method.grad_clip must be > 0, got {self.grad_clip}"),
+            (rl.tau > 0, f"method.rl.tau must be > 0, got {rl.tau}"),
+            (self.max_new_tokens >= 1, "method.max_new_tokens must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def total_steps(self) -> int:
+        return self.alignment.steps + self.rl.steps
+
+
+@dataclass
+class Rollout:
+    """What one stage-2 step sampled and decoded; the diagnostics callbacks read it."""
+
+    records: list[Record]
+    z: torch.Tensor  # [B, G, T, Dz] all sampled chains
+    predicted: torch.Tensor  # [B, G] the critic's predicted reward
+    kept: torch.Tensor  # [B, K] indices of the decoded chains
+    rewards: torch.Tensor  # [B, K] total reward of the decoded chains
+    log_sigma: torch.Tensor  # [B, K, T, Dz]
+    mu: torch.Tensor  # [B, K, T, Dz]
+
+
+def gather_samples(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x: [B, G, ...], index: [B, K] -> [B, K, ...]."""
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], index]
+
+
+class DLRModule(LightningModule):
+    def __init__(
+        self,
+        main: torch.nn.Module,
+        main_tokenizer: PreTrainedTokenizerBase,
+        assistant: torch.nn.Module,
+        assistant_tokenizer: PreTrainedTokenizerBase,
+        fmt: PromptFormat,
+        settings: DLRSettings,
+        reward: RewardConfig,
+        placeholder: str,
+        main_sha256: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints leave out the frozen backbone weights (see on_save_checkpoint)
+        self.settings, self.fmt, self.reward = settings, fmt, reward
+        self.main_tokenizer, self.assistant_tokenizer = main_tokenizer, assistant_tokenizer
+        for marker in (fmt.bol, fmt.eol):
+            if main_tokenizer.convert_tokens_to_ids(marker) in (None, main_tokenizer.unk_token_id):
+                raise ValueError(f"the main tokenizer has no token {marker!r}: pick an existing token as latent marker")
+        placeholder_id = assistant_tokenizer.convert_tokens_to_ids(placeholder)
+        if placeholder_id in (None, assistant_tokenizer.unk_token_id):
+            raise ValueError(f"the assistant tokenizer has no placeholder token {placeholder!r} (backbone.placeholder)")
+
+        self.main = main.requires_grad_(False).eval()  # frozen: never given to an optimizer
+        self.main_sha256 = main_sha256
+        lat = settings.latent
+        self.policy = LatentPolicy(
+            assistant, placeholder_id, lat.dim, lat.steps, lat.log_sigma_min, lat.log_sigma_max, lat.log_sigma_init,
+            lat.mode, lat.num_modes,
+        )
+        main_dim = main.get_input_embeddings().embedding_dim
+        self.projector = LatentProjector(lat.dim, main_dim, mean_embedding_norm(main))
+        self.critic = RewardCritic(assistant.get_input_embeddings().embedding_dim, lat.dim, settings.critic.hidden)
+        # pi_ref for the KL term: a frozen copy, loaded with the policy's weights when stage 2 starts
+        self.reference = copy.deepcopy(self.policy).requires_grad_(False).eval() if settings.rl.beta > 0 else None
+        self.register_buffer("rl_batches", torch.zeros((), dtype=torch.long))  # critic warm-up counter
+        self.register_buffer("reference_synced", torch.zeros((), dtype=torch.bool))
+        self.lora = any("lora_" in name for name, _ in assistant.named_parameters())
+        self.last_rollout: Rollout | None = None
+        self._pending_backwards = 0
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite gradient norm
+
+    # --- stages and optimizers ---------------------------------------------------------------
+
+    @property
+    def stage(self) -> str:
+        return "alignment" if self.trainer.global_step < self.settings.alignment.steps else "rl"
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.main.eval()  # frozen models never run in training mode (dropout)
+        if self.reference is not None:
+            self.reference.eval()
+        return self
+
+    def policy_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        s = self.settings
+
+        def adamw(groups):
+            return torch.optim.AdamW(groups, weight_decay=s.weight_decay, betas=(0.9, 0.95))
+
+        align = adamw([{"params": self.policy_parameters() + list(self.projector.parameters()), "lr": s.alignment.lr}])
+        rl = adamw([
+            {"params": self.policy_parameters(), "lr": s.rl.lr},
+            {"params": list(self.critic.parameters()), "lr": s.critic.lr},
+        ])
+        return [align, rl]
+
+    def _backward_and_step(self, loss: torch.Tensor, optimizer) -> torch.Tensor | None:
+        """Accumulate `accumulate_grad_batches` backward passes, then clip and step. Returns the
+        gradient norm before clipping when a step was taken; a non-finite norm skips the step."""
+        self.manual_backward(loss / self.settings.accumulate_grad_batches)
+        self._pending_backwards += 1
+        if self._pending_backwards < self.settings.accumulate_grad_batches:
+            return None
+        self._pending_backwards = 0
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.settings.grad_clip)
+        if torch.isfinite(norm):
+            optimizer.step()
+        else:
+            self.skipped_steps += 1
+            log_now(self.trainer, {"train/skipped_nonfinite_steps": float(self.skipped_steps)})
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def _log_step(self, logs: dict[str, torch.Tensor], grad_norm: torch.Tensor | None) -> None:
+        """Log this batch's metrics when an optimizer step was taken on a logging step."""
+        if grad_norm is None or self.trainer.global_step % self.trainer.log_every_n_steps:
+            return
+        log_now(self.trainer, {**logs, "train/grad_norm": grad_norm})
+
+    # --- text <-> tensors ---------------------------------------------------------------------
+
+    def encode_questions(self, records: Sequence[Record]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The assistant reads each question in its own tokenizer and prompt format: [B, Lq] left-padded."""
+        prompts = [self.fmt.prompt(r.question, self.assistant_tokenizer) for r in records]
+        enc = self.assistant_tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        return enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
+
+    @property
+    def answer_cue(self) -> str:
+        """The cue after `<eol>`: the answer line starts at once for target `answer`; with `cot_answer`
+        the main model writes a rationale and its own answer line."""
+        return self.fmt.answer_cue if self.settings.alignment.target == "answer" else ""
+
+    def main_inputs(self, records: Sequence[Record], chains: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """chains: [B, K, T, Dz] -> the main model's input for each of the B*K chains (question-major)."""
+        K = chains.shape[1]
+        prompts = [self.fmt.prompt(r.question, self.main_tokenizer) for r in records for _ in range(K)]
+        projected = self.projector(chains.flatten(0, 1))  # [B*K, T, Dmain]
+        return latent_main_inputs(self.main, self.main_tokenizer, prompts, projected, self.fmt.bol, self.fmt.eol, self.answer_cue)
+
+    def target_text(self, record: Record) -> str:
+        eos = self.main_tokenizer.eos_token or ""
+        if self.settings.alignment.target == "answer":
+            return f" {record.answer}{eos}"
+        return f" {record.cot} {self.fmt.answer_cue} {record.answer}{eos}"
+
+    @torch.no_grad()
+    def decode(self, records: Sequence[Record], chains: torch.Tensor) -> list[str]:
+        """Greedy single-pass decoding of chains [B, K, T, Dz]; returns B*K completions with the answer
+        cue put back in front, so they are scored like any text completion."""
+        embeds, mask = self.main_inputs(records, chains)
+        texts = greedy_decode_embeds(self.main, embeds, mask, self.main_tokenizer, self.settings.max_new_tokens)
+        return [f"{self.answer_cue} {t}".strip() if self.answer_cue else t for t in texts]
+
+    def decode_and_score(self, records: Sequence[Record], chains: torch.Tensor) -> torch.Tensor:
+        """Rewards [B, K, 3] (correct, format, total) of the decoded chains [B, K, T, Dz]."""
+        B, K = chains.shape[:2]
+        completions = self.decode(records, chains)
+        golds = [r.answer for r in records for _ in range(K)]
+        tasks = [r.task for r in records for _ in range(K)]
+        scores = score_batch(completions, golds, tasks, **asdict(self.reward))
+        return scores.reshape(B, K, 3).to(self.device)
+
+    # --- training -----------------------------------------------------------------------------
+
+    def training_step(self, batch: list[Record], batch_idx: int) -> None:
+        align_opt, rl_opt = self.optimizers()
+        if self.stage == "alignment":
+            self.alignment_step(batch, align_opt)
+        else:
+            self.rl_step(batch, rl_opt)
+
+    def alignment_step(self, records: list[Record], optimizer) -> None:
+        """Stage 1: minimise the frozen main model's NLL of the gold target given the projected mean chain."""
+        ids, mask = self.encode_questions(records)
+        chains = self.policy.mean_chain(ids, mask)  # [B, M, T, Dz]
+        B, M = chains.shape[:2]
+        embeds, emask = self.main_inputs(records, chains)
+        targets = self.main_tokenizer(
+            [self.target_text(r) for r in records for _ in range(M)],
+            return_tensors="pt", padding="longest", padding_side="right", add_special_tokens=False,
+        ).to(self.device)
+        nll = latent_target_nll(self.main, embeds, emask, targets.input_ids, targets.attention_mask)  # [B*M]
+        loss = nll.mean()
+        logs = {"train/align_nll": nll.detach().mean()}
+        if M > 1:
+            separation = mode_separation_loss(chains, self.settings.rl.tau)
+            loss = loss + self.settings.rl.lambda_modes * separation
+            logs["train/mode_separation"] = separation.detach()
+        norm = self._backward_and_step(loss, optimizer)
+        self._log_step(logs, norm)
+        self.log("nll", logs["train/align_nll"], prog_bar=True, logger=False, batch_size=B)
+
+    def rl_step(self, records: list[Record], optimizer) -> None:
+        """Stage 2: sample G chains, decode the K the filter keeps, reward, and update (DESIGN §7)."""
+        s = self.settings.rl
+        if self.reference is not None and not self.reference_synced:
+            self.reference.load_state_dict(self.policy.state_dict())  # pi_ref = the policy after stage 1
+            self.reference_synced.fill_(True)
+        ids, mask = self.encode_questions(records)
+        B = ids.shape[0]
+        if self.policy.mode == "recurrent":
+            z_all, dist = self.policy.sample_recurrent(ids, mask, s.num_samples)  # [B, G, T, Dz]
+            modes = None
+        else:
+            dist = self.policy(ids, mask)  # mu: [B, M, T, Dz]
+            z_all, modes = self.policy.sample(dist, s.num_samples)  # [B, G, T, Dz], [G]
+
+        predicted = self.critic(dist.pooled, z_all)  # [B, G]
+        use_critic = s.filter == "critic" and int(self.rl_batches) >= self.settings.critic.warmup
+        method = s.filter if s.filter != "critic" or use_critic else "random"
+        kept = select_latents(predicted.detach(), s.num_decoded, s.k_explore if use_critic else 0, method)  # [B, K]
+        z = gather_samples(z_all, kept)  # [B, K, T, Dz]
+
+        scores = self.decode_and_score(records, z)  # [B, K, 3]
+        rewards = scores[..., 2]
+        critic_loss = F.mse_loss(gather_samples(predicted, kept), rewards)
+        advantages, zero_spread = group_advantages(rewards, s.scale)  # [B, K], [B]
+        weights = LatentRLWeights(s.lambda_con, s.tau, s.beta, s.lambda_ent, s.clip_eps)
+
+        old_logp = None
+        for epoch in range(s.ppo_epochs):
+            if epoch > 0 or self.policy.mode == "recurrent":
+                dist = self.policy(ids, mask, z if self.policy.mode == "recurrent" else None)
+            mu, log_sigma, anchors, ref = self._scored_latents(dist, ids, mask, z, kept, modes)
+            loss, terms = latent_rl_loss(mu, log_sigma, z, advantages, anchors, weights, ref, old_logp)
+            if epoch == 0:
+                loss = loss + self.settings.critic.weight * critic_loss
+            if s.ppo_epochs > 1 and epoch == 0:
+                old_logp = terms["logp"]
+            if self.settings.latent.num_modes > 1:
+                loss = loss + s.lambda_modes * mode_separation_loss(dist.mu, s.tau)
+            norm = self._backward_and_step(loss, optimizer)
+        self.rl_batches += 1
+        self.last_rollout = Rollout(records, z_all, predicted.detach(), kept, rewards, log_sigma.detach(), mu.detach())
+
+        logs = {
+            "train/reward": rewards.mean(),
+            "train/reward_std": rewards.std(dim=1).mean() if rewards.shape[1] > 1 else rewards.new_zeros(()),
+            "train/rewards/correct/mean": scores[..., 0].mean(),
+            "train/rewards/format/mean": scores[..., 1].mean(),
+            "train/frac_reward_zero_std": zero_spread.float().mean(),
+            "train/loss/pg": terms["pg"],
+            "train/loss/contrastive": terms["contrastive"],
+            "train/loss/critic": critic_loss.detach(),
+            "train/kl": terms["kl"],
+            "train/entropy": terms["entropy"],
+            "train/sigma_mean": log_sigma.detach().exp().mean(),
+            "train/contrastive_skipped_questions": terms["contrastive_skipped"],
+            "train/filter_uses_critic": float(use_critic),
+        }
+        self._log_step(logs, norm)
+        self.log("reward", logs["train/reward"], prog_bar=True, logger=False, batch_size=B)
+
+    def _scored_latents(self, dist, ids, mask, z, kept, modes):
+        """The current policy's (mu, log_sigma) for each decoded chain [B, K, T, Dz], the anchors
+        [B, T, Dz] and, when beta > 0, the reference policy's (mu, log_sigma) for the same chains."""
+        if self.policy.mode == "recurrent":  # dist was teacher-forced on the K decoded chains
+            mu, log_sigma = dist.mu, dist.log_sigma
+            anchors = mu.mean(1)  # the step-wise means depend on the chain: use their group average
+        else:
+            mode_of = modes[kept]  # [B, K]
+            mu, log_sigma = gather_samples(dist.mu, mode_of), gather_samples(dist.log_sigma, mode_of)
+            anchors = dist.mu.mean(1)  # mean over modes: mu(q)
+        ref = None
+        if self.reference is not None:
+            with torch.no_grad():
+                if self.policy.mode == "recurrent":
+                    ref_dist = self.reference(ids, mask, z)
+                    ref = (ref_dist.mu, ref_dist.log_sigma)
+                else:
+                    ref_dist = self.reference(ids, mask)
+                    ref = (gather_samples(ref_dist.mu, mode_of), gather_samples(ref_dist.log_sigma, mode_of))
+        return mu, log_sigma, anchors, ref
+
+    # --- evaluation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate_latent(self, records: Sequence[Record], label: str, batch_size: int) -> list[DepthScore]:
+        """Greedy accuracy by depth of the noise-free chain (mode 0), decoded once by the main model."""
+        was_training = self.training
+        self.eval()
+        try:
+            def complete(chunk: Sequence[Record]) -> list[str]:
+                ids, mask = self.encode_questions(chunk)
+                return self.decode(chunk, self.policy.mean_chain(ids, mask)[:, :1])
+
+            return score_by_depth(records, complete, label=label, batch_size=batch_size, reward=self.reward)
+        finally:
+            self.train(was_training)
+
+    # --- checkpoints --------------------------------------------------------------------------
+
+    def _is_frozen_backbone_key(self, key: str) -> bool:
+        """Weights reloaded from the backbone at start: the main model, and the assistant's base
+        weights when it trains through LoRA adapters."""
+        if key.startswith("main."):
+            return True
+        in_assistant = key.startswith(("policy.assistant.", "reference.assistant."))
+        return self.lora and in_assistant and "lora_" not in key
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if self._is_frozen_backbone_key(k)]:
+            del state[key]
+        checkpoint["main_sha256"] = self.main_sha256
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("main_sha256")
+        if saved and self.main_sha256 and saved != self.main_sha256:
+            raise RuntimeError(
+                "this checkpoint was trained against a different main model (weight hash differs): "
+                "resume with the same backbone.main"
+            )
+        expected = {k for k in self.state_dict() if not self._is_frozen_backbone_key(k)}
+        missing = sorted(expected - set(checkpoint["state_dict"]))
+        if missing:
+            raise RuntimeError(f"the checkpoint lacks {len(missing)} DLR weights, e.g. {missing[:3]}: not a DLR checkpoint of this config")

@@ -1,0 +1,210 @@
+"""The DLR arm: its stage-2 objective, the toy direction test, its diagnostics, and the module end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning import Trainer
+
+from conftest import run_train
+from dlr.callbacks.latent_diversity import effective_rank, mean_pairwise_cosine_distance
+from dlr.callbacks.reward_filter import filter_quality
+from dlr.data.datamodule import ReasoningDataModule
+from dlr.methods.dlr_module import DLRModule, DLRSettings
+from dlr.methods.losses import (
+    LatentRLWeights,
+    bidirectional_info_nce,
+    gaussian_entropy,
+    gaussian_kl,
+    gaussian_log_prob,
+    group_advantages,
+    latent_rl_loss,
+)
+from dlr.models.backbones import ModelSpec, PromptFormat, load_assistant, load_main, load_tokenizer, weights_sha256
+from dlr.models.critic import RewardCritic, select_latents
+from dlr.rewards import RewardConfig
+
+
+def test_latent_rl_loss_is_the_weighted_sum_of_its_terms():
+    torch.manual_seed(0)
+    mu = torch.randn(2, 3, 2, 4, requires_grad=True)  # [B, K, T, Dz]
+    log_sigma = torch.full((2, 3, 2, 4), -0.5, requires_grad=True)
+    z = mu.detach() + torch.randn(2, 3, 2, 4) * 0.6
+    advantages = torch.tensor([[1.0, -0.5, -0.5], [0.0, 0.0, 0.0]])
+    anchors = mu.mean(1)
+    ref = (mu.detach() + 0.1, log_sigma.detach() - 0.2)
+    weights = LatentRLWeights(lambda_con=0.3, tau=0.1, beta=0.05, lambda_ent=0.01)
+    loss, terms = latent_rl_loss(mu, log_sigma, z, advantages, anchors, weights, ref)
+
+    pg = -(advantages * gaussian_log_prob(z, mu, log_sigma)).mean()
+    con, skipped = bidirectional_info_nce(anchors, z, advantages, 0.1)
+    kl = gaussian_kl(mu, log_sigma, *ref).mean()
+    entropy = gaussian_entropy(log_sigma).mean()
+    torch.testing.assert_close(loss, pg + 0.3 * con + 0.05 * kl - 0.01 * entropy)
+    assert skipped == 1 and terms["contrastive_skipped"] == 1  # question 2 has no positive
+    # With the reference equal to the policy, the KL term vanishes.
+    _, same = latent_rl_loss(mu, log_sigma, z, advantages, anchors, weights, (mu, log_sigma))
+    assert float(same["kl"]) == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(ValueError, match="beta > 0"):
+        latent_rl_loss(mu, log_sigma, z, advantages, anchors, weights, None)
+
+
+def test_direction_toy_moves_mu_toward_the_rewarded_direction_and_the_critic_ranks_it_first():
+    """Reward 1 only for latents within ~60 degrees of a fixed direction d. The stage-2 loss moves the
+    mean toward d, and the critic, trained only on decoded (kept) latents, ranks d above other directions."""
+    torch.manual_seed(0)
+    Dz, G, K = 8, 32, 8
+    d = F.normalize(torch.ones(Dz), dim=0)
+    mu = torch.nn.Parameter(F.normalize(torch.randn(1, 1, 1, Dz), dim=-1) * 0.5 - 0.3 * d)  # [B, M, T, Dz], pointing away
+    log_sigma = torch.full((1, 1, 1, Dz), math.log(0.7))
+    pooled = torch.ones(1, 4)
+    critic = RewardCritic(question_dim=4, latent_dim=Dz, hidden=32)
+    optimizer = torch.optim.Adam([{"params": [mu], "lr": 0.05}, {"params": critic.parameters(), "lr": 0.01}])
+    weights = LatentRLWeights(lambda_con=0.1, tau=0.1)
+
+    def reward(z: torch.Tensor) -> torch.Tensor:
+        return (F.cosine_similarity(z.flatten(2), d.expand(z.shape[-1]), dim=-1) > 0.5).float()
+
+    start = F.cosine_similarity(mu.flatten(), d, dim=0).item()
+    for step in range(150):
+        z_all = (mu + log_sigma.exp() * torch.randn(1, G, 1, Dz)).detach()  # [1, G, 1, Dz]
+        predicted = critic(pooled, z_all)
+        kept = select_latents(predicted.detach(), K, 2, "critic" if step >= 10 else "random")
+        z = z_all[:, kept[0]]
+        rewards = reward(z)  # [1, K]
+        advantages, _ = group_advantages(rewards)
+        loss, _ = latent_rl_loss(mu.expand(1, K, 1, Dz), log_sigma.expand(1, K, 1, Dz), z, advantages, mu[:, 0], weights)
+        loss = loss + F.mse_loss(predicted[:, kept[0]], rewards)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    end = F.cosine_similarity(mu.detach().flatten(), d, dim=0).item()
+    assert start < 0 and end > 0.9, (start, end)
+    others = F.normalize(torch.randn(7, Dz), dim=-1)
+    candidates = torch.cat([d[None], -d[None], others]) * mu.detach().norm()  # [8, Dz], d first
+    scores = critic(pooled, candidates[None, :, None, :])  # [1, 8]
+    assert scores.argmax().item() == 0
+
+
+def test_filter_quality_counts_ties_as_hits():
+    predicted = torch.tensor([[0.9, 0.8, 0.1, 0.0]])
+    rewards = torch.tensor([[1.2, 0.2, 1.2, 0.2]])
+    quality = filter_quality(predicted, rewards, keep=2)  # true top-2: indices 0 and 2; critic picks 0 and 1
+    assert quality["precision_at_k"].item() == pytest.approx(0.5)
+    assert quality["precision_at_k_random"].item() == pytest.approx(0.5)
+    assert quality["critic_mse"].item() == pytest.approx((0.3**2 + 0.6**2 + 1.1**2 + 0.2**2) / 4)
+    tied = filter_quality(predicted, torch.tensor([[0.2, 0.2, 0.2, 0.2]]), keep=2)
+    assert tied["precision_at_k"].item() == 1.0  # every pick is as good as the best
+
+
+def test_diversity_metrics_on_hand_made_chains():
+    e = torch.eye(4)
+    orthogonal = e[None, :, None, :]  # [1, G=4, T=1, Dz=4], pairwise cosine 0
+    assert mean_pairwise_cosine_distance(orthogonal).item() == pytest.approx(1.0)
+    same = torch.ones(1, 3, 2, 4)
+    assert mean_pairwise_cosine_distance(same).item() == pytest.approx(0.0, abs=1e-6)
+    line = torch.arange(5.0)[None, :, None, None] * torch.tensor([1.0, 2.0, 0.0])  # chains along one direction
+    assert effective_rank(line).item() == pytest.approx(1.0, abs=1e-4)
+    # Centred orthonormal rows: 4 chains span 3 directions with equal singular values -> rank 3.
+    assert effective_rank(orthogonal).item() == pytest.approx(3.0, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"rl": {"filter": "best"}}, "method.rl.filter"),
+        ({"rl": {"num_samples": 4, "num_decoded": 8}}, "num_decoded"),
+        ({"rl": {"num_samples": 8, "num_decoded": 4, "filter": "none"}}, "filter=none"),
+        ({"alignment": {"target": "rationale"}}, "alignment.target"),
+        ({"latent": {"mode": "lstm"}}, "latent.mode"),
+        ({"latent": {"width": 3}}, "unknown settings"),
+        ({"rl": {"ppo_epochs": 2}, "accumulate_grad_batches": 2}, "ppo_epochs"),
+    ],
+)
+def test_bad_dlr_settings_fail_with_the_key_named(override, message):
+    with pytest.raises(ValueError, match=message):
+        DLRSettings.from_dict(override)
+
+
+def build_module(tiny_pair, settings: DLRSettings) -> DLRModule:
+    main_spec = ModelSpec(str(tiny_pair / "main"), quantization="nf4")
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    assistant = load_assistant(ModelSpec(str(tiny_pair / "assistant"), lora=lora))
+    main = load_main(main_spec)
+    tokenizer = load_tokenizer(str(tiny_pair / "main"))
+    return DLRModule(main, tokenizer, assistant, tokenizer, PromptFormat(template="{question} answer :"),
+                     settings, RewardConfig(), "<lat>", main_sha256=weights_sha256(main))
+
+
+@pytest.mark.parametrize("mode", ["parallel", "recurrent"])
+def test_both_stages_train_exactly_the_dlr_parameters_and_never_the_main_model(tiny_pair, tmp_path, mode):
+    settings = DLRSettings.from_dict({
+        "latent": {"steps": 3, "dim": 8, "mode": mode},
+        "alignment": {"steps": 2}, "rl": {"steps": 3, "num_samples": 6, "num_decoded": 3, "beta": 0.01, "lambda_ent": 0.01},
+        "critic": {"hidden": 16, "warmup": 1}, "max_new_tokens": 2,
+    })
+    module = build_module(tiny_pair, settings)  # an untrained backbone: rewards are mostly equal, so the
+    # entropy bonus is what moves log sigma (the policy gradient is zero on zero-spread groups)
+    before = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    main_hash = weights_sha256(module.main)
+    data = ReasoningDataModule("mixed", 4, [1, 2], [1, 1], train_seed=0, test_seed=1000, test_per_depth=1,
+                               mix_weights={"math": 0.5, "logic": 0.5})
+    trainer = Trainer(max_steps=settings.total_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 5 and int(module.rl_batches) == 3
+
+    changed = {k for k, v in module.state_dict().items() if k in before and not torch.equal(v, before[k])}
+    trainable = {"policy.mu_head", "policy.log_sigma_head", "projector.", "critic."}
+    for key in changed:
+        assert "lora_" in key or key.startswith(tuple(trainable)) or key.startswith("reference.") or key in (
+            "rl_batches", "reference_synced"
+        ) or (mode == "recurrent" and key.startswith("policy.latent_to_input")), key
+    assert not any(k.startswith("main.") for k in changed) and weights_sha256(module.main) == main_hash
+    assert not any(k.startswith("policy.assistant") and "lora_" not in k for k in changed)
+    for prefix in ("policy.mu_head", "policy.log_sigma_head", "projector.net", "critic.net"):
+        assert any(k.startswith(prefix) for k in changed), prefix  # every trainable part moved
+    assert any("lora_B" in k for k in changed)
+    rollout = module.last_rollout
+    assert rollout.z.shape == (4, 6, 3, 8) and rollout.rewards.shape == (4, 3)
+    assert ((rollout.rewards >= 0) & (rollout.rewards <= 1.2)).all()
+
+
+def test_dlr_runs_end_to_end_from_the_command_line_and_resumes(tmp_path):
+    """`experiment=dlr` on the shipped tiny backbone: both stages, logged rewards and diagnostics, the
+    main-model hash check, a checkpoint without backbone weights, and a resume that continues it."""
+    run_dir = tmp_path / "run"
+    common = [
+        "experiment=dlr", "data.test_per_depth=1", "data.batch_size=4", "method.rl.num_samples=6",
+        "method.rl.num_decoded=3", "method.critic.warmup=1", "trainer.log_every_n_steps=1",
+        "callbacks.reward_filter.every_n_steps=1", "callbacks.latent_diversity.every_n_steps=1",
+        "callbacks.latent_diversity.projector_every_n_steps=2", "callbacks.model_checkpoint.every_n_train_steps=1",
+        "trainer.enable_progress_bar=false", "eval.modes=[direct]",
+    ]
+    result = run_train([*common, "method.alignment.steps=2", "method.rl.steps=2", f"hydra.run.dir={run_dir}"], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    models = {s["model"] for s in json.loads((run_dir / "eval.json").read_text())["scores"]}
+    assert models == {"main/direct", "dlr/after_alignment", "dlr/final"}
+    assert json.loads((run_dir / "main_sha256.json").read_text())["unchanged"] is True
+    metrics = (run_dir / "csv" / "metrics.csv").read_text().splitlines()
+    header = metrics[0].split(",")
+    for key in ("train/align_nll", "train/reward", "train/kl", "train/loss/contrastive", "filter/precision_at_k",
+                "latent/effective_rank", "eval_alignment/math_acc_d1"):
+        assert key in header, key
+    reward_column = header.index("train/reward")
+    assert sum(1 for row in metrics[1:] if row.split(",")[reward_column]) == 2  # one row per RL step, no stale repeats
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    keys = checkpoint["state_dict"].keys()
+    assert not any(k.startswith("main.") for k in keys)
+    assert all("lora_" in k for k in keys if k.startswith("policy.assistant."))
+
+    resumed_dir = tmp_path / "resumed"
+    result = run_train([*common, "method.alignment.steps=2", "method.rl.steps=3",
+                        f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={resumed_dir}"], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "5 steps" in (resumed_dir / "eval.md").read_text()
+    assert "after latent alignment" not in result.stdout  # restored from the checkpoint, not re-evaluated
