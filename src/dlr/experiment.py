@@ -235,7 +235,43 @@ def run_dlr(cfg: DictConfig, out: Path) -> None:
                    f"DLR on {cfg.backbone.name}: {trainer.global_step} steps ({settings.alignment.steps} alignment + RL)")
 
 
-METHODS = {"warmstart": run_warmstart, "evaluate": run_evaluate, "dlr": run_dlr}
+def run_grpo(cfg: DictConfig, out: Path) -> None:
+    """Token-space GRPO: LoRA adapters on the 4-bit main model; evaluates the main model before and
+    the policy after; fails loudly if the base weights under the adapters changed."""
+    from dlr.methods.grpo_module import GRPOModule, GRPOSettings
+    from dlr.models.backbones import add_lora, weights_sha256
+
+    try:
+        settings = GRPOSettings.from_dict(OmegaConf.to_container(cfg.method, resolve=True))
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    datamodule: ReasoningDataModule = instantiate(cfg.data)
+    datamodule.check_source()
+    fmt = prompt_format(cfg)
+    device = evaluation_device(cfg.trainer.accelerator)
+    main_spec = model_spec(cfg.backbone.main, cfg.paths.root_dir)
+    tokenizer = load_tokenizer(main_spec.name_or_path)
+    policy = add_lora(load_main(main_spec, device), settings.lora)
+    base_hash = weights_sha256(policy, exclude="lora_")
+    records = datamodule.test_records()
+    scores = evaluate_models(cfg, {"main": (policy, tokenizer)}, fmt, records)  # zero-initialised adapters: the main model
+
+    module = GRPOModule(policy, tokenizer, fmt, settings, reward_config(cfg), base_sha256=base_hash)
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+    max_steps = settings.steps if cfg.trainer.max_steps in (None, -1) else cfg.trainer.max_steps
+    trainer = build_trainer(cfg, max_steps=max_steps)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    final_hash = weights_sha256(module.policy, exclude="lora_")
+    write_json(out / "base_sha256.json", {"start": base_hash, "end": final_hash, "unchanged": final_hash == base_hash})
+    if final_hash != base_hash:
+        raise SystemExit(f"error: the 4-bit base weights under the adapters changed during training; the run in {out} is not valid")
+    if trainer.is_global_zero:
+        scores += evaluate_models(cfg, {"grpo": (module.policy.to(device), tokenizer)}, fmt, records)
+        write_eval(out, scores, datamodule.skip_counts(), f"GRPO on {cfg.backbone.name}: {trainer.global_step} steps")
+
+
+METHODS = {"warmstart": run_warmstart, "evaluate": run_evaluate, "dlr": run_dlr, "grpo": run_grpo}
 
 
 def run(cfg: DictConfig) -> None:

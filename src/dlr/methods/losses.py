@@ -234,3 +234,18 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimator of KL(pi || pi_ref): exp(ref - logp) - (ref - logp) - 1 (>= 0). [B, L] -> [B, L]."""
     delta = ref_logp - logp
     return torch.exp(delta) - delta - 1
+
+
+def micro_batch_weight(
+    loss_type: str, sequences: int, total_sequences: int, tokens: float, total_tokens: float, num_micro_batches: int
+) -> float:
+    """Factor on one micro-batch's `aggregate_token_loss` so that the weighted sum over micro-batches
+    equals the aggregate over the whole batch (grpo, dr_grpo, dapo exactly; bnpo, as in TRL,
+    normalises each micro-batch by its own tokens and averages the micro-batches)."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if loss_type in ("grpo", "dr_grpo"):
+        return sequences / total_sequences
+    if loss_type == "dapo":
+        return tokens / max(total_tokens, 1.0)
+    return 1.0 / num_micro_batches

@@ -201,15 +201,16 @@ def load_assistant(spec: ModelSpec, device: torch.device | str = "cpu") -> torch
     return add_lora(model, spec.lora) if spec.lora else model
 
 
-def weights_sha256(model: torch.nn.Module) -> str:
-    """SHA-256 over every tensor of the model's state (names, dtypes, shapes and bytes), in name order.
+def weights_sha256(model: torch.nn.Module, exclude: str | None = None) -> str:
+    """SHA-256 over every tensor of the model's state (names, dtypes, shapes and bytes), in name order,
+    leaving out tensors whose name contains `exclude` (e.g. "lora_": the base weights under adapters).
 
     For a 4-bit model this covers the packed weights and their quantisation state, so any change to
     what the model computes with changes the hash.
     """
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        if not isinstance(tensor, torch.Tensor):
+        if not isinstance(tensor, torch.Tensor) or (exclude and exclude in name):
             continue
         data = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}".encode())

@@ -88,3 +88,80 @@ def latent_target_nll(
     nll = F.cross_entropy(logits.float().transpose(1, 2), target_ids, reduction="none")  # [N, Lt]
     weights = target_mask.to(nll.dtype)
     return (nll * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
+def completion_mask_after_eos(completion_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """1 on generated tokens up to and including the first end-of-sequence token, 0 after it.
+
+    completion_ids: [N, L] as `generate` returns them (rows that ended early are padded, possibly with
+    an EOS id as pad). Returns [N, L] long.
+    """
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))  # [N, L]
+    eos_before = is_eos.long().cumsum(1) - is_eos.long()  # EOS tokens strictly before each position
+    return (eos_before == 0).long()
+
+
+def eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every id that ends a completion: the generation config's (instruct models have several) and the tokenizer's."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = configured if isinstance(configured, list) else [configured]
+    return sorted({i for i in [*ids, tokenizer.eos_token_id] if i is not None})
+
+
+@torch.no_grad()
+def sample_completions(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    cache: str = "static",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """K sampled completions per prompt, from the full distribution at `temperature` (no top-k/top-p).
+
+    Returns (prompt_ids [N, Lp] left-padded, prompt_mask [N, Lp], completion_ids [N, Lc],
+    completion_mask [N, Lc]) with N = len(prompts) * K, question-major; the completion mask covers the
+    generated tokens up to and including the first EOS, so rewards and losses see exactly those.
+    """
+    device = next(model.parameters()).device
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    prompt_ids = enc.input_ids.repeat_interleave(num_samples, 0)
+    prompt_mask = enc.attention_mask.repeat_interleave(num_samples, 0)
+    eos = eos_token_ids(model, tokenizer)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=temperature,
+            top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id, cache_implementation=cache if cache == "static" else None,
+        )
+    finally:
+        model.train(was_training)
+    completion_ids = out[:, prompt_ids.shape[1] :]  # [N, <= max_new_tokens]
+    return prompt_ids, prompt_mask, completion_ids, completion_mask_after_eos(completion_ids, eos)
+
+
+def completion_log_probs(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs and entropies of the completions under `model` (temperature 1).
+
+    prompt_ids, prompt_mask: [N, Lp] left-padded; completion_ids, completion_mask: [N, Lc].
+    Returns (log-probs [N, Lc], entropies [N, Lc]); masked positions hold values to be ignored.
+    """
+    ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    mask = torch.cat([prompt_mask, completion_mask], dim=1)  # [N, Lp + Lc]
+    Lc = completion_ids.shape[1]
+    logits = model(
+        input_ids=ids, attention_mask=mask, position_ids=left_padded_positions(mask), logits_to_keep=Lc + 1
+    ).logits[:, :-1].float()  # [N, Lc, V]: the logits that predict each completion token
+    log_probs = logits.log_softmax(-1)
+    token_log_probs = log_probs.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)  # [N, Lc]
+    entropy = -(log_probs.exp() * log_probs).sum(-1)  # [N, Lc]
+    return token_log_probs, entropy
