@@ -208,3 +208,18 @@ def test_dlr_runs_end_to_end_from_the_command_line_and_resumes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "5 steps" in (resumed_dir / "eval.md").read_text()
     assert "after latent alignment" not in result.stdout  # restored from the checkpoint, not re-evaluated
+
+
+def test_real_scale_backbone_config_gives_the_reported_dlr_sizes():
+    """The paper's reported setup (secondary source): G=64, Dz=512, T=32, 4 questions per batch."""
+    from omegaconf import OmegaConf
+
+    from conftest import compose_config
+    from dlr.methods.grpo_module import GRPOSettings
+
+    cfg = compose_config(["experiment=dlr", "backbone=qwen2.5-0.5b+1.5b", "data=gsm8k"])
+    settings = DLRSettings.from_dict(OmegaConf.to_container(cfg.method, resolve=True))
+    assert (settings.rl.num_samples, settings.latent.dim, settings.latent.steps, cfg.data.batch_size) == (64, 512, 32, 4)
+    assert cfg.backbone.main.quantization == "nf4" and cfg.backbone.prompt.use_chat_template
+    grpo = compose_config(["experiment=grpo", "backbone=qwen2.5-0.5b+1.5b", "data=gsm8k"])
+    assert GRPOSettings.from_dict(OmegaConf.to_container(grpo.method, resolve=True)).max_new_tokens == 256
