@@ -140,11 +140,12 @@ def build_module(tiny_pair, settings: DLRSettings) -> DLRModule:
                      settings, RewardConfig(), "<lat>", main_sha256=weights_sha256(main))
 
 
-@pytest.mark.parametrize("mode", ["parallel", "recurrent"])
-def test_both_stages_train_exactly_the_dlr_parameters_and_never_the_main_model(tiny_pair, tmp_path, mode):
+@pytest.mark.parametrize(("mode", "num_modes", "ppo_epochs"), [("parallel", 1, 1), ("recurrent", 1, 1), ("parallel", 2, 2)])
+def test_both_stages_train_exactly_the_dlr_parameters_and_never_the_main_model(tiny_pair, tmp_path, mode, num_modes, ppo_epochs):
     settings = DLRSettings.from_dict({
-        "latent": {"steps": 3, "dim": 8, "mode": mode},
-        "alignment": {"steps": 2}, "rl": {"steps": 3, "num_samples": 6, "num_decoded": 3, "beta": 0.01, "lambda_ent": 0.01},
+        "latent": {"steps": 3, "dim": 8, "mode": mode, "num_modes": num_modes},
+        "alignment": {"steps": 2},
+        "rl": {"steps": 3, "num_samples": 6, "num_decoded": 3, "beta": 0.01, "lambda_ent": 0.01, "ppo_epochs": ppo_epochs},
         "critic": {"hidden": 16, "warmup": 1}, "max_new_tokens": 2,
     })
     module = build_module(tiny_pair, settings)  # an untrained backbone: rewards are mostly equal, so the
@@ -153,17 +154,18 @@ def test_both_stages_train_exactly_the_dlr_parameters_and_never_the_main_model(t
     main_hash = weights_sha256(module.main)
     data = ReasoningDataModule("mixed", 4, [1, 2], [1, 1], train_seed=0, test_seed=1000, test_per_depth=1,
                                mix_weights={"math": 0.5, "logic": 0.5})
-    trainer = Trainer(max_steps=settings.total_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+    total = settings.alignment.steps + settings.rl.steps * ppo_epochs  # each PPO epoch is an optimizer step
+    trainer = Trainer(max_steps=total, accelerator="cpu", logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=data)
-    assert trainer.global_step == 5 and int(module.rl_batches) == 3
+    assert trainer.global_step == total and int(module.rl_batches) == 3
 
     changed = {k for k, v in module.state_dict().items() if k in before and not torch.equal(v, before[k])}
     trainable = {"policy.mu_head", "policy.log_sigma_head", "projector.", "critic."}
     for key in changed:
         assert "lora_" in key or key.startswith(tuple(trainable)) or key.startswith("reference.") or key in (
             "rl_batches", "reference_synced"
-        ) or (mode == "recurrent" and key.startswith("policy.latent_to_input")), key
+        ) or (mode == "recurrent" and key.startswith("policy.latent_to_input")) or key == "policy.mode_embeddings", key
     assert not any(k.startswith("main.") for k in changed) and weights_sha256(module.main) == main_hash
     assert not any(k.startswith("policy.assistant") and "lora_" not in k for k in changed)
     for prefix in ("policy.mu_head", "policy.log_sigma_head", "projector.net", "critic.net"):
