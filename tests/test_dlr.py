@@ -164,7 +164,7 @@ def test_both_stages_train_exactly_the_dlr_parameters_and_never_the_main_model(t
     trainable = {"policy.mu_head", "policy.log_sigma_head", "projector.", "critic."}
     for key in changed:
         assert "lora_" in key or key.startswith(tuple(trainable)) or key.startswith("reference.") or key in (
-            "rl_batches", "reference_synced"
+            "rl_batches", "reference_synced", "flops_spent", "generated_tokens"
         ) or (mode == "recurrent" and key.startswith("policy.latent_to_input")) or key == "policy.mode_embeddings", key
     assert not any(k.startswith("main.") for k in changed) and weights_sha256(module.main) == main_hash
     assert not any(k.startswith("policy.assistant") and "lora_" not in k for k in changed)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from lightning import LightningModule
 from transformers import PreTrainedTokenizerBase
 
+from dlr.callbacks.budget import compute_parameters, forward_flops
 from dlr.callbacks.evaluation import DepthScore, score_by_depth
 from dlr.callbacks.metrics import log_now
 from dlr.data.schema import Record
@@ -196,6 +197,12 @@ class DLRModule(LightningModule):
         self.reference = copy.deepcopy(self.policy).requires_grad_(False).eval() if settings.rl.beta > 0 else None
         self.register_buffer("rl_batches", torch.zeros((), dtype=torch.long))  # critic warm-up counter
         self.register_buffer("reference_synced", torch.zeros((), dtype=torch.bool))
+        # compute spent on training, for the budget meter (DESIGN §9); evaluation is not counted
+        self.register_buffer("flops_spent", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("generated_tokens", torch.zeros((), dtype=torch.long))
+        self.main_parameters, self.assistant_parameters = compute_parameters(main), compute_parameters(assistant)
+        self.last_reward: float | None = None  # the meter reads these after each batch
+        self.last_grad_norm: float | None = None
         self.lora = any("lora_" in name for name, _ in assistant.named_parameters())
         self.last_rollout: Rollout | None = None
         self._pending_backwards = 0
@@ -281,18 +288,25 @@ class DLRModule(LightningModule):
             return f" {record.answer}{eos}"
         return f" {record.cot} {self.fmt.answer_cue} {record.answer}{eos}"
 
+    def charge(self, parameters: int, tokens: int, backward: str = "none") -> None:
+        """Add a pass over `tokens` tokens of a model with `parameters` parameters to the FLOPs spent."""
+        self.flops_spent += forward_flops(parameters, tokens, backward)
+
     @torch.no_grad()
-    def decode(self, records: Sequence[Record], chains: torch.Tensor) -> list[str]:
+    def decode(self, records: Sequence[Record], chains: torch.Tensor, charge: bool = False) -> list[str]:
         """Greedy single-pass decoding of chains [B, K, T, Dz]; returns B*K completions with the answer
-        cue put back in front, so they are scored like any text completion."""
+        cue put back in front, so they are scored like any text completion. `charge`: count its compute."""
         embeds, mask = self.main_inputs(records, chains)
-        texts = greedy_decode_embeds(self.main, embeds, mask, self.main_tokenizer, self.settings.max_new_tokens)
+        texts, steps = greedy_decode_embeds(self.main, embeds, mask, self.main_tokenizer, self.settings.max_new_tokens)
+        if charge:
+            self.charge(self.main_parameters, embeds.shape[0] * (embeds.shape[1] + steps))  # prefill + decode
+            self.generated_tokens += embeds.shape[0] * steps
         return [f"{self.answer_cue} {t}".strip() if self.answer_cue else t for t in texts]
 
-    def decode_and_score(self, records: Sequence[Record], chains: torch.Tensor) -> torch.Tensor:
+    def decode_and_score(self, records: Sequence[Record], chains: torch.Tensor, charge: bool = False) -> torch.Tensor:
         """Rewards [B, K, 3] (correct, format, total) of the decoded chains [B, K, T, Dz]."""
         B, K = chains.shape[:2]
-        completions = self.decode(records, chains)
+        completions = self.decode(records, chains, charge)
         golds = [r.answer for r in records for _ in range(K)]
         tasks = [r.task for r in records for _ in range(K)]
         scores = score_batch(completions, golds, tasks, **asdict(self.reward))
@@ -318,6 +332,8 @@ class DLRModule(LightningModule):
             return_tensors="pt", padding="longest", padding_side="right", add_special_tokens=False,
         ).to(self.device)
         nll = latent_target_nll(self.main, embeds, emask, targets.input_ids, targets.attention_mask)  # [B*M]
+        self.charge(self.assistant_parameters, B * M * (ids.shape[1] + self.policy.num_steps), "activations")
+        self.charge(self.main_parameters, embeds.shape[0] * (embeds.shape[1] + targets.input_ids.shape[1]), "activations")
         loss = nll.mean()
         logs = {"train/align_nll": nll.detach().mean()}
         if M > 1:
@@ -326,6 +342,7 @@ class DLRModule(LightningModule):
             logs["train/mode_separation"] = separation.detach()
         norm = self._backward_and_step(loss, optimizer)
         self._log_step(logs, norm)
+        self.last_grad_norm = float(norm) if norm is not None else None
         self.log("nll", logs["train/align_nll"], prog_bar=True, logger=False, batch_size=B)
 
     def rl_step(self, records: list[Record], optimizer) -> None:
@@ -336,7 +353,9 @@ class DLRModule(LightningModule):
             self.reference_synced.fill_(True)
         ids, mask = self.encode_questions(records)
         B = ids.shape[0]
+        pass_tokens = ids.shape[1] + self.policy.num_steps  # one assistant pass per chain or mode
         if self.policy.mode == "recurrent":
+            self.charge(self.assistant_parameters, B * s.num_samples * pass_tokens)
             z_all, dist = self.policy.sample_recurrent(ids, mask, s.num_samples)  # [B, G, T, Dz]
             modes = None
         else:
@@ -349,7 +368,7 @@ class DLRModule(LightningModule):
         kept = select_latents(predicted.detach(), s.num_decoded, s.k_explore if use_critic else 0, method)  # [B, K]
         z = gather_samples(z_all, kept)  # [B, K, T, Dz]
 
-        scores = self.decode_and_score(records, z)  # [B, K, 3]
+        scores = self.decode_and_score(records, z, charge=True)  # [B, K, 3]
         rewards = scores[..., 2]
         critic_loss = F.mse_loss(gather_samples(predicted, kept), rewards)
         advantages, zero_spread = group_advantages(rewards, s.scale)  # [B, K], [B]
@@ -360,6 +379,10 @@ class DLRModule(LightningModule):
             if epoch > 0 or self.policy.mode == "recurrent":
                 dist = self.policy(ids, mask, z if self.policy.mode == "recurrent" else None)
             mu, log_sigma, anchors, ref = self._scored_latents(dist, ids, mask, z, kept, modes)
+            rows = B * (s.num_decoded if self.policy.mode == "recurrent" else self.policy.num_modes)
+            self.charge(self.assistant_parameters, rows * pass_tokens, "activations")
+            if ref is not None:
+                self.charge(self.assistant_parameters, rows * pass_tokens)
             loss, terms = latent_rl_loss(mu, log_sigma, z, advantages, anchors, weights, ref, old_logp)
             if epoch == 0:
                 loss = loss + self.settings.critic.weight * critic_loss
@@ -369,6 +392,7 @@ class DLRModule(LightningModule):
                 loss = loss + s.lambda_modes * mode_separation_loss(dist.mu, s.tau)
             norm = self._backward_and_step(loss, optimizer)
         self.rl_batches += 1
+        self.last_reward, self.last_grad_norm = float(rewards.mean()), float(norm) if norm is not None else None
         self.last_rollout = Rollout(records, z_all, predicted.detach(), kept, rewards, log_sigma.detach(), mu.detach())
 
         logs = {

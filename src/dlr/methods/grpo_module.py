@@ -16,6 +16,7 @@ import torch
 from lightning import LightningModule
 from transformers import PreTrainedTokenizerBase
 
+from dlr.callbacks.budget import compute_parameters, forward_flops
 from dlr.callbacks.metrics import log_now
 from dlr.data.schema import Record
 from dlr.methods.losses import (
@@ -103,6 +104,10 @@ class GRPOModule(LightningModule):
         self.policy, self.tokenizer, self.fmt = policy, tokenizer, fmt
         self.settings, self.reward, self.base_sha256 = settings, reward, base_sha256
         self.register_buffer("generated_tokens", torch.zeros((), dtype=torch.long))  # TRL's num_tokens
+        self.register_buffer("flops_spent", torch.zeros((), dtype=torch.float64))  # for the budget meter
+        self.parameter_count = compute_parameters(policy)
+        self.last_reward: float | None = None  # the meter reads these after each batch
+        self.last_grad_norm: float | None = None
         self.register_buffer("eos_ids", torch.tensor(eos_token_ids(policy, tokenizer)), persistent=False)
         self._pending_backwards = 0
 
@@ -122,6 +127,8 @@ class GRPOModule(LightningModule):
             self.policy, self.tokenizer, prompts, s.num_generations, s.max_new_tokens, s.temperature, s.cache
         )
         seconds = time.perf_counter() - start
+        N, Lp, Lc = prompt_ids.shape[0], prompt_ids.shape[1], completion_ids.shape[1]
+        self.flops_spent += forward_flops(self.parameter_count, N * (Lp + Lc))  # prefill + each sampled token
         texts = [
             self.tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
             for ids, mask in zip(completion_ids, completion_mask, strict=True)
@@ -160,6 +167,10 @@ class GRPOModule(LightningModule):
         ref_logp = self._log_probs_no_grad(*args, adapters=False) if s.beta > 0 else None
 
         N, mask = completion_ids.shape[0], completion_mask.float()
+        sequence_tokens = N * (prompt_ids.shape[1] + completion_ids.shape[1])
+        extra_passes = int(old_logp is not None) + int(ref_logp is not None)
+        self.flops_spent += forward_flops(self.parameter_count, sequence_tokens * extra_passes)
+        self.flops_spent += forward_flops(self.parameter_count, sequence_tokens * s.num_iterations, "activations")
         total_tokens = float(mask.sum())
         parts = self._micro_batches(N)
         sums = dict.fromkeys(("entropy", "kl", "clip_low", "clip_high"), 0.0)
@@ -183,6 +194,7 @@ class GRPOModule(LightningModule):
                 sums["clip_high"] += float((high.float() * m).sum())
             norm = self._maybe_step(optimizer)
 
+        self.last_reward, self.last_grad_norm = float(rewards.mean()), float(norm) if norm is not None else None
         lengths = completion_mask.sum(1).float()  # [N]
         self.generated_tokens += int(lengths.sum())
         passes = s.num_iterations * max(total_tokens, 1.0)

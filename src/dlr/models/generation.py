@@ -60,13 +60,16 @@ def latent_main_inputs(
 def greedy_decode_embeds(
     main: torch.nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
     tokenizer: PreTrainedTokenizerBase, max_new_tokens: int,
-) -> list[str]:
-    """One greedy decode of the frozen main model from input embeddings; returns the new text."""
+) -> tuple[list[str], int]:
+    """One greedy decode of the frozen main model from input embeddings.
+
+    Returns the new texts and the number of decode steps run (the same for every row of the batch).
+    """
     out = main.generate(
         inputs_embeds=inputs_embeds, attention_mask=attention_mask, do_sample=False,
         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
     )  # [N, <= max_new_tokens]: with inputs_embeds only the new tokens come back
-    return tokenizer.batch_decode(out, skip_special_tokens=True)
+    return tokenizer.batch_decode(out, skip_special_tokens=True), out.shape[1]
 
 
 def latent_target_nll(

@@ -1,0 +1,176 @@
+"""The compute budget of an RL arm (DESIGN §9): device-seconds, estimated FLOPs, generated tokens and peak
+memory of everything the arm runs after the common start; evaluation is excluded. The arm stops when
+its budget is spent, and is evaluated at fixed fractions of it.
+
+Only the time between `on_train_batch_start` and `on_train_batch_end` is charged, and the meter must
+be the first callback (the orchestrator puts it there): its start hook runs before any other
+callback's and its end hook before diagnostics and evaluations run.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from lightning import Callback
+
+from dlr.callbacks.metrics import log_now
+
+BUDGET_KINDS = ("seconds", "flops")
+
+
+def forward_flops(parameters: int, tokens: int, backward: str = "none") -> float:
+    """2 N FLOPs per token forward; x2 when gradients flow back only through activations (a frozen or
+    adapter-trained model), x3 when they reach all weights."""
+    factor = {"none": 1.0, "activations": 2.0, "weights": 3.0}[backward]
+    return 2.0 * parameters * tokens * factor
+
+
+def compute_parameters(model: torch.nn.Module) -> int:
+    """Parameters that do per-token compute: embeddings excluded, 4-bit packed weights counted unpacked."""
+    embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    total = 0
+    for p in model.parameters():
+        if id(p) in embeddings:
+            continue
+        packed = type(p).__name__ == "Params4bit"  # bitsandbytes stores two 4-bit values per byte
+        total += p.numel() * (2 if packed else 1)
+    return total
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated device memory on CUDA; the process's peak resident set size on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+@dataclass
+class BudgetPoint:
+    """One evaluation on the way: how much was spent, and the scores."""
+
+    fraction: float  # of the budget
+    seconds: float
+    flops: float
+    generated_tokens: int
+    scores: list  # DepthScore list
+
+
+@dataclass
+class BudgetTrace:
+    """Per optimizer-step records, for curves against compute."""
+
+    spent: list[float] = field(default_factory=list)  # budget fraction after the step
+    reward: list[float] = field(default_factory=list)
+    grad_norm: list[float] = field(default_factory=list)
+    diversity: list[float] = field(default_factory=list)  # DLR: mean pairwise cosine distance of the G latents
+
+
+class BudgetMeter(Callback):
+    """Charges each training batch to the budget; evaluates at `eval_fractions`; stops at 100%.
+
+    `pl_module` may expose `flops_spent` and `generated_tokens` (tensors or numbers it accumulates),
+    `last_reward`, `last_grad_norm` and `last_rollout`; the meter reads them after each batch.
+    `evaluate(pl_module)` returns the scores to record (its time is not charged).
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        amount: float,
+        evaluate: Callable | None = None,
+        eval_fractions: tuple[float, ...] = tuple(i / 10 for i in range(1, 11)),
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        if kind not in BUDGET_KINDS:
+            raise ValueError(f"budget.kind must be one of {BUDGET_KINDS}, got {kind!r}")
+        if not amount > 0:
+            raise ValueError(f"budget.amount must be > 0, got {amount}")
+        self.kind, self.amount, self.evaluate = kind, float(amount), evaluate
+        self.eval_fractions = sorted(eval_fractions)
+        self.clock = clock
+        self.seconds, self.points, self.trace = 0.0, [], BudgetTrace()
+        self.peak_memory = 0
+        self._started: float | None = None
+
+    def _now(self, device: torch.device) -> float:
+        if self.clock is not None:
+            return self.clock()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+        return time.process_time()  # CPU: process time, all threads, unaffected by other processes
+
+    @staticmethod
+    def _read(pl_module, name: str) -> float:
+        value = getattr(pl_module, name, 0.0)
+        return float(value) if value is not None else 0.0
+
+    def spent(self, pl_module) -> float:
+        return self.seconds if self.kind == "seconds" else self._read(pl_module, "flops_spent")
+
+    def fraction(self, pl_module) -> float:
+        return self.spent(pl_module) / self.amount
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._started = self._now(pl_module.device)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._started is not None:
+            self.seconds += self._now(pl_module.device) - self._started
+            self._started = None
+        self.peak_memory = max(self.peak_memory, peak_memory_bytes(pl_module.device))
+        fraction = self.fraction(pl_module)
+        self.trace.spent.append(fraction)
+        self.trace.reward.append(self._read(pl_module, "last_reward"))
+        self.trace.grad_norm.append(self._read(pl_module, "last_grad_norm"))
+        rollout = getattr(pl_module, "last_rollout", None)
+        if rollout is not None:
+            from dlr.callbacks.latent_diversity import mean_pairwise_cosine_distance
+
+            self.trace.diversity.append(float(mean_pairwise_cosine_distance(rollout.z)))
+        log_now(trainer, {
+            "budget/seconds": self.seconds, "budget/flops": self._read(pl_module, "flops_spent"),
+            "budget/generated_tokens": self._read(pl_module, "generated_tokens"), "budget/fraction": fraction,
+            "budget/peak_memory_gb": self.peak_memory / 2**30,
+        })
+        while self.eval_fractions and fraction >= self.eval_fractions[0]:
+            self.record(pl_module, self.eval_fractions.pop(0))
+        if fraction >= 1.0:
+            trainer.should_stop = True
+
+    def record(self, pl_module, fraction: float) -> None:
+        """Evaluate now (uncharged) and keep the scores with what has been spent."""
+        scores = self.evaluate(pl_module) if self.evaluate is not None else []
+        self.points.append(BudgetPoint(
+            fraction, self.seconds, self._read(pl_module, "flops_spent"), int(self._read(pl_module, "generated_tokens")),
+            scores,
+        ))
+
+    def state_dict(self) -> dict:
+        """Spent seconds, pending evaluations and records survive a resume."""
+        from dataclasses import asdict
+
+        from dlr.callbacks.evaluation import scores_as_dicts
+
+        points = [{**asdict(p), "scores": scores_as_dicts(p.scores)} for p in self.points]
+        return {"seconds": self.seconds, "eval_fractions": self.eval_fractions, "peak_memory": self.peak_memory,
+                "points": points, "trace": asdict(self.trace)}
+
+    def load_state_dict(self, state: dict) -> None:
+        from dlr.callbacks.evaluation import DepthScore
+
+        self.seconds, self.eval_fractions, self.peak_memory = state["seconds"], state["eval_fractions"], state["peak_memory"]
+        self.points = [BudgetPoint(**{**p, "scores": [DepthScore(**s) for s in p["scores"]]}) for p in state["points"]]
+        self.trace = BudgetTrace(**state["trace"])
+
+    def grad_norm_cv(self) -> float:
+        """Coefficient of variation of the gradient norm over the arm's steps (0 when too few)."""
+        norms = [g for g in self.trace.grad_norm if g > 0]
+        if len(norms) < 2 or statistics.mean(norms) == 0:
+            return 0.0
+        return statistics.stdev(norms) / statistics.mean(norms)
