@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 train: install
-	$(PY) src/train.py experiment=eval_tiny
+	$(PY) src/train.py experiment=dlr_vs_grpo
 
 # pytest exits 5 when it collects no test; that is not a failure of the suite.
 test: install

@@ -6,20 +6,24 @@ from the config, fit, evaluate, write results beside the resolved config.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dlr.callbacks.evaluation import DepthScore, depth_table, evaluate_by_depth, scores_as_dicts
+from dlr.data.schema import Record
 from dlr.data.datamodule import ReasoningDataModule
 from dlr.models import tiny
 from dlr.models.backbones import ModelSpec, PromptFormat, load_assistant, load_main, load_tokenizer, resolve_path
@@ -68,9 +72,10 @@ def instantiate_list(group: DictConfig | None) -> list:
     return [instantiate(entry) for entry in group.values() if entry is not None and "_target_" in entry]
 
 
-def build_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
+def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None, **overrides) -> L.Trainer:
+    """The Trainer of `cfg.trainer` with the configured loggers and callbacks; `extra_callbacks` go first."""
     loggers = instantiate_list(cfg.get("logger"))
-    callbacks = instantiate_list(cfg.get("callbacks"))
+    callbacks = list(extra_callbacks or []) + instantiate_list(cfg.get("callbacks"))
     if not loggers:  # Lightning refuses a learning-rate monitor without a logger
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
@@ -186,65 +191,57 @@ def run_evaluate(cfg: DictConfig, out: Path) -> None:
     write_eval(out, scores, datamodule.skip_counts(), f"Backbone {cfg.backbone.name}")
 
 
-def run_dlr(cfg: DictConfig, out: Path) -> None:
-    """DLR: latent alignment then latent RL against the frozen main model; evaluates the main model
-    alone, the policy after alignment and after RL; fails loudly if the main model's weights changed."""
-    from dlr.callbacks.evaluation import AlignmentEval
+@dataclass
+class Arm:
+    """One RL arm, built from the config, ready to train; the orchestrators run and measure it."""
+
+    name: str
+    module: L.LightningModule
+    datamodule: ReasoningDataModule
+    evaluate: Callable[[Sequence[Record], str], list[DepthScore]]  # the policy, as this arm uses it
+    text_model: tuple  # (model, tokenizer) that reads text for this arm: the held-out NLL is measured on it
+    protected_hash: Callable[[], str]  # weights this arm must never change
+    default_steps: int  # optimizer steps when neither the budget nor trainer.max_steps decides
+
+
+def _settings(cls, cfg: DictConfig):
+    try:
+        return cls.from_dict(OmegaConf.to_container(cfg.method, resolve=True))
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+def setup_dlr(cfg: DictConfig) -> Arm:
+    """Frozen main + LoRA assistant + latent policy, projector and critic."""
     from dlr.methods.dlr_module import DLRModule, DLRSettings
     from dlr.models.backbones import weights_sha256
 
-    try:
-        settings = DLRSettings.from_dict(OmegaConf.to_container(cfg.method, resolve=True))
-    except (TypeError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
+    settings = _settings(DLRSettings, cfg)
     datamodule: ReasoningDataModule = instantiate(cfg.data)
     datamodule.check_source()
-    fmt = prompt_format(cfg)
     device = evaluation_device(cfg.trainer.accelerator)
     main_spec = model_spec(cfg.backbone.main, cfg.paths.root_dir)
     assistant_spec = model_spec(cfg.backbone.assistant, cfg.paths.root_dir)
     main, main_tokenizer = load_main(main_spec, device), load_tokenizer(main_spec.name_or_path)
-    main_hash = weights_sha256(main)
     module = DLRModule(
         main, main_tokenizer, load_assistant(assistant_spec, device), load_tokenizer(assistant_spec.name_or_path),
-        fmt, settings, reward_config(cfg), cfg.backbone.placeholder, main_sha256=main_hash,
+        prompt_format(cfg), settings, reward_config(cfg), cfg.backbone.placeholder, main_sha256=weights_sha256(main),
     )
-    records = datamodule.test_records()
-    scores = evaluate_models(cfg, {"main": (main, main_tokenizer)}, fmt, records)  # the frozen main alone
 
-    # Lightning warns that manual-optimization checkpoints hold the weights after the step; that is
-    # what resuming at that step needs.
-    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-    max_steps = settings.total_steps if cfg.trainer.max_steps in (None, -1) else cfg.trainer.max_steps
-    trainer = build_trainer(cfg, max_steps=max_steps)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-
-    final_hash = weights_sha256(module.main)
-    write_json(out / "main_sha256.json", {"start": main_hash, "end": final_hash, "unchanged": final_hash == main_hash})
-    if final_hash != main_hash:
-        raise SystemExit(
-            f"error: the frozen main model's weights changed during training (SHA-256 {main_hash[:12]}… at start, "
-            f"{final_hash[:12]}… at the end): the no-forgetting guarantee is broken; the run in {out} is not valid"
-        )
-    log.info("main model unchanged: SHA-256 %s", main_hash)
-    if trainer.is_global_zero:
+    def evaluate(records: Sequence[Record], label: str) -> list[DepthScore]:
         module.to(device)
-        aligned = next((c.scores for c in trainer.callbacks if isinstance(c, AlignmentEval) and c.scores), [])
-        final = module.evaluate_latent(records, "dlr/final", cfg.eval.batch_size)
-        write_eval(out, scores + aligned + final, datamodule.skip_counts(),
-                   f"DLR on {cfg.backbone.name}: {trainer.global_step} steps ({settings.alignment.steps} alignment + RL)")
+        return module.evaluate_latent(records, label, cfg.eval.batch_size)
+
+    return Arm("dlr", module, datamodule, evaluate, (main, main_tokenizer), lambda: weights_sha256(module.main),
+               settings.total_steps)
 
 
-def run_grpo(cfg: DictConfig, out: Path) -> None:
-    """Token-space GRPO: LoRA adapters on the 4-bit main model; evaluates the main model before and
-    the policy after; fails loudly if the base weights under the adapters changed."""
+def setup_grpo(cfg: DictConfig) -> Arm:
+    """LoRA adapters on the 4-bit main model."""
     from dlr.methods.grpo_module import GRPOModule, GRPOSettings
     from dlr.models.backbones import add_lora, weights_sha256
 
-    try:
-        settings = GRPOSettings.from_dict(OmegaConf.to_container(cfg.method, resolve=True))
-    except (TypeError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
+    settings = _settings(GRPOSettings, cfg)
     datamodule: ReasoningDataModule = instantiate(cfg.data)
     datamodule.check_source()
     fmt = prompt_format(cfg)
@@ -253,25 +250,187 @@ def run_grpo(cfg: DictConfig, out: Path) -> None:
     tokenizer = load_tokenizer(main_spec.name_or_path)
     policy = add_lora(load_main(main_spec, device), settings.lora)
     base_hash = weights_sha256(policy, exclude="lora_")
-    records = datamodule.test_records()
-    scores = evaluate_models(cfg, {"main": (policy, tokenizer)}, fmt, records)  # zero-initialised adapters: the main model
-
     module = GRPOModule(policy, tokenizer, fmt, settings, reward_config(cfg), base_sha256=base_hash)
+
+    def evaluate(records: Sequence[Record], label: str) -> list[DepthScore]:
+        return evaluate_by_depth(module.policy.to(device), tokenizer, fmt, records, label=label, mode="cot",
+                                 max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                                 reward=reward_config(cfg))
+
+    return Arm("grpo", module, datamodule, evaluate, (policy, tokenizer), lambda: weights_sha256(module.policy, exclude="lora_"),
+               settings.steps)
+
+
+ARMS = {"dlr": setup_dlr, "grpo": setup_grpo}
+
+
+def fit(cfg: DictConfig, arm: Arm, extra_callbacks: list | None = None, budgeted: bool = False) -> L.Trainer:
+    """Train an arm; stops at trainer.max_steps if set, else at the budget (budgeted) or the arm's own steps."""
+    # Lightning warns that manual-optimization checkpoints hold the weights after the step; that is
+    # what resuming at that step needs.
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-    max_steps = settings.steps if cfg.trainer.max_steps in (None, -1) else cfg.trainer.max_steps
-    trainer = build_trainer(cfg, max_steps=max_steps)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if cfg.trainer.max_steps not in (None, -1):
+        max_steps = cfg.trainer.max_steps
+    else:
+        max_steps = -1 if budgeted else arm.default_steps
+    trainer = build_trainer(cfg, max_steps=max_steps, extra_callbacks=extra_callbacks)
+    trainer.fit(arm.module, datamodule=arm.datamodule, ckpt_path=cfg.get("ckpt_path"))
+    return trainer
 
-    final_hash = weights_sha256(module.policy, exclude="lora_")
-    write_json(out / "base_sha256.json", {"start": base_hash, "end": final_hash, "unchanged": final_hash == base_hash})
-    if final_hash != base_hash:
-        raise SystemExit(f"error: the 4-bit base weights under the adapters changed during training; the run in {out} is not valid")
+
+def check_protected(arm: Arm, start_hash: str, out: Path) -> bool:
+    """Compare the weights the arm must not change with their hash at start; fail loudly if they moved."""
+    end_hash = arm.protected_hash()
+    name = "main_sha256.json" if arm.name == "dlr" else "base_sha256.json"
+    write_json(out / name, {"start": start_hash, "end": end_hash, "unchanged": end_hash == start_hash})
+    if end_hash != start_hash:
+        what = "frozen main model's weights" if arm.name == "dlr" else "4-bit base weights under the adapters"
+        raise SystemExit(
+            f"error: the {what} changed during training (SHA-256 {start_hash[:12]}… at start, {end_hash[:12]}… "
+            f"at the end): the no-forgetting guarantee is broken; the run in {out} is not valid"
+        )
+    log.info("%s: protected weights unchanged, SHA-256 %s", arm.name, start_hash)
+    return True
+
+
+def run_dlr(cfg: DictConfig, out: Path) -> None:
+    """DLR: latent alignment then latent RL against the frozen main model; evaluates the main model
+    alone, the policy after alignment and after RL; fails loudly if the main model's weights changed."""
+    from dlr.callbacks.evaluation import AlignmentEval
+
+    arm = setup_dlr(cfg)
+    start_hash = arm.protected_hash()
+    records = arm.datamodule.test_records()
+    scores = evaluate_models(cfg, {"main": arm.text_model}, prompt_format(cfg), records)  # the frozen main alone
+    trainer = fit(cfg, arm)
+    check_protected(arm, start_hash, out)
     if trainer.is_global_zero:
-        scores += evaluate_models(cfg, {"grpo": (module.policy.to(device), tokenizer)}, fmt, records)
-        write_eval(out, scores, datamodule.skip_counts(), f"GRPO on {cfg.backbone.name}: {trainer.global_step} steps")
+        aligned = next((c.scores for c in trainer.callbacks if isinstance(c, AlignmentEval) and c.scores), [])
+        final = arm.evaluate(records, "dlr/final")
+        write_eval(out, scores + aligned + final, arm.datamodule.skip_counts(),
+                   f"DLR on {cfg.backbone.name}: {trainer.global_step} steps ({arm.module.settings.alignment.steps} alignment + RL)")
 
 
-METHODS = {"warmstart": run_warmstart, "evaluate": run_evaluate, "dlr": run_dlr, "grpo": run_grpo}
+def run_grpo(cfg: DictConfig, out: Path) -> None:
+    """Token-space GRPO: LoRA adapters on the 4-bit main model; evaluates the main model before and
+    the policy after; fails loudly if the base weights under the adapters changed."""
+    arm = setup_grpo(cfg)
+    start_hash = arm.protected_hash()
+    records = arm.datamodule.test_records()
+    fmt = prompt_format(cfg)
+    scores = evaluate_models(cfg, {"main": arm.text_model}, fmt, records)  # zero-initialised adapters: the main model
+    trainer = fit(cfg, arm)
+    check_protected(arm, start_hash, out)
+    if trainer.is_global_zero:
+        scores += evaluate_models(cfg, {"grpo": arm.text_model}, fmt, records)
+        write_eval(out, scores, arm.datamodule.skip_counts(), f"GRPO on {cfg.backbone.name}: {trainer.global_step} steps")
+
+
+def arm_config(cfg: DictConfig, arm: str, seed: int, out: Path) -> DictConfig:
+    """The single-arm config of one (arm, seed) run of a comparison, writing under `out/arm/seed_N`."""
+    arm_cfg = copy.deepcopy(cfg)
+    with open_dict(arm_cfg):
+        arm_cfg.method = cfg.method[arm]
+        arm_cfg.seed = seed
+        arm_cfg.paths.output_dir = str(out / arm / f"seed_{seed}")
+        arm_cfg.data.batch_size = cfg.backbone[f"{arm}_scale"].questions_per_batch
+        arm_cfg.ckpt_path = None
+        if arm_cfg.get("logger") and arm_cfg.logger.get("tensorboard"):  # both arms, all seeds side by side
+            arm_cfg.logger.tensorboard.save_dir = str(out / "tensorboard")
+            arm_cfg.logger.tensorboard.version = f"{arm}_seed_{seed}"
+    return arm_cfg
+
+
+def other_task_records(cfg: DictConfig, source: str) -> list[Record]:
+    """The fixed test set of data source `source` with the same depths and sizes: the forgetting check."""
+    other = copy.deepcopy(cfg.data)
+    with open_dict(other):
+        other.source, other.mix_weights = source, None
+    return instantiate(other).test_records()
+
+
+def heldout_nll(model_and_tokenizer: tuple, fmt: PromptFormat, records: Sequence[Record], batch_size: int) -> float:
+    """Mean NLL per token of the gold completions (`<bol> reasoning <eol> #### answer`) of `records`."""
+    from dlr.methods.warmstart_module import encode_sft_batch, sft_completion
+
+    model, tokenizer = model_and_tokenizer
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(records), batch_size):
+            chunk = records[start : start + batch_size]
+            prompts = [fmt.prompt(r.question, tokenizer) for r in chunk]
+            completions = [sft_completion(r, fmt, tokenizer.eos_token or "", with_reasoning=True) for r in chunk]
+            ids, mask, labels = encode_sft_batch(prompts, completions, tokenizer, max_length=4096)
+            count = int((labels[:, 1:] != -100).sum())
+            loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
+            total, tokens = total + float(loss) * count, tokens + count
+    return total / max(tokens, 1)
+
+
+def device_name(accelerator: str) -> str:
+    if evaluation_device(accelerator) == "cuda":
+        return torch.cuda.get_device_name()
+    import platform
+
+    model = platform.processor() or platform.machine()
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU ({model}, {torch.get_num_threads()} threads)"
+
+
+def run_dlr_vs_grpo(cfg: DictConfig, out: Path) -> None:
+    """Both arms x seeds from the same starting backbone, each stopped by the budget meter; then the report."""
+    from dlr.callbacks.budget import BudgetMeter
+    from dlr.report.report import SeedResult, arm_summary, overall_accuracy, write_report
+
+    unknown = [a for a in cfg.method.arms if a not in ARMS]
+    seeds = cfg.method.seeds if cfg.method.seeds is not None else ([0, 1, 2] if evaluation_device(cfg.trainer.accelerator) == "cuda" else [0, 1])
+    if unknown or not cfg.method.arms or not seeds:
+        raise SystemExit(f"error: method.arms must name arms from {sorted(ARMS)} and method.seeds at least one seed")
+    fractions = [round(cfg.method.eval_every * i, 6) for i in range(1, int(round(1 / cfg.method.eval_every)) + 1)]
+    fmt = prompt_format(cfg)
+    results: dict[str, list[SeedResult]] = {}
+    for name in cfg.method.arms:
+        for seed in seeds:
+            arm_cfg = arm_config(cfg, name, seed, out)
+            L.seed_everything(seed, workers=True)
+            arm = ARMS[name](arm_cfg)
+            start_hash = arm.protected_hash()
+            records, others = arm.datamodule.test_records(), other_task_records(arm_cfg, cfg.method.other_task)
+            label = f"{name}/seed_{seed}"
+            other_before, nll_before = overall_accuracy(arm.evaluate(others, label)), heldout_nll(arm.text_model, fmt, others, cfg.eval.batch_size)
+            meter = BudgetMeter(cfg.budget.kind, cfg.budget.amount, lambda module: arm.evaluate(records, label), fractions)
+            meter.record(arm.module, 0.0)
+            log.info("%s seed %d: training until %g %s are spent", name, seed, cfg.budget.amount, cfg.budget.kind)
+            fit(arm_cfg, arm, extra_callbacks=[meter], budgeted=True)
+            unchanged = check_protected(arm, start_hash, Path(arm_cfg.paths.output_dir))
+            final = meter.points[-1].scores if meter.points[-1].fraction >= 1.0 else arm.evaluate(records, label)
+            results.setdefault(name, []).append(SeedResult(
+                seed=seed,
+                curve=[{"budget_fraction": p.fraction, "seconds": p.seconds, "flops": p.flops,
+                        "generated_tokens": p.generated_tokens, "accuracy": overall_accuracy(p.scores)} for p in meter.points],
+                final_scores=final,
+                spent={"seconds": meter.seconds, "flops": float(arm.module.flops_spent),
+                       "generated_tokens": int(arm.module.generated_tokens), "peak_memory_gb": meter.peak_memory / 2**30},
+                other_task_before=other_before, other_task_after=overall_accuracy(arm.evaluate(others, label)),
+                heldout_nll_before=nll_before, heldout_nll_after=heldout_nll(arm.text_model, fmt, others, cfg.eval.batch_size),
+                grad_norm_cv=meter.grad_norm_cv(), protected_unchanged=unchanged, trace=vars(meter.trace),
+            ))
+            del arm
+    summary = {
+        "experiment": cfg.task_name, "device": device_name(cfg.trainer.accelerator),
+        "budget": {"kind": cfg.budget.kind, "amount": float(cfg.budget.amount)},
+        "arms": {name: arm_summary(seeds) for name, seeds in results.items()},
+    }
+    short = write_report(summary, results, out)
+    print("\n".join([*short, f"report: {out / 'report.md'}"]))
+
+
+METHODS = {"warmstart": run_warmstart, "evaluate": run_evaluate, "dlr": run_dlr, "grpo": run_grpo,
+           "dlr_vs_grpo": run_dlr_vs_grpo}
 
 
 def run(cfg: DictConfig) -> None:

@@ -62,12 +62,12 @@ class BudgetPoint:
 
 @dataclass
 class BudgetTrace:
-    """Per optimizer-step records, for curves against compute."""
+    """Per-batch records as [budget fraction after the batch, value] pairs, for curves against compute;
+    a batch that has no such value (DLR's alignment stage has no reward) adds no pair."""
 
-    spent: list[float] = field(default_factory=list)  # budget fraction after the step
-    reward: list[float] = field(default_factory=list)
-    grad_norm: list[float] = field(default_factory=list)
-    diversity: list[float] = field(default_factory=list)  # DLR: mean pairwise cosine distance of the G latents
+    reward: list[list[float]] = field(default_factory=list)
+    grad_norm: list[list[float]] = field(default_factory=list)
+    diversity: list[list[float]] = field(default_factory=list)  # DLR: mean pairwise cosine distance of the G latents
 
 
 class BudgetMeter(Callback):
@@ -125,14 +125,15 @@ class BudgetMeter(Callback):
             self._started = None
         self.peak_memory = max(self.peak_memory, peak_memory_bytes(pl_module.device))
         fraction = self.fraction(pl_module)
-        self.trace.spent.append(fraction)
-        self.trace.reward.append(self._read(pl_module, "last_reward"))
-        self.trace.grad_norm.append(self._read(pl_module, "last_grad_norm"))
+        for key in ("reward", "grad_norm"):
+            value = getattr(pl_module, f"last_{key}", None)
+            if value is not None:
+                getattr(self.trace, key).append([fraction, float(value)])
         rollout = getattr(pl_module, "last_rollout", None)
         if rollout is not None:
             from dlr.callbacks.latent_diversity import mean_pairwise_cosine_distance
 
-            self.trace.diversity.append(float(mean_pairwise_cosine_distance(rollout.z)))
+            self.trace.diversity.append([fraction, float(mean_pairwise_cosine_distance(rollout.z))])
         log_now(trainer, {
             "budget/seconds": self.seconds, "budget/flops": self._read(pl_module, "flops_spent"),
             "budget/generated_tokens": self._read(pl_module, "generated_tokens"), "budget/fraction": fraction,
@@ -170,7 +171,7 @@ class BudgetMeter(Callback):
 
     def grad_norm_cv(self) -> float:
         """Coefficient of variation of the gradient norm over the arm's steps (0 when too few)."""
-        norms = [g for g in self.trace.grad_norm if g > 0]
+        norms = [g for _, g in self.trace.grad_norm if g > 0]
         if len(norms) < 2 or statistics.mean(norms) == 0:
             return 0.0
         return statistics.stdev(norms) / statistics.mean(norms)

@@ -1,0 +1,199 @@
+"""The comparison report (DESIGN §9): `summary.json`, `report.md` and PNG plots from per-seed arm results."""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from dlr.callbacks.evaluation import DepthScore
+
+
+def overall_accuracy(scores: Sequence[DepthScore]) -> float:
+    """Accuracy over all problems (each (task, depth) cell weighted by its count)."""
+    total = sum(s.n for s in scores)
+    return sum(s.accuracy * s.n for s in scores) / total if total else 0.0
+
+
+def accuracy_by_depth(scores: Sequence[DepthScore]) -> dict[int, float]:
+    """Accuracy per depth over all tasks, count-weighted."""
+    depths = sorted({s.depth for s in scores})
+    return {d: overall_accuracy([s for s in scores if s.depth == d]) for d in depths}
+
+
+def bootstrap_ci(values: Sequence[float], level: float = 0.95, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` (seeds). One value gives a zero-width interval."""
+    if not values:
+        raise ValueError("bootstrap_ci needs at least one value")
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(resamples))
+    lo = means[int((1 - level) / 2 * resamples)]
+    hi = means[min(resamples - 1, int((1 + level) / 2 * resamples))]
+    return lo, hi
+
+
+def count_collapses(curve: Sequence[float], drop: float = 0.10) -> int:
+    """Episodes where accuracy falls more than `drop` below its running best (a fall that persists
+    over several evaluations counts once)."""
+    best, collapsed, count = float("-inf"), False, 0
+    for value in curve:
+        best = max(best, value)
+        below = value < best - drop
+        if below and not collapsed:
+            count += 1
+        collapsed = below
+    return count
+
+
+@dataclass
+class SeedResult:
+    """What one arm produced for one seed."""
+
+    seed: int
+    curve: list[dict]  # [{"budget_fraction", "seconds", "flops", "generated_tokens", "accuracy"}]
+    final_scores: list[DepthScore]
+    spent: dict  # {"seconds", "flops", "generated_tokens", "peak_memory_gb"}
+    other_task_before: float
+    other_task_after: float
+    heldout_nll_before: float
+    heldout_nll_after: float
+    grad_norm_cv: float
+    protected_unchanged: bool  # DLR: main weights; GRPO: base weights under the adapters
+    trace: dict = field(default_factory=dict)  # {"reward", "grad_norm", "diversity"}: [budget fraction, value] pairs
+
+
+def arm_summary(results: Sequence[SeedResult]) -> dict:
+    finals = [overall_accuracy(r.final_scores) for r in results]
+    fractions = sorted({round(p["budget_fraction"], 6) for r in results for p in r.curve})
+    curve = []
+    for f in fractions:
+        values = [p["accuracy"] for r in results for p in r.curve if round(p["budget_fraction"], 6) == f]
+        curve.append({"budget_fraction": f, "accuracy_mean": statistics.fmean(values), "ci95": list(bootstrap_ci(values))})
+    depths = sorted({s.depth for r in results for s in r.final_scores})
+    by_depth = {str(d): statistics.fmean(accuracy_by_depth(r.final_scores).get(d, 0.0) for r in results) for d in depths}
+    return {
+        "seeds": [r.seed for r in results],
+        "spent": {
+            "seconds": [r.spent["seconds"] for r in results],
+            "flops": [r.spent["flops"] for r in results],
+            "generated_tokens": [int(r.spent["generated_tokens"]) for r in results],
+            "peak_memory_gb": [r.spent["peak_memory_gb"] for r in results],
+        },
+        "final_accuracy": {"mean": statistics.fmean(finals), "ci95": list(bootstrap_ci(finals)), "per_seed": finals},
+        "accuracy_by_depth": by_depth,
+        "curve": curve,
+        "forgetting": {
+            "other_task_accuracy_before": statistics.fmean(r.other_task_before for r in results),
+            "other_task_accuracy_after": statistics.fmean(r.other_task_after for r in results),
+            "heldout_nll_before": statistics.fmean(r.heldout_nll_before for r in results),
+            "heldout_nll_after": statistics.fmean(r.heldout_nll_after for r in results),
+        },
+        "stability": {
+            "final_accuracy_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+            "collapses": sum(count_collapses([p["accuracy"] for p in r.curve]) for r in results),
+            "grad_norm_cv": statistics.fmean(r.grad_norm_cv for r in results),
+        },
+        "main_weights_unchanged": all(r.protected_unchanged for r in results),
+    }
+
+
+def plot(summary: dict, results: dict[str, Sequence[SeedResult]], out: Path) -> list[str]:
+    """accuracy_vs_budget.png, accuracy_by_depth.png, reward_curves.png and diversity.png; returns their names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        names.append(name)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm, s in summary["arms"].items():
+        x = [p["budget_fraction"] for p in s["curve"]]
+        ax.plot(x, [p["accuracy_mean"] for p in s["curve"]], marker="o", label=arm)
+        ax.fill_between(x, [p["ci95"][0] for p in s["curve"]], [p["ci95"][1] for p in s["curve"]], alpha=0.2)
+    ax.set(xlabel="fraction of the budget", ylabel="test accuracy", title="Accuracy vs budget (mean, 95% CI over seeds)")
+    ax.legend()
+    save(fig, "accuracy_vs_budget.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    arms = list(summary["arms"])
+    for i, arm in enumerate(arms):
+        depths = sorted(summary["arms"][arm]["accuracy_by_depth"], key=int)
+        ax.bar([int(d) + (i - (len(arms) - 1) / 2) * 0.8 / len(arms) for d in depths],
+               [summary["arms"][arm]["accuracy_by_depth"][d] for d in depths], width=0.8 / len(arms), label=arm)
+    ax.set(xlabel="depth (reasoning steps)", ylabel="final test accuracy", title="Accuracy by depth")
+    ax.legend()
+    save(fig, "accuracy_by_depth.png")
+
+    for key, name, label in (("reward", "reward_curves.png", "training reward"),
+                             ("diversity", "diversity.png", "mean pairwise cosine distance of the G latents")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for arm, seeds in results.items():
+            for r in seeds:
+                pairs = r.trace.get(key, [])
+                if pairs:
+                    ax.plot([f for f, _ in pairs], [v for _, v in pairs], alpha=0.7, label=f"{arm} seed {r.seed}")
+        ax.set(xlabel="fraction of the budget", ylabel=label)
+        if ax.lines:
+            ax.legend()
+        save(fig, name)
+    return names
+
+
+def percent(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def write_report(summary: dict, results: dict[str, Sequence[SeedResult]], out: Path) -> list[str]:
+    """Write summary.json, the plots and report.md into `out`; return a short summary (5 lines)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    images = plot(summary, results, out)
+    budget = summary["budget"]
+    lines = [
+        f"# {summary['experiment']}", "",
+        f"Device: {summary['device']}. Budget per arm and seed: {budget['amount']:g} {budget['kind']}"
+        " (training only; evaluation is not charged).", "",
+        "| arm | final accuracy (mean) | 95% CI over seeds | per seed | seconds | TFLOPs | generated tokens | weights kept |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, s in summary["arms"].items():
+        fa = s["final_accuracy"]
+        lines.append(
+            f"| {arm} | {percent(fa['mean'])} | {percent(fa['ci95'][0])}–{percent(fa['ci95'][1])} | "
+            f"{', '.join(percent(v) for v in fa['per_seed'])} | {statistics.fmean(s['spent']['seconds']):.0f} | "
+            f"{statistics.fmean(s['spent']['flops']) / 1e12:.2f} | {statistics.fmean(s['spent']['generated_tokens']):.0f} | "
+            f"{'yes' if s['main_weights_unchanged'] else 'NO'} |"
+        )
+    depths = sorted({d for s in summary["arms"].values() for d in s["accuracy_by_depth"]}, key=int)
+    lines += ["", "## Accuracy by depth (final, mean over seeds)", "",
+              "| depth | " + " | ".join(summary["arms"]) + " |", "|---|" + "---|" * len(summary["arms"])]
+    for d in depths:
+        lines.append(f"| {d} | " + " | ".join(percent(s["accuracy_by_depth"].get(d, 0.0)) for s in summary["arms"].values()) + " |")
+    lines += ["", "## Forgetting and stability", "",
+              "| arm | other task before | other task after | held-out NLL before | after | final-accuracy std | collapses | grad-norm CV |",
+              "|---|---|---|---|---|---|---|---|"]
+    for arm, s in summary["arms"].items():
+        f, st = s["forgetting"], s["stability"]
+        lines.append(
+            f"| {arm} | {percent(f['other_task_accuracy_before'])} | {percent(f['other_task_accuracy_after'])} | "
+            f"{f['heldout_nll_before']:.3f} | {f['heldout_nll_after']:.3f} | {percent(st['final_accuracy_std'])} | "
+            f"{st['collapses']} | {st['grad_norm_cv']:.2f} |"
+        )
+    lines += ["", *[f"![{name}]({name})" for name in images], ""]
+    (out / "report.md").write_text("\n".join(lines))
+    short = [f"{summary['experiment']} on {summary['device']}, {budget['amount']:g} {budget['kind']} per arm and seed:"]
+    for arm, s in summary["arms"].items():
+        fa = s["final_accuracy"]
+        short.append(f"  {arm}: {percent(fa['mean'])} [{percent(fa['ci95'][0])}, {percent(fa['ci95'][1])}] over seeds "
+                     f"{s['seeds']}, {statistics.fmean(s['spent']['flops']) / 1e12:.2f} TFLOPs")
+    return short

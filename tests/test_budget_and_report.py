@@ -1,0 +1,136 @@
+"""The budget meter, the report's statistics, and the shortened main job end to end."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import run_train
+from dlr.callbacks.budget import BudgetMeter, compute_parameters, forward_flops
+from dlr.callbacks.evaluation import DepthScore
+from dlr.report.report import bootstrap_ci, count_collapses, overall_accuracy
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def drive(meter: BudgetMeter, module, clock: FakeClock, step_seconds: float, step_flops: float, max_batches: int = 100) -> int:
+    """Run fake batches through the meter's hooks until it stops training; returns the batches run."""
+    trainer = SimpleNamespace(is_global_zero=True, loggers=[], global_step=0, should_stop=False)
+    for batch in range(1, max_batches + 1):
+        meter.on_train_batch_start(trainer, module, None, batch)
+        clock.now += step_seconds
+        module.flops_spent += step_flops
+        meter.on_train_batch_end(trainer, module, None, None, batch)
+        trainer.global_step += 1
+        if trainer.should_stop:
+            return batch
+    return max_batches
+
+
+def fake_module() -> SimpleNamespace:
+    return SimpleNamespace(device=torch.device("cpu"), flops_spent=0.0, generated_tokens=0, last_reward=0.5, last_grad_norm=1.0)
+
+
+def test_meter_stops_at_the_seconds_budget_and_does_not_charge_evaluation():
+    clock = FakeClock()
+    evaluations = []
+
+    def evaluate(module):  # evaluation takes 5 fake seconds that must not be charged
+        evaluations.append(clock.now)
+        clock.now += 5.0
+        return [DepthScore("m", "math", 1, 10, 0.5, 1.0)]
+
+    meter = BudgetMeter("seconds", 2.0, evaluate, eval_fractions=(0.5, 1.0), clock=clock)
+    batches = drive(meter, fake_module(), clock, step_seconds=0.3, step_flops=10.0)
+    assert batches == 7  # 7 x 0.3 = 2.1 >= 2.0 > 6 x 0.3
+    assert meter.seconds == pytest.approx(2.1)  # the 10 s of evaluation are not in it
+    assert [p.fraction for p in meter.points] == [0.5, 1.0]
+    assert [p.seconds for p in meter.points] == pytest.approx([1.2, 2.1])  # after batch 4 (1.2 >= 1.0) and 7
+    assert len(evaluations) == 2 and meter.trace.reward[-1] == pytest.approx([1.05, 0.5])
+
+
+def test_meter_stops_at_the_flops_budget():
+    clock = FakeClock()
+    module = fake_module()
+    meter = BudgetMeter("flops", 1000.0, None, eval_fractions=(0.25, 0.5, 0.75, 1.0), clock=clock)
+    assert drive(meter, module, clock, step_seconds=0.1, step_flops=300.0) == 4  # 1200 >= 1000 > 900
+    assert [p.flops for p in meter.points] == [300.0, 600.0, 900.0, 1200.0]
+    state = meter.state_dict()
+    resumed = BudgetMeter("flops", 1000.0, None, clock=clock)
+    resumed.load_state_dict(state)
+    assert resumed.seconds == pytest.approx(meter.seconds) and len(resumed.points) == 4 and resumed.eval_fractions == []
+
+
+def test_bad_budget_fails_with_the_key_named():
+    with pytest.raises(ValueError, match="budget.kind"):
+        BudgetMeter("joules", 1.0)
+    with pytest.raises(ValueError, match="budget.amount"):
+        BudgetMeter("seconds", 0.0)
+
+
+def test_flops_and_parameter_counts():
+    assert forward_flops(1000, 10) == 20_000
+    assert forward_flops(1000, 10, "activations") == 40_000 and forward_flops(1000, 10, "weights") == 60_000
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 4))
+    assert compute_parameters(model) == 8 * 4 + 4  # the embedding does no per-token matmul
+
+
+def test_bootstrap_interval_of_hand_made_seeds():
+    assert bootstrap_ci([0.4]) == (0.4, 0.4)
+    lo, hi = bootstrap_ci([0.2, 0.4, 0.6, 0.8])
+    assert 0.2 <= lo < 0.5 < hi <= 0.8
+    # Two seeds: the resampled mean is 0.2, 0.5 or 0.8 with probability 1/4, 1/2, 1/4.
+    assert bootstrap_ci([0.2, 0.8]) == (0.2, 0.8)
+
+
+def test_collapses_count_falls_below_the_running_best():
+    assert count_collapses([0.1, 0.3, 0.5, 0.6]) == 0
+    assert count_collapses([0.5, 0.45, 0.38, 0.36, 0.5, 0.2]) == 2  # 0.38 starts one, 0.2 another
+    assert count_collapses([0.5, 0.41]) == 0  # exactly 9 points down is not a collapse
+
+
+def test_overall_accuracy_weights_cells_by_count():
+    scores = [DepthScore("m", "math", 1, 30, 1.0, 1.0), DepthScore("m", "math", 2, 10, 0.0, 1.0)]
+    assert overall_accuracy(scores) == pytest.approx(0.75)
+
+
+def test_shortened_main_job_writes_a_valid_summary_and_every_plot(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_train([
+        "experiment=dlr_vs_grpo", "budget.amount=3", "data.test_per_depth=1", "data.eval_depths=[1,3]",
+        "method.seeds=[0,1]", "method.eval_every=0.5", "method.dlr.alignment.steps=2", "method.grpo.max_new_tokens=24",
+        "eval.max_new_tokens=24", "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}",
+    ], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["experiment"] == "dlr_vs_grpo" and isinstance(summary["device"], str)
+    assert summary["budget"] == {"kind": "seconds", "amount": 3.0}
+    assert set(summary["arms"]) == {"dlr", "grpo"}
+    for arm in summary["arms"].values():
+        assert arm["seeds"] == [0, 1]
+        assert all(len(arm["spent"][k]) == 2 for k in ("seconds", "flops", "generated_tokens"))
+        assert all(s >= 3.0 for s in arm["spent"]["seconds"])  # each arm ran until its budget was spent
+        final = arm["final_accuracy"]
+        assert len(final["per_seed"]) == 2 and final["ci95"][0] <= final["mean"] <= final["ci95"][1]
+        assert set(arm["accuracy_by_depth"]) == {"1", "2", "3"}
+        assert [p["budget_fraction"] for p in arm["curve"]] == [0.0, 0.5, 1.0]
+        assert set(arm["forgetting"]) == {"other_task_accuracy_before", "other_task_accuracy_after",
+                                          "heldout_nll_before", "heldout_nll_after"}
+        assert set(arm["stability"]) == {"final_accuracy_std", "collapses", "grad_norm_cv"}
+        assert arm["main_weights_unchanged"] is True
+    dlr = summary["arms"]["dlr"]["forgetting"]
+    assert dlr["heldout_nll_before"] == dlr["heldout_nll_after"]  # the frozen main model cannot forget
+    for image in ("accuracy_vs_budget.png", "accuracy_by_depth.png", "reward_curves.png", "diversity.png"):
+        assert (run_dir / image).stat().st_size > 1000
+        assert f"({image})" in (run_dir / "report.md").read_text()
+    assert "report:" in result.stdout
+    assert {p.name for p in (run_dir / "tensorboard").iterdir()} == {"dlr_seed_0", "dlr_seed_1", "grpo_seed_0", "grpo_seed_1"}
