@@ -134,3 +134,25 @@ def test_shortened_main_job_writes_a_valid_summary_and_every_plot(tmp_path):
         assert f"({image})" in (run_dir / "report.md").read_text()
     assert "report:" in result.stdout
     assert {p.name for p in (run_dir / "tensorboard").iterdir()} == {"dlr_seed_0", "dlr_seed_1", "grpo_seed_0", "grpo_seed_1"}
+
+
+def test_ablation_variants_merge_their_overrides_into_full_dlr(tmp_path):
+    from omegaconf import OmegaConf
+
+    from conftest import compose_config
+    from dlr.experiment import arm_config
+    from dlr.methods.dlr_module import DLRSettings
+
+    cfg = compose_config(["experiment=dlr_ablations", f"paths.output_dir={tmp_path}"])
+    settings = {
+        name: DLRSettings.from_dict(OmegaConf.to_container(arm_config(cfg, name, 0, tmp_path).method, resolve=True))
+        for name in cfg.method.arms if name != "grpo"
+    }
+    full = settings["dlr"]
+    assert settings["dlr_no_contrastive"].rl.lambda_con == 0 and full.rl.lambda_con > 0
+    assert settings["dlr_random_filter"].rl.filter == "random"
+    assert settings["dlr_no_filter"].rl.filter == "none" and settings["dlr_no_filter"].rl.num_decoded == full.rl.num_samples
+    assert settings["dlr_no_kl"].rl.beta == 0 and full.rl.beta > 0
+    assert settings["dlr_4_modes"].latent.num_modes == 4
+    for name, variant in settings.items():  # everything else is full DLR's
+        assert variant.alignment == full.alignment and variant.critic == full.critic, name

@@ -225,3 +225,21 @@ def test_real_scale_backbone_config_gives_the_reported_dlr_sizes():
     assert cfg.backbone.main.quantization == "nf4" and cfg.backbone.prompt.use_chat_template
     grpo = compose_config(["experiment=grpo", "backbone=qwen2.5-0.5b+1.5b", "data=gsm8k"])
     assert GRPOSettings.from_dict(OmegaConf.to_container(grpo.method, resolve=True)).max_new_tokens == 256
+
+
+@pytest.mark.parametrize(("backbone", "main_billions"), [("qwen2.5-0.5b+1.5b", 1.54), ("qwen2.5-0.5b+7b", 7.62)])
+def test_real_backbone_shapes_build_the_models_they_name(backbone, main_billions):
+    """Built from the configs' shapes with no weights (meta device): the parameter counts of the hub models."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from conftest import compose_config
+    from dlr.models.projector import LatentProjector
+
+    cfg = compose_config(["experiment=dlr_vs_grpo_gsm8k", f"backbone={backbone}"])
+    with torch.device("meta"):
+        main = Qwen2ForCausalLM(Qwen2Config(**cfg.backbone.shapes.main))
+        assistant = Qwen2ForCausalLM(Qwen2Config(**cfg.backbone.shapes.assistant))
+        projector = LatentProjector(cfg.backbone.dlr_scale.latent_dim, main.config.hidden_size, target_norm=1.0)
+    assert main.num_parameters() / 1e9 == pytest.approx(main_billions, rel=0.02)
+    assert assistant.num_parameters() / 1e9 == pytest.approx(0.494, rel=0.02)
+    assert projector.net[0].in_features == 512 and projector.net[-1].out_features == main.config.hidden_size

@@ -326,26 +326,40 @@ def run_grpo(cfg: DictConfig, out: Path) -> None:
         write_eval(out, scores, arm.datamodule.skip_counts(), f"GRPO on {cfg.backbone.name}: {trainer.global_step} steps")
 
 
-def arm_config(cfg: DictConfig, arm: str, seed: int, out: Path) -> DictConfig:
-    """The single-arm config of one (arm, seed) run of a comparison, writing under `out/arm/seed_N`."""
+def arm_kind(cfg: DictConfig, name: str) -> str:
+    """`dlr` or `grpo` for an arm name: itself, or the base arm of a variant in `method.variants`."""
+    variants = cfg.method.get("variants") or {}
+    kind = variants[name].arm if name in variants else name
+    if kind not in ARMS:
+        raise SystemExit(f"error: arm {name!r} is neither one of {sorted(ARMS)} nor a variant in method.variants")
+    return kind
+
+
+def arm_config(cfg: DictConfig, name: str, seed: int, out: Path) -> DictConfig:
+    """The single-arm config of one (arm, seed) run of a comparison, writing under `out/name/seed_N`.
+    A variant's `overrides` are merged into its base arm's settings."""
+    kind = arm_kind(cfg, name)
+    variants = cfg.method.get("variants") or {}
     arm_cfg = copy.deepcopy(cfg)
     with open_dict(arm_cfg):
-        arm_cfg.method = cfg.method[arm]
+        arm_cfg.method = cfg.method[kind]
+        if name in variants:
+            arm_cfg.method = OmegaConf.merge(arm_cfg.method, variants[name].get("overrides") or {})
         arm_cfg.seed = seed
-        arm_cfg.paths.output_dir = str(out / arm / f"seed_{seed}")
-        arm_cfg.data.batch_size = cfg.backbone[f"{arm}_scale"].questions_per_batch
+        arm_cfg.paths.output_dir = str(out / name / f"seed_{seed}")
+        arm_cfg.data.batch_size = cfg.backbone[f"{kind}_scale"].questions_per_batch
         arm_cfg.ckpt_path = None
-        if arm_cfg.get("logger") and arm_cfg.logger.get("tensorboard"):  # both arms, all seeds side by side
+        if arm_cfg.get("logger") and arm_cfg.logger.get("tensorboard"):  # all arms, all seeds side by side
             arm_cfg.logger.tensorboard.save_dir = str(out / "tensorboard")
-            arm_cfg.logger.tensorboard.version = f"{arm}_seed_{seed}"
+            arm_cfg.logger.tensorboard.version = f"{name}_seed_{seed}"
     return arm_cfg
 
 
 def other_task_records(cfg: DictConfig, source: str) -> list[Record]:
     """The fixed test set of data source `source` with the same depths and sizes: the forgetting check."""
     other = copy.deepcopy(cfg.data)
-    with open_dict(other):
-        other.source, other.mix_weights = source, None
+    with open_dict(other):  # that source's own splits and no local file
+        other.source, other.mix_weights, other.train_split, other.test_split, other.local_path = source, None, None, None, None
     return instantiate(other).test_records()
 
 
@@ -386,10 +400,10 @@ def run_dlr_vs_grpo(cfg: DictConfig, out: Path) -> None:
     from dlr.callbacks.budget import BudgetMeter
     from dlr.report.report import SeedResult, arm_summary, overall_accuracy, write_report
 
-    unknown = [a for a in cfg.method.arms if a not in ARMS]
     seeds = cfg.method.seeds if cfg.method.seeds is not None else ([0, 1, 2] if evaluation_device(cfg.trainer.accelerator) == "cuda" else [0, 1])
-    if unknown or not cfg.method.arms or not seeds:
-        raise SystemExit(f"error: method.arms must name arms from {sorted(ARMS)} and method.seeds at least one seed")
+    if not cfg.method.arms or not seeds:
+        raise SystemExit("error: method.arms and method.seeds must each name at least one")
+    kinds = {name: arm_kind(cfg, name) for name in cfg.method.arms}  # fails now on an unknown arm
     fractions = [round(cfg.method.eval_every * i, 6) for i in range(1, int(round(1 / cfg.method.eval_every)) + 1)]
     fmt = prompt_format(cfg)
     results: dict[str, list[SeedResult]] = {}
@@ -397,7 +411,7 @@ def run_dlr_vs_grpo(cfg: DictConfig, out: Path) -> None:
         for seed in seeds:
             arm_cfg = arm_config(cfg, name, seed, out)
             L.seed_everything(seed, workers=True)
-            arm = ARMS[name](arm_cfg)
+            arm = ARMS[kinds[name]](arm_cfg)
             start_hash = arm.protected_hash()
             records, others = arm.datamodule.test_records(), other_task_records(arm_cfg, cfg.method.other_task)
             label = f"{name}/seed_{seed}"

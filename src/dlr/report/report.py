@@ -156,6 +156,8 @@ def percent(x: float) -> str:
 def write_report(summary: dict, results: dict[str, Sequence[SeedResult]], out: Path) -> list[str]:
     """Write summary.json, the plots and report.md into `out`; return a short summary (5 lines)."""
     out.mkdir(parents=True, exist_ok=True)
+    ranked = sorted(summary["arms"], key=lambda arm: -summary["arms"][arm]["final_accuracy"]["mean"])
+    summary = {**summary, "ranking": ranked}  # arms by mean final accuracy, best first
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     images = plot(summary, results, out)
     budget = summary["budget"]
@@ -163,13 +165,14 @@ def write_report(summary: dict, results: dict[str, Sequence[SeedResult]], out: P
         f"# {summary['experiment']}", "",
         f"Device: {summary['device']}. Budget per arm and seed: {budget['amount']:g} {budget['kind']}"
         " (training only; evaluation is not charged).", "",
-        "| arm | final accuracy (mean) | 95% CI over seeds | per seed | seconds | TFLOPs | generated tokens | weights kept |",
-        "|---|---|---|---|---|---|---|---|",
+        "| rank | arm | final accuracy (mean) | 95% CI over seeds | per seed | seconds | TFLOPs | generated tokens | weights kept |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for arm, s in summary["arms"].items():
+    for rank, arm in enumerate(ranked, 1):
+        s = summary["arms"][arm]
         fa = s["final_accuracy"]
         lines.append(
-            f"| {arm} | {percent(fa['mean'])} | {percent(fa['ci95'][0])}–{percent(fa['ci95'][1])} | "
+            f"| {rank} | {arm} | {percent(fa['mean'])} | {percent(fa['ci95'][0])}–{percent(fa['ci95'][1])} | "
             f"{', '.join(percent(v) for v in fa['per_seed'])} | {statistics.fmean(s['spent']['seconds']):.0f} | "
             f"{statistics.fmean(s['spent']['flops']) / 1e12:.2f} | {statistics.fmean(s['spent']['generated_tokens']):.0f} | "
             f"{'yes' if s['main_weights_unchanged'] else 'NO'} |"
