@@ -156,3 +156,29 @@ def test_ablation_variants_merge_their_overrides_into_full_dlr(tmp_path):
     assert settings["dlr_4_modes"].latent.num_modes == 4
     for name, variant in settings.items():  # everything else is full DLR's
         assert variant.alignment == full.alignment and variant.critic == full.critic, name
+
+
+def test_report_of_a_continual_run_shows_retention_and_missing_forgetting_as_dashes(tmp_path):
+    from dlr.report.report import SeedResult, arm_summary, write_report
+
+    def seed_result(seed: int, math_after_logic: float) -> SeedResult:
+        score = DepthScore("m", "logic", 1, 10, 0.6, 1.0)
+        return SeedResult(
+            seed=seed, curve=[{"budget_fraction": 0.0, "accuracy": 0.5}, {"budget_fraction": 1.0, "accuracy": 0.6}],
+            final_scores=[score], spent={"seconds": 1.0, "flops": 2e12, "generated_tokens": 5, "peak_memory_gb": 1.0},
+            other_task_before=None, other_task_after=None, heldout_nll_before=None, heldout_nll_after=None,
+            grad_norm_cv=0.1, protected_unchanged=True, trace={"reward": [[0.5, 1.0]], "grad_norm": [], "diversity": []},
+            retention={"synthetic_math": {"synthetic_math": 0.9},
+                       "synthetic_logic": {"synthetic_math": math_after_logic, "synthetic_logic": 0.6}},
+        )
+
+    results = {"grpo": [seed_result(0, 0.7), seed_result(1, 0.5)]}
+    summary = {"experiment": "continual_math_logic", "device": "CPU", "budget": {"kind": "seconds", "amount": 1.0},
+               "arms": {"grpo": arm_summary(results["grpo"])}}
+    short = write_report(summary, results, tmp_path)
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["arms"]["grpo"]["continual"]["synthetic_logic"]["synthetic_math"] == pytest.approx(0.6)
+    assert saved["arms"]["grpo"]["forgetting"]["heldout_nll_before"] is None and saved["ranking"] == ["grpo"]
+    report = (tmp_path / "report.md").read_text()
+    assert "| grpo | synthetic_logic | 60.0% | 60.0% |" in report and "| grpo | – | – | – | – |" in report
+    assert len(short) == 2 and "60.0%" in short[1]

@@ -395,49 +395,83 @@ def device_name(accelerator: str) -> str:
     return f"CPU ({model}, {torch.get_num_threads()} threads)"
 
 
-def run_dlr_vs_grpo(cfg: DictConfig, out: Path) -> None:
-    """Both arms x seeds from the same starting backbone, each stopped by the budget meter; then the report."""
+def phase_datamodule(cfg: DictConfig, source: str) -> ReasoningDataModule:
+    """The configured data settings with another source (its own splits, no local file)."""
+    data = copy.deepcopy(cfg.data)
+    with open_dict(data):
+        data.source, data.mix_weights, data.train_split, data.test_split, data.local_path = source, None, None, None, None
+    datamodule = instantiate(data)
+    datamodule.check_source()
+    return datamodule
+
+
+def train_arm_seed(cfg: DictConfig, name: str, kind: str, seed: int, out: Path, fractions: list[float]):
+    """One (arm, seed) of a comparison: train each phase until its budget is spent, evaluating on the way."""
     from dlr.callbacks.budget import BudgetMeter
-    from dlr.report.report import SeedResult, arm_summary, overall_accuracy, write_report
+    from dlr.report.report import SeedResult, overall_accuracy
+
+    arm_cfg = arm_config(cfg, name, seed, out)
+    L.seed_everything(seed, workers=True)
+    arm = ARMS[kind](arm_cfg)
+    fmt = prompt_format(cfg)
+    start_hash = arm.protected_hash()
+    label = f"{name}/seed_{seed}"
+    others = other_task_records(arm_cfg, cfg.method.other_task) if cfg.method.other_task else []
+    other_before = overall_accuracy(arm.evaluate(others, label)) if others else None
+    nll_before = heldout_nll(arm.text_model, fmt, others, cfg.eval.batch_size) if others else None
+    phases = list(cfg.method.get("phases") or [])  # data sources trained one after the other
+    retention: dict[str, dict[str, float]] = {}  # after phase -> {task source: accuracy}
+    meters = []
+    for source in phases or [None]:
+        if source is not None:
+            arm.datamodule = phase_datamodule(arm_cfg, source)
+        records = arm.datamodule.test_records()
+        meter = BudgetMeter(cfg.budget.kind, cfg.budget.amount, lambda module, r=records: arm.evaluate(r, label), fractions)
+        meter.record(arm.module, 0.0)
+        log.info("%s seed %d%s: training until %g %s are spent", name, seed, f" on {source}" if source else "",
+                 cfg.budget.amount, cfg.budget.kind)
+        fit(arm_cfg, arm, extra_callbacks=[meter], budgeted=True)
+        meters.append(meter)
+        if source is not None:  # every phase's task so far, after this phase
+            retention[source] = {
+                task: overall_accuracy(arm.evaluate(phase_datamodule(arm_cfg, task).test_records(), label))
+                for task in phases[: phases.index(source) + 1]
+            }
+    unchanged = check_protected(arm, start_hash, Path(arm_cfg.paths.output_dir))
+    meter = meters[-1]  # curves and final scores: the last phase's
+    final = meter.points[-1].scores if meter.points[-1].fraction >= 1.0 else arm.evaluate(records, label)
+    return SeedResult(
+        seed=seed,
+        curve=[{"budget_fraction": p.fraction, "seconds": p.seconds, "flops": p.flops,
+                "generated_tokens": p.generated_tokens, "accuracy": overall_accuracy(p.scores)} for p in meter.points],
+        final_scores=final,
+        spent={"seconds": sum(m.seconds for m in meters), "flops": float(arm.module.flops_spent),
+               "generated_tokens": int(arm.module.generated_tokens),
+               "peak_memory_gb": max(m.peak_memory for m in meters) / 2**30},
+        other_task_before=other_before,
+        other_task_after=overall_accuracy(arm.evaluate(others, label)) if others else None,
+        heldout_nll_before=nll_before,
+        heldout_nll_after=heldout_nll(arm.text_model, fmt, others, cfg.eval.batch_size) if others else None,
+        grad_norm_cv=meter.grad_norm_cv(), protected_unchanged=unchanged, trace=vars(meter.trace), retention=retention,
+    )
+
+
+def run_dlr_vs_grpo(cfg: DictConfig, out: Path) -> None:
+    """Every arm x seed from the same starting backbone, each stopped by the budget meter; then the report."""
+    from dlr.report.report import arm_summary, write_report
 
     seeds = cfg.method.seeds if cfg.method.seeds is not None else ([0, 1, 2] if evaluation_device(cfg.trainer.accelerator) == "cuda" else [0, 1])
     if not cfg.method.arms or not seeds:
         raise SystemExit("error: method.arms and method.seeds must each name at least one")
+    if not 0 < cfg.method.eval_every <= 1:
+        raise SystemExit(f"error: method.eval_every must be in (0, 1], got {cfg.method.eval_every}")
     kinds = {name: arm_kind(cfg, name) for name in cfg.method.arms}  # fails now on an unknown arm
     fractions = [round(cfg.method.eval_every * i, 6) for i in range(1, int(round(1 / cfg.method.eval_every)) + 1)]
-    fmt = prompt_format(cfg)
-    results: dict[str, list[SeedResult]] = {}
-    for name in cfg.method.arms:
-        for seed in seeds:
-            arm_cfg = arm_config(cfg, name, seed, out)
-            L.seed_everything(seed, workers=True)
-            arm = ARMS[kinds[name]](arm_cfg)
-            start_hash = arm.protected_hash()
-            records, others = arm.datamodule.test_records(), other_task_records(arm_cfg, cfg.method.other_task)
-            label = f"{name}/seed_{seed}"
-            other_before, nll_before = overall_accuracy(arm.evaluate(others, label)), heldout_nll(arm.text_model, fmt, others, cfg.eval.batch_size)
-            meter = BudgetMeter(cfg.budget.kind, cfg.budget.amount, lambda module: arm.evaluate(records, label), fractions)
-            meter.record(arm.module, 0.0)
-            log.info("%s seed %d: training until %g %s are spent", name, seed, cfg.budget.amount, cfg.budget.kind)
-            fit(arm_cfg, arm, extra_callbacks=[meter], budgeted=True)
-            unchanged = check_protected(arm, start_hash, Path(arm_cfg.paths.output_dir))
-            final = meter.points[-1].scores if meter.points[-1].fraction >= 1.0 else arm.evaluate(records, label)
-            results.setdefault(name, []).append(SeedResult(
-                seed=seed,
-                curve=[{"budget_fraction": p.fraction, "seconds": p.seconds, "flops": p.flops,
-                        "generated_tokens": p.generated_tokens, "accuracy": overall_accuracy(p.scores)} for p in meter.points],
-                final_scores=final,
-                spent={"seconds": meter.seconds, "flops": float(arm.module.flops_spent),
-                       "generated_tokens": int(arm.module.generated_tokens), "peak_memory_gb": meter.peak_memory / 2**30},
-                other_task_before=other_before, other_task_after=overall_accuracy(arm.evaluate(others, label)),
-                heldout_nll_before=nll_before, heldout_nll_after=heldout_nll(arm.text_model, fmt, others, cfg.eval.batch_size),
-                grad_norm_cv=meter.grad_norm_cv(), protected_unchanged=unchanged, trace=vars(meter.trace),
-            ))
-            del arm
+    results = {name: [train_arm_seed(cfg, name, kinds[name], seed, out, fractions) for seed in seeds] for name in cfg.method.arms}
     summary = {
         "experiment": cfg.task_name, "device": device_name(cfg.trainer.accelerator),
         "budget": {"kind": cfg.budget.kind, "amount": float(cfg.budget.amount)},
-        "arms": {name: arm_summary(seeds) for name, seeds in results.items()},
+        "arms": {name: arm_summary(seed_results) for name, seed_results in results.items()},
     }
     short = write_report(summary, results, out)
     print("\n".join([*short, f"report: {out / 'report.md'}"]))

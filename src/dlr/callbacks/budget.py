@@ -95,6 +95,7 @@ class BudgetMeter(Callback):
         self.clock = clock
         self.seconds, self.points, self.trace = 0.0, [], BudgetTrace()
         self.peak_memory = 0
+        self.flops_at_start: float | None = None  # the module's counter when this meter started
         self._started: float | None = None
 
     def _now(self, device: torch.device) -> float:
@@ -110,8 +111,14 @@ class BudgetMeter(Callback):
         value = getattr(pl_module, name, 0.0)
         return float(value) if value is not None else 0.0
 
+    def flops(self, pl_module) -> float:
+        """FLOPs the module spent since this meter started (a module may train several phases)."""
+        if self.flops_at_start is None:
+            self.flops_at_start = self._read(pl_module, "flops_spent")
+        return self._read(pl_module, "flops_spent") - self.flops_at_start
+
     def spent(self, pl_module) -> float:
-        return self.seconds if self.kind == "seconds" else self._read(pl_module, "flops_spent")
+        return self.seconds if self.kind == "seconds" else self.flops(pl_module)
 
     def fraction(self, pl_module) -> float:
         return self.spent(pl_module) / self.amount
@@ -135,7 +142,7 @@ class BudgetMeter(Callback):
 
             self.trace.diversity.append([fraction, float(mean_pairwise_cosine_distance(rollout.z))])
         log_now(trainer, {
-            "budget/seconds": self.seconds, "budget/flops": self._read(pl_module, "flops_spent"),
+            "budget/seconds": self.seconds, "budget/flops": self.flops(pl_module),
             "budget/generated_tokens": self._read(pl_module, "generated_tokens"), "budget/fraction": fraction,
             "budget/peak_memory_gb": self.peak_memory / 2**30,
         })
@@ -147,10 +154,7 @@ class BudgetMeter(Callback):
     def record(self, pl_module, fraction: float) -> None:
         """Evaluate now (uncharged) and keep the scores with what has been spent."""
         scores = self.evaluate(pl_module) if self.evaluate is not None else []
-        self.points.append(BudgetPoint(
-            fraction, self.seconds, self._read(pl_module, "flops_spent"), int(self._read(pl_module, "generated_tokens")),
-            scores,
-        ))
+        self.points.append(BudgetPoint(fraction, self.seconds, self.flops(pl_module), int(self._read(pl_module, "generated_tokens")), scores))
 
     def state_dict(self) -> dict:
         """Spent seconds, pending evaluations and records survive a resume."""
@@ -160,12 +164,13 @@ class BudgetMeter(Callback):
 
         points = [{**asdict(p), "scores": scores_as_dicts(p.scores)} for p in self.points]
         return {"seconds": self.seconds, "eval_fractions": self.eval_fractions, "peak_memory": self.peak_memory,
-                "points": points, "trace": asdict(self.trace)}
+                "flops_at_start": self.flops_at_start, "points": points, "trace": asdict(self.trace)}
 
     def load_state_dict(self, state: dict) -> None:
         from dlr.callbacks.evaluation import DepthScore
 
         self.seconds, self.eval_fractions, self.peak_memory = state["seconds"], state["eval_fractions"], state["peak_memory"]
+        self.flops_at_start = state["flops_at_start"]
         self.points = [BudgetPoint(**{**p, "scores": [DepthScore(**s) for s in p["scores"]]}) for p in state["points"]]
         self.trace = BudgetTrace(**state["trace"])
 

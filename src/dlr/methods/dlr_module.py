@@ -221,6 +221,10 @@ class DLRModule(LightningModule):
             self.reference.eval()
         return self
 
+    def on_train_start(self) -> None:
+        if self.trainer.global_step == 0:  # a fresh fit (a later phase of a continual run too): stage 2 re-syncs pi_ref
+            self.reference_synced.fill_(False)
+
     def policy_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.policy.parameters() if p.requires_grad]
 

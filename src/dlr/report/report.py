@@ -56,13 +56,19 @@ class SeedResult:
     curve: list[dict]  # [{"budget_fraction", "seconds", "flops", "generated_tokens", "accuracy"}]
     final_scores: list[DepthScore]
     spent: dict  # {"seconds", "flops", "generated_tokens", "peak_memory_gb"}
-    other_task_before: float
-    other_task_after: float
-    heldout_nll_before: float
-    heldout_nll_after: float
+    other_task_before: float | None  # None: no forgetting set configured
+    other_task_after: float | None
+    heldout_nll_before: float | None
+    heldout_nll_after: float | None
     grad_norm_cv: float
     protected_unchanged: bool  # DLR: main weights; GRPO: base weights under the adapters
     trace: dict = field(default_factory=dict)  # {"reward", "grad_norm", "diversity"}: [budget fraction, value] pairs
+    retention: dict = field(default_factory=dict)  # continual: {after phase: {task: accuracy}}
+
+
+def mean_or_none(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
 
 
 def arm_summary(results: Sequence[SeedResult]) -> dict:
@@ -86,10 +92,10 @@ def arm_summary(results: Sequence[SeedResult]) -> dict:
         "accuracy_by_depth": by_depth,
         "curve": curve,
         "forgetting": {
-            "other_task_accuracy_before": statistics.fmean(r.other_task_before for r in results),
-            "other_task_accuracy_after": statistics.fmean(r.other_task_after for r in results),
-            "heldout_nll_before": statistics.fmean(r.heldout_nll_before for r in results),
-            "heldout_nll_after": statistics.fmean(r.heldout_nll_after for r in results),
+            "other_task_accuracy_before": mean_or_none([r.other_task_before for r in results]),
+            "other_task_accuracy_after": mean_or_none([r.other_task_after for r in results]),
+            "heldout_nll_before": mean_or_none([r.heldout_nll_before for r in results]),
+            "heldout_nll_after": mean_or_none([r.heldout_nll_after for r in results]),
         },
         "stability": {
             "final_accuracy_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
@@ -97,6 +103,10 @@ def arm_summary(results: Sequence[SeedResult]) -> dict:
             "grad_norm_cv": statistics.fmean(r.grad_norm_cv for r in results),
         },
         "main_weights_unchanged": all(r.protected_unchanged for r in results),
+        "continual": {  # after each phase, mean accuracy on every task trained so far
+            phase: {task: statistics.fmean(r.retention[phase][task] for r in results) for task in results[0].retention[phase]}
+            for phase in results[0].retention
+        },
     }
 
 
@@ -149,8 +159,12 @@ def plot(summary: dict, results: dict[str, Sequence[SeedResult]], out: Path) -> 
     return names
 
 
-def percent(x: float) -> str:
-    return f"{100 * x:.1f}%"
+def percent(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def number(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3f}"
 
 
 def write_report(summary: dict, results: dict[str, Sequence[SeedResult]], out: Path) -> list[str]:
@@ -189,9 +203,17 @@ def write_report(summary: dict, results: dict[str, Sequence[SeedResult]], out: P
         f, st = s["forgetting"], s["stability"]
         lines.append(
             f"| {arm} | {percent(f['other_task_accuracy_before'])} | {percent(f['other_task_accuracy_after'])} | "
-            f"{f['heldout_nll_before']:.3f} | {f['heldout_nll_after']:.3f} | {percent(st['final_accuracy_std'])} | "
+            f"{number(f['heldout_nll_before'])} | {number(f['heldout_nll_after'])} | {percent(st['final_accuracy_std'])} | "
             f"{st['collapses']} | {st['grad_norm_cv']:.2f} |"
         )
+    phases = [phase for s in summary["arms"].values() for phase in s["continual"]]
+    if phases:
+        tasks = list(dict.fromkeys(task for s in summary["arms"].values() for p in s["continual"].values() for task in p))
+        lines += ["", "## Continual: accuracy on each task after each phase (retention)", "",
+                  "| arm | after phase | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+        for arm, s in summary["arms"].items():
+            for phase, accuracies in s["continual"].items():
+                lines.append(f"| {arm} | {phase} | " + " | ".join(percent(accuracies.get(t)) for t in tasks) + " |")
     lines += ["", *[f"![{name}]({name})" for name in images], ""]
     (out / "report.md").write_text("\n".join(lines))
     short = [f"{summary['experiment']} on {summary['device']}, {budget['amount']:g} {budget['kind']} per arm and seed:"]
