@@ -130,10 +130,10 @@ def test_bad_dlr_settings_fail_with_the_key_named(override, message):
         DLRSettings.from_dict(override)
 
 
-def build_module(tiny_pair, settings: DLRSettings) -> DLRModule:
+def build_module(tiny_pair, settings: DLRSettings, assistant_dtype: str = "float32") -> DLRModule:
     main_spec = ModelSpec(str(tiny_pair / "main"), quantization="nf4")
     lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
-    assistant = load_assistant(ModelSpec(str(tiny_pair / "assistant"), lora=lora))
+    assistant = load_assistant(ModelSpec(str(tiny_pair / "assistant"), dtype=assistant_dtype, lora=lora))
     main = load_main(main_spec)
     tokenizer = load_tokenizer(str(tiny_pair / "main"))
     return DLRModule(main, tokenizer, assistant, tokenizer, PromptFormat(template="{question} answer :"),
@@ -243,3 +243,23 @@ def test_real_backbone_shapes_build_the_models_they_name(backbone, main_billions
     assert main.num_parameters() / 1e9 == pytest.approx(main_billions, rel=0.02)
     assert assistant.num_parameters() / 1e9 == pytest.approx(0.494, rel=0.02)
     assert projector.net[0].in_features == 512 and projector.net[-1].out_features == main.config.hidden_size
+
+
+@pytest.mark.parametrize("mode", ["parallel", "recurrent"])
+def test_a_bf16_assistant_gives_float32_gaussians_and_evaluates(tiny_pair, mode):
+    """Real assistants run in bf16 outside autocast during evaluation: heads, critic and projector still work."""
+    from dlr.data.synthetic_math import generate
+    import random
+
+    settings = DLRSettings.from_dict({"latent": {"steps": 2, "dim": 8, "mode": mode}, "critic": {"hidden": 8}, "max_new_tokens": 2})
+    module = build_module(tiny_pair, settings, assistant_dtype="bfloat16")
+    records = [generate(random.Random(i), 1, i, "t") for i in range(3)]
+    ids, mask = module.encode_questions(records)
+    chain = module.policy.mean_chain(ids, mask)
+    assert chain.dtype == torch.float32
+    if mode == "parallel":
+        dist = module.policy(ids, mask)
+        z, _ = module.policy.sample(dist, 4)
+        assert module.critic(dist.pooled, z).shape == (3, 4)
+    scores = module.evaluate_latent(records, "dlr/bf16", batch_size=3)
+    assert sum(s.n for s in scores) == 3

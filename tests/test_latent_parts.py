@@ -68,9 +68,9 @@ def test_latent_inputs_equal_token_inputs_when_latents_are_token_embeddings(tiny
     span = tokenizer(["gets 2 : 7 + 2 =", "every dax is a wug . ."], add_special_tokens=False, return_tensors="pt").input_ids
     projected = main.get_input_embeddings()(span)  # [2, T, D]
     embeds, mask = latent_main_inputs(main, tokenizer, prompts, projected, "<bol>", "<eol>", "####")
-    from_latents, steps = greedy_decode_embeds(main, embeds, mask, tokenizer, max_new_tokens=5)
+    from_latents, ids = greedy_decode_embeds(main, embeds, mask, tokenizer, max_new_tokens=5)
     texts = [f"{p} <bol> {tokenizer.decode(s)} <eol> ####" for p, s in zip(prompts, span)]
-    assert from_latents == greedy_complete(main, tokenizer, texts, max_new_tokens=5) and 1 <= steps <= 5
+    assert from_latents == greedy_complete(main, tokenizer, texts, max_new_tokens=5) and 1 <= ids.shape[1] <= 5
 
 
 def test_critic_filter_keeps_top_predictions_plus_random_exploration():

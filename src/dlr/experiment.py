@@ -11,6 +11,7 @@ import json
 import logging
 import shutil
 import warnings
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -410,7 +411,10 @@ def train_arm_seed(cfg: DictConfig, name: str, kind: str, seed: int, out: Path, 
     from dlr.callbacks.budget import BudgetMeter
     from dlr.report.report import SeedResult, overall_accuracy
 
+    from dlr.callbacks.budget import reset_peak_memory
+
     arm_cfg = arm_config(cfg, name, seed, out)
+    reset_peak_memory(torch.device(evaluation_device(cfg.trainer.accelerator)))  # the previous arm is gone
     L.seed_everything(seed, workers=True)
     arm = ARMS[kind](arm_cfg)
     fmt = prompt_format(cfg)
@@ -440,7 +444,7 @@ def train_arm_seed(cfg: DictConfig, name: str, kind: str, seed: int, out: Path, 
     unchanged = check_protected(arm, start_hash, Path(arm_cfg.paths.output_dir))
     meter = meters[-1]  # curves and final scores: the last phase's
     final = meter.points[-1].scores if meter.points[-1].fraction >= 1.0 else arm.evaluate(records, label)
-    return SeedResult(
+    result = SeedResult(
         seed=seed,
         curve=[{"budget_fraction": p.fraction, "seconds": p.seconds, "flops": p.flops,
                 "generated_tokens": p.generated_tokens, "accuracy": overall_accuracy(p.scores)} for p in meter.points],
@@ -454,6 +458,10 @@ def train_arm_seed(cfg: DictConfig, name: str, kind: str, seed: int, out: Path, 
         heldout_nll_after=heldout_nll(arm.text_model, fmt, others, cfg.eval.batch_size) if others else None,
         grad_norm_cv=meter.grad_norm_cv(), protected_unchanged=unchanged, trace=vars(meter.trace), retention=retention,
     )
+    # Kept as soon as it exists: a later arm that crashes does not lose this one.
+    write_json(Path(arm_cfg.paths.output_dir) / "result.json",
+               {**dataclasses.asdict(result), "final_scores": scores_as_dicts(result.final_scores)})
+    return result
 
 
 def run_dlr_vs_grpo(cfg: DictConfig, out: Path) -> None:

@@ -9,6 +9,7 @@ callback's and its end hook before diagnostics and evaluations run.
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import statistics
 import time
@@ -31,7 +32,8 @@ def forward_flops(parameters: int, tokens: int, backward: str = "none") -> float
 
 
 def compute_parameters(model: torch.nn.Module) -> int:
-    """Parameters that do per-token compute: embeddings excluded, 4-bit packed weights counted unpacked."""
+    """Parameters that do per-token compute: input embeddings excluded (a lookup), the output head
+    included even when tied to them (a matmul), 4-bit packed weights counted unpacked."""
     embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
     total = 0
     for p in model.parameters():
@@ -39,11 +41,25 @@ def compute_parameters(model: torch.nn.Module) -> int:
             continue
         packed = type(p).__name__ == "Params4bit"  # bitsandbytes stores two 4-bit values per byte
         total += p.numel() * (2 if packed else 1)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and id(head.weight) in embeddings:  # tied: skipped above, but it does compute
+        total += head.weight.numel()
     return total
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Free what earlier runs left and restart CUDA's peak counter (the CPU's peak RSS cannot be reset)."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak allocated device memory on CUDA; the process's peak resident set size on the CPU."""
+    """Peak allocated device memory on CUDA since the last reset; on the CPU the process's peak
+    resident set size so far (a lifetime peak: it includes earlier arms run in the same process)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
@@ -124,6 +140,7 @@ class BudgetMeter(Callback):
         return self.spent(pl_module) / self.amount
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.flops(pl_module)  # fixes the FLOPs baseline before the first batch is charged
         self._started = self._now(pl_module.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -146,8 +163,12 @@ class BudgetMeter(Callback):
             "budget/generated_tokens": self._read(pl_module, "generated_tokens"), "budget/fraction": fraction,
             "budget/peak_memory_gb": self.peak_memory / 2**30,
         })
-        while self.eval_fractions and fraction >= self.eval_fractions[0]:
-            self.record(pl_module, self.eval_fractions.pop(0))
+        crossed = [f for f in self.eval_fractions if fraction >= f]
+        if crossed:  # one evaluation serves every fraction this batch crossed
+            self.eval_fractions = self.eval_fractions[len(crossed):]
+            self.record(pl_module, crossed[0])
+            for f in crossed[1:]:
+                self.points.append(dataclasses.replace(self.points[-1], fraction=f))
         if fraction >= 1.0:
             trainer.should_stop = True
 

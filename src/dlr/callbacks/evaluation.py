@@ -134,7 +134,8 @@ class PeriodicDepthEval(Callback):
 
 class AlignmentEval(Callback):
     """Evaluates a DLR module's latent chains on the full test set once, when stage 1 (latent
-    alignment) ends and before stage 2 starts; the scores survive a resume in the checkpoint."""
+    alignment) ends and before stage 2 starts; the scores survive a resume in the checkpoint.
+    It runs at the end of the last alignment batch, after a budget meter has stopped its clock."""
 
     LABEL = "dlr/after_alignment"
 
@@ -142,7 +143,10 @@ class AlignmentEval(Callback):
         self.batch_size = batch_size
         self.scores: list[DepthScore] | None = None
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.on_train_batch_end(trainer, pl_module, None, None, 0)  # alignment.steps=0: the untrained policy
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.scores is not None or pl_module.stage != "rl" or not trainer.is_global_zero:
             return
         self.scores = pl_module.evaluate_latent(trainer.datamodule.test_records(), self.LABEL, self.batch_size)

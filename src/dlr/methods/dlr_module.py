@@ -28,7 +28,13 @@ from dlr.data.schema import Record
 from dlr.methods.losses import LatentRLWeights, group_advantages, latent_rl_loss, mode_separation_loss
 from dlr.models.backbones import PromptFormat
 from dlr.models.critic import FILTERS, RewardCritic, select_latents
-from dlr.models.generation import greedy_decode_embeds, latent_main_inputs, latent_target_nll
+from dlr.models.generation import (
+    completion_mask_after_eos,
+    eos_token_ids,
+    greedy_decode_embeds,
+    latent_main_inputs,
+    latent_target_nll,
+)
 from dlr.models.latent_policy import LATENT_MODES, LatentPolicy
 from dlr.models.projector import LatentProjector, mean_embedding_norm
 from dlr.rewards import RewardConfig, score_batch
@@ -204,6 +210,7 @@ class DLRModule(LightningModule):
         self.last_reward: float | None = None  # the meter reads these after each batch
         self.last_grad_norm: float | None = None
         self.lora = any("lora_" in name for name, _ in assistant.named_parameters())
+        self.assistant_backward = "activations" if self.lora else "weights"  # FLOPs factor of its backward passes
         self.last_rollout: Rollout | None = None
         self._pending_backwards = 0
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite gradient norm
@@ -242,16 +249,21 @@ class DLRModule(LightningModule):
         return [align, rl]
 
     def _backward_and_step(self, loss: torch.Tensor, optimizer) -> torch.Tensor | None:
-        """Accumulate `accumulate_grad_batches` backward passes, then clip and step. Returns the
-        gradient norm before clipping when a step was taken; a non-finite norm skips the step."""
+        """Accumulate `accumulate_grad_batches` backward passes, then clip and step. Each parameter
+        group (policy, critic) is clipped on its own, so a large critic error cannot shrink the policy's
+        step. Returns the first group's (the policy's) norm before clipping when a step was taken; a
+        non-finite norm skips the step."""
         self.manual_backward(loss / self.settings.accumulate_grad_batches)
         self._pending_backwards += 1
         if self._pending_backwards < self.settings.accumulate_grad_batches:
             return None
         self._pending_backwards = 0
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.settings.grad_clip)
-        if torch.isfinite(norm):
+        norms = [
+            torch.nn.utils.clip_grad_norm_([p for p in group["params"] if p.grad is not None], self.settings.grad_clip)
+            for group in optimizer.param_groups
+        ]
+        norm = norms[0]
+        if all(torch.isfinite(n) for n in norms):
             optimizer.step()
         else:
             self.skipped_steps += 1
@@ -301,10 +313,10 @@ class DLRModule(LightningModule):
         """Greedy single-pass decoding of chains [B, K, T, Dz]; returns B*K completions with the answer
         cue put back in front, so they are scored like any text completion. `charge`: count its compute."""
         embeds, mask = self.main_inputs(records, chains)
-        texts, steps = greedy_decode_embeds(self.main, embeds, mask, self.main_tokenizer, self.settings.max_new_tokens)
+        texts, ids = greedy_decode_embeds(self.main, embeds, mask, self.main_tokenizer, self.settings.max_new_tokens)
         if charge:
-            self.charge(self.main_parameters, embeds.shape[0] * (embeds.shape[1] + steps))  # prefill + decode
-            self.generated_tokens += embeds.shape[0] * steps
+            self.charge(self.main_parameters, embeds.shape[0] * (embeds.shape[1] + ids.shape[1]))  # prefill + decode
+            self.generated_tokens += int(completion_mask_after_eos(ids, eos_token_ids(self.main, self.main_tokenizer)).sum())
         return [f"{self.answer_cue} {t}".strip() if self.answer_cue else t for t in texts]
 
     def decode_and_score(self, records: Sequence[Record], chains: torch.Tensor, charge: bool = False) -> torch.Tensor:
@@ -336,7 +348,7 @@ class DLRModule(LightningModule):
             return_tensors="pt", padding="longest", padding_side="right", add_special_tokens=False,
         ).to(self.device)
         nll = latent_target_nll(self.main, embeds, emask, targets.input_ids, targets.attention_mask)  # [B*M]
-        self.charge(self.assistant_parameters, B * M * (ids.shape[1] + self.policy.num_steps), "activations")
+        self.charge(self.assistant_parameters, B * M * (ids.shape[1] + self.policy.num_steps), self.assistant_backward)
         self.charge(self.main_parameters, embeds.shape[0] * (embeds.shape[1] + targets.input_ids.shape[1]), "activations")
         loss = nll.mean()
         logs = {"train/align_nll": nll.detach().mean()}
@@ -384,7 +396,7 @@ class DLRModule(LightningModule):
                 dist = self.policy(ids, mask, z if self.policy.mode == "recurrent" else None)
             mu, log_sigma, anchors, ref = self._scored_latents(dist, ids, mask, z, kept, modes)
             rows = B * (s.num_decoded if self.policy.mode == "recurrent" else self.policy.num_modes)
-            self.charge(self.assistant_parameters, rows * pass_tokens, "activations")
+            self.charge(self.assistant_parameters, rows * pass_tokens, self.assistant_backward)
             if ref is not None:
                 self.charge(self.assistant_parameters, rows * pass_tokens)
             loss, terms = latent_rl_loss(mu, log_sigma, z, advantages, anchors, weights, ref, old_logp)
@@ -422,7 +434,8 @@ class DLRModule(LightningModule):
         [B, T, Dz] and, when beta > 0, the reference policy's (mu, log_sigma) for the same chains."""
         if self.policy.mode == "recurrent":  # dist was teacher-forced on the K decoded chains
             mu, log_sigma = dist.mu, dist.log_sigma
-            anchors = mu.mean(1)  # the step-wise means depend on the chain: use their group average
+            anchors = self.policy.mean_chain(ids, mask)[:, 0]  # mu(q): the noise-free chain, with gradients
+            self.charge(self.assistant_parameters, ids.shape[0] * (ids.shape[1] + self.policy.num_steps), self.assistant_backward)
         else:
             mode_of = modes[kept]  # [B, K]
             mu, log_sigma = gather_samples(dist.mu, mode_of), gather_samples(dist.log_sigma, mode_of)

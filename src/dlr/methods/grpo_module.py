@@ -145,10 +145,10 @@ class GRPOModule(LightningModule):
             for part in self._micro_batches(prompt_ids.shape[0]):
                 args = (prompt_ids[part], prompt_mask[part], completion_ids[part], completion_mask[part])
                 if adapters:
-                    chunks.append(completion_log_probs(self.policy, *args)[0])
+                    chunks.append(completion_log_probs(self.policy, *args, self.settings.temperature)[0])
                 else:
                     with self.policy.disable_adapter():
-                        chunks.append(completion_log_probs(self.policy, *args)[0])
+                        chunks.append(completion_log_probs(self.policy, *args, self.settings.temperature)[0])
         return torch.cat(chunks)
 
     def _micro_batches(self, n: int) -> list[slice]:
@@ -176,7 +176,9 @@ class GRPOModule(LightningModule):
         sums = dict.fromkeys(("entropy", "kl", "clip_low", "clip_high"), 0.0)
         for _ in range(s.num_iterations):
             for part in parts:
-                logp, entropy = completion_log_probs(self.policy, *(a[part] for a in args))  # [n, Lc]
+                logp, entropy = completion_log_probs(  # [n, Lc] each
+                    self.policy, *(a[part] for a in args), s.temperature, entropy_grad=s.entropy_coef != 0
+                )
                 old = old_logp[part] if old_logp is not None else logp.detach()
                 per_token, low, high = clipped_surrogate(logp, old, advantages[part], s.eps_low, s.eps_high)
                 m = mask[part]

@@ -216,7 +216,8 @@ def aggregate_token_loss(
     """Reduce a per-token loss [B, L] over completion tokens (mask [B, L]) to a scalar.
 
     grpo: mean over each sequence's tokens, then over sequences;
-    bnpo, dapo: mean over all tokens of the batch (dapo: of the whole, possibly accumulated, batch);
+    bnpo, dapo: mean over all tokens of the batch (micro-batched, dapo divides by the whole batch's
+    tokens and bnpo by each micro-batch's, see `micro_batch_weight`);
     dr_grpo: sum over tokens divided by B * max_completion_length (no length bias).
     """
     if loss_type not in LOSS_TYPES:

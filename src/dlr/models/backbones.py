@@ -187,11 +187,14 @@ def load_main(spec: ModelSpec, device: torch.device | str = "cpu") -> torch.nn.M
 
 
 def add_lora(model: torch.nn.Module, lora: dict) -> torch.nn.Module:
-    """Wrap a model with trainable LoRA adapters; its base weights stay frozen."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    """Wrap a model with trainable LoRA adapters; its base weights stay frozen and as loaded.
 
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    peft's `prepare_model_for_kbit_training` is deliberately not used: it upcasts every non-quantized
+    weight (embeddings, norms, a tied lm_head) to float32, which makes the GRPO policy a different,
+    slower model than the main model DLR decodes with; without gradient checkpointing it is not needed.
+    """
+    from peft import LoraConfig, get_peft_model
+
     return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
 
 

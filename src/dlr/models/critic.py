@@ -22,7 +22,8 @@ class RewardCritic(nn.Module):
     def forward(self, pooled: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """pooled: [B, H]; z: [B, G, T, Dz] -> predicted reward [B, G]."""
         G = z.shape[1]
-        features = torch.cat([pooled.detach()[:, None].expand(-1, G, -1), z.detach().mean(2)], dim=-1)  # [B, G, H+Dz]
+        question = pooled.detach().float()[:, None].expand(-1, G, -1)
+        features = torch.cat([question, z.detach().float().mean(2)], dim=-1)  # [B, G, H+Dz]
         return self.net(features).squeeze(-1)
 
 

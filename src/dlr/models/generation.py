@@ -22,7 +22,10 @@ def greedy_complete(
     was_training = model.training
     model.eval()
     try:  # the model's own generation config keeps all its end-of-turn ids (instruct models have several)
-        out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            **enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+            repetition_penalty=1.0,  # plain greedy for every arm, whatever the model's generation config says
+        )
     finally:
         model.train(was_training)
     new_tokens = out[:, enc["input_ids"].shape[1] :]  # [B, <=max_new_tokens]
@@ -60,16 +63,16 @@ def latent_main_inputs(
 def greedy_decode_embeds(
     main: torch.nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
     tokenizer: PreTrainedTokenizerBase, max_new_tokens: int,
-) -> tuple[list[str], int]:
+) -> tuple[list[str], torch.Tensor]:
     """One greedy decode of the frozen main model from input embeddings.
 
-    Returns the new texts and the number of decode steps run (the same for every row of the batch).
+    Returns the new texts and the generated ids [N, steps] (rows that ended early are padded).
     """
     out = main.generate(
         inputs_embeds=inputs_embeds, attention_mask=attention_mask, do_sample=False,
-        max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, repetition_penalty=1.0,
     )  # [N, <= max_new_tokens]: with inputs_embeds only the new tokens come back
-    return tokenizer.batch_decode(out, skip_special_tokens=True), out.shape[1]
+    return tokenizer.batch_decode(out, skip_special_tokens=True), out
 
 
 def latent_target_nll(
@@ -137,7 +140,8 @@ def sample_completions(
     try:
         out = model.generate(
             input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=temperature,
-            top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos,
+            top_k=0, top_p=1.0, repetition_penalty=1.0,  # sample exactly the distribution the loss scores
+            max_new_tokens=max_new_tokens, eos_token_id=eos,
             pad_token_id=tokenizer.pad_token_id, cache_implementation=cache if cache == "static" else None,
         )
     finally:
@@ -152,11 +156,14 @@ def completion_log_probs(
     prompt_mask: torch.Tensor,
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
+    temperature: float = 1.0,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs and entropies of the completions under `model` (temperature 1).
+    """Per-token log-probs and entropies of the completions under `model` at the sampling temperature.
 
     prompt_ids, prompt_mask: [N, Lp] left-padded; completion_ids, completion_mask: [N, Lc].
-    Returns (log-probs [N, Lc], entropies [N, Lc]); masked positions hold values to be ignored.
+    Returns (log-probs [N, Lc], entropies [N, Lc]); masked positions hold values to be ignored. The
+    entropy carries gradients only with `entropy_grad` (an entropy bonus); otherwise it is a statistic.
     """
     ids = torch.cat([prompt_ids, completion_ids], dim=1)
     mask = torch.cat([prompt_mask, completion_mask], dim=1)  # [N, Lp + Lc]
@@ -164,7 +171,8 @@ def completion_log_probs(
     logits = model(
         input_ids=ids, attention_mask=mask, position_ids=left_padded_positions(mask), logits_to_keep=Lc + 1
     ).logits[:, :-1].float()  # [N, Lc, V]: the logits that predict each completion token
-    log_probs = logits.log_softmax(-1)
+    log_probs = (logits / temperature).log_softmax(-1)
     token_log_probs = log_probs.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)  # [N, Lc]
-    entropy = -(log_probs.exp() * log_probs).sum(-1)  # [N, Lc]
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = -(log_probs.exp() * log_probs).sum(-1)  # [N, Lc]
     return token_log_probs, entropy

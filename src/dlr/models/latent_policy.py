@@ -69,8 +69,15 @@ class LatentPolicy(nn.Module):
         return self.mu_head.out_features
 
     def _heads(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        log_sigma = self.log_sigma_head(h).clamp(self.log_sigma_min, self.log_sigma_max)
-        return self.mu_head(h), log_sigma
+        """mu and log sigma in float32 even under bf16 autocast: log-probs of small sigmas need the precision."""
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            h = h.float()
+            log_sigma = self.log_sigma_head(h).clamp(self.log_sigma_min, self.log_sigma_max)
+            return self.mu_head(h), log_sigma
+
+    def _as_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Latent-side embeddings in the assistant's own dtype (it may run in bf16)."""
+        return x.to(self.assistant.get_input_embeddings().weight.dtype)
 
     def _question_pass(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, extra_embeds: torch.Tensor, use_cache: bool = False
@@ -79,11 +86,11 @@ class LatentPolicy(nn.Module):
         positions [N, E, H], the pooled question state [N, H] and the KV cache."""
         embed = self.assistant.get_input_embeddings()
         q_embeds = embed(input_ids)  # [N, Lq, H]
-        inputs = torch.cat([q_embeds, extra_embeds], dim=1)
+        inputs = torch.cat([q_embeds, extra_embeds.to(q_embeds.dtype)], dim=1)
         mask = torch.cat([attention_mask, attention_mask.new_ones(extra_embeds.shape[:2])], dim=1)
         out = self.assistant(
             inputs_embeds=inputs, attention_mask=mask, position_ids=left_padded_positions(mask),
-            output_hidden_states=True, use_cache=use_cache,
+            output_hidden_states=True, use_cache=use_cache, logits_to_keep=1,  # hidden states are what we read
         )
         hidden = out.hidden_states[-1]  # [N, Lq + E, H]
         q_mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
@@ -175,9 +182,9 @@ class LatentPolicy(nn.Module):
                 break
             full_mask = torch.cat([full_mask, full_mask.new_ones(B * G, 1)], dim=1)
             out = self.assistant(
-                inputs_embeds=self.latent_to_input(z)[:, None], attention_mask=full_mask,
+                inputs_embeds=self._as_input(self.latent_to_input(z)[:, None]), attention_mask=full_mask,
                 position_ids=left_padded_positions(full_mask)[:, -1:], past_key_values=cache,
-                output_hidden_states=True, use_cache=True,
+                output_hidden_states=True, use_cache=True, logits_to_keep=1,
             )
             h, cache = out.hidden_states[-1], out.past_key_values
 
