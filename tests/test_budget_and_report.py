@@ -108,6 +108,7 @@ def test_shortened_main_job_writes_a_valid_summary_and_every_plot(tmp_path):
     result = run_train([
         "experiment=dlr_vs_grpo", "budget.amount=3", "data.test_per_depth=1", "data.eval_depths=[1,3]",
         "method.seeds=[0,1]", "method.eval_every=0.5", "method.dlr.alignment.steps=2", "method.grpo.max_new_tokens=24",
+        "method.pass_at_k=2",
         "eval.max_new_tokens=24", "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}",
     ], timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -127,6 +128,8 @@ def test_shortened_main_job_writes_a_valid_summary_and_every_plot(tmp_path):
                                           "heldout_nll_before", "heldout_nll_after"}
         assert set(arm["stability"]) == {"final_accuracy_std", "collapses", "grad_norm_cv"}
         assert arm["main_weights_unchanged"] is True
+        assert len(arm["pass_at_k"]["per_seed"]) == 2 and 0 <= arm["pass_at_k"]["mean"] <= 1
+    assert summary["pass_at_k"] == 2
     dlr = summary["arms"]["dlr"]["forgetting"]
     assert dlr["heldout_nll_before"] == dlr["heldout_nll_after"]  # the frozen main model cannot forget
     for image in ("accuracy_vs_budget.png", "accuracy_by_depth.png", "reward_curves.png", "diversity.png"):
@@ -182,3 +185,15 @@ def test_report_of_a_continual_run_shows_retention_and_missing_forgetting_as_das
     report = (tmp_path / "report.md").read_text()
     assert "| grpo | synthetic_logic | 60.0% | 60.0% |" in report and "| grpo | – | – | – | – |" in report
     assert len(short) == 2 and "60.0%" in short[1]
+
+
+def test_pass_at_k_counts_a_problem_solved_by_any_attempt():
+    from dlr.callbacks.evaluation import pass_at_k_by_depth
+    from dlr.data.schema import Record
+
+    records = [Record(f"q{i}", "math", f"question {i}", "cot", str(i), 1, "test") for i in range(3)]
+    attempts = {"0": ["#### 5", "#### 0"], "1": ["#### 7", "####"], "2": ["#### 9", "#### 8"]}
+    scores = pass_at_k_by_depth(records, lambda chunk, k: [attempts[r.answer][:k] for r in chunk], 2, label="m", batch_size=2)
+    assert len(scores) == 1 and scores[0].n == 3
+    assert scores[0].accuracy == pytest.approx(1 / 3)  # only q0 has a correct attempt
+    assert scores[0].format_rate == pytest.approx(5 / 6)  # "####" alone is not well formed

@@ -200,6 +200,7 @@ class Arm:
     module: L.LightningModule
     datamodule: ReasoningDataModule
     evaluate: Callable[[Sequence[Record], str], list[DepthScore]]  # the policy, as this arm uses it
+    sample_attempts: Callable[[Sequence[Record], int], list[list[str]]]  # k sampled attempts per record (pass@k)
     text_model: tuple  # (model, tokenizer) that reads text for this arm: the held-out NLL is measured on it
     protected_hash: Callable[[], str]  # weights this arm must never change
     default_steps: int  # optimizer steps when neither the budget nor trainer.max_steps decides
@@ -233,8 +234,8 @@ def setup_dlr(cfg: DictConfig) -> Arm:
         module.to(device)
         return module.evaluate_latent(records, label, cfg.eval.batch_size)
 
-    return Arm("dlr", module, datamodule, evaluate, (main, main_tokenizer), lambda: weights_sha256(module.main),
-               settings.total_steps)
+    return Arm("dlr", module, datamodule, evaluate, module.sample_attempts, (main, main_tokenizer),
+               lambda: weights_sha256(module.main), settings.total_steps)
 
 
 def setup_grpo(cfg: DictConfig) -> Arm:
@@ -258,8 +259,11 @@ def setup_grpo(cfg: DictConfig) -> Arm:
                                  max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
                                  reward=reward_config(cfg))
 
-    return Arm("grpo", module, datamodule, evaluate, (policy, tokenizer), lambda: weights_sha256(module.policy, exclude="lora_"),
-               settings.steps)
+    def sample_attempts(records: Sequence[Record], k: int) -> list[list[str]]:
+        return module.sample_attempts(list(records), k, cfg.eval.max_new_tokens)
+
+    return Arm("grpo", module, datamodule, evaluate, sample_attempts, (policy, tokenizer),
+               lambda: weights_sha256(module.policy, exclude="lora_"), settings.steps)
 
 
 ARMS = {"dlr": setup_dlr, "grpo": setup_grpo}
@@ -442,6 +446,14 @@ def train_arm_seed(cfg: DictConfig, name: str, kind: str, seed: int, out: Path, 
                 for task in phases[: phases.index(source) + 1]
             }
     unchanged = check_protected(arm, start_hash, Path(arm_cfg.paths.output_dir))
+    pass_at_k = None
+    if cfg.method.pass_at_k:
+        from dlr.callbacks.evaluation import pass_at_k_by_depth
+
+        pass_at_k = overall_accuracy(pass_at_k_by_depth(
+            records, arm.sample_attempts, cfg.method.pass_at_k, label=label, batch_size=cfg.eval.batch_size,
+            reward=reward_config(cfg),
+        ))
     meter = meters[-1]  # curves and final scores: the last phase's
     final = meter.points[-1].scores if meter.points[-1].fraction >= 1.0 else arm.evaluate(records, label)
     result = SeedResult(
@@ -457,6 +469,7 @@ def train_arm_seed(cfg: DictConfig, name: str, kind: str, seed: int, out: Path, 
         heldout_nll_before=nll_before,
         heldout_nll_after=heldout_nll(arm.text_model, fmt, others, cfg.eval.batch_size) if others else None,
         grad_norm_cv=meter.grad_norm_cv(), protected_unchanged=unchanged, trace=vars(meter.trace), retention=retention,
+        pass_at_k=pass_at_k,
     )
     # Kept as soon as it exists: a later arm that crashes does not lose this one.
     write_json(Path(arm_cfg.paths.output_dir) / "result.json",
@@ -478,7 +491,7 @@ def run_dlr_vs_grpo(cfg: DictConfig, out: Path) -> None:
     results = {name: [train_arm_seed(cfg, name, kinds[name], seed, out, fractions) for seed in seeds] for name in cfg.method.arms}
     summary = {
         "experiment": cfg.task_name, "device": device_name(cfg.trainer.accelerator),
-        "budget": {"kind": cfg.budget.kind, "amount": float(cfg.budget.amount)},
+        "budget": {"kind": cfg.budget.kind, "amount": float(cfg.budget.amount)}, "pass_at_k": cfg.method.pass_at_k,
         "arms": {name: arm_summary(seed_results) for name, seed_results in results.items()},
     }
     short = write_report(summary, results, out)

@@ -58,6 +58,30 @@ def score_by_depth(
     ]
 
 
+def pass_at_k_by_depth(
+    records: Sequence[Record],
+    sample: Callable[[Sequence[Record], int], list[list[str]]],
+    k: int,
+    *,
+    label: str,
+    batch_size: int,
+    reward: RewardConfig = RewardConfig(),
+) -> list[DepthScore]:
+    """pass@k by (task, depth): a problem passes when any of its k sampled completions is correct.
+    `sample(chunk, k)` returns k completions per record; `format_rate` is that of all samples."""
+    scored: dict[tuple[str, int], list[tuple[float, float]]] = defaultdict(list)
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        for record, attempts in zip(chunk, sample(chunk, k), strict=True):
+            verdicts = [score(c, record.answer, record.task, **asdict(reward)) for c in attempts]
+            passed = float(any(v.correct for v in verdicts))
+            scored[(record.task, record.depth)].append((passed, sum(v.format for v in verdicts) / len(verdicts)))
+    return [
+        DepthScore(label, task, depth, len(v), sum(c for c, _ in v) / len(v), sum(f for _, f in v) / len(v))
+        for (task, depth), v in sorted(scored.items())
+    ]
+
+
 @torch.no_grad()
 def evaluate_by_depth(
     model: torch.nn.Module,

@@ -467,6 +467,22 @@ class DLRModule(LightningModule):
         finally:
             self.train(was_training)
 
+    @torch.no_grad()
+    def sample_attempts(self, records: Sequence[Record], k: int) -> list[list[str]]:
+        """k sampled latent chains per question, each decoded once: the attempts pass@k counts."""
+        was_training = self.training
+        self.eval()
+        try:
+            ids, mask = self.encode_questions(records)
+            if self.policy.mode == "recurrent":
+                z, _ = self.policy.sample_recurrent(ids, mask, k)
+            else:
+                z, _ = self.policy.sample(self.policy(ids, mask), k)
+            texts = self.decode(records, z)  # question-major: k per record
+            return [texts[i * k : (i + 1) * k] for i in range(len(records))]
+        finally:
+            self.train(was_training)
+
     # --- checkpoints --------------------------------------------------------------------------
 
     def _is_frozen_backbone_key(self, key: str) -> bool:

@@ -235,6 +235,15 @@ class GRPOModule(LightningModule):
         optimizer.zero_grad(set_to_none=True)
         return norm
 
+    @torch.no_grad()
+    def sample_attempts(self, records: list[Record], k: int, max_new_tokens: int) -> list[list[str]]:
+        """k completions per question sampled as in training: the attempts pass@k counts."""
+        prompts = [self.fmt.prompt(r.question, self.tokenizer) for r in records]
+        _, _, ids, mask = sample_completions(self.policy, self.tokenizer, prompts, k, max_new_tokens,
+                                             self.settings.temperature, self.settings.cache)
+        texts = [self.tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(ids, mask, strict=True)]
+        return [texts[i * k : (i + 1) * k] for i in range(len(records))]
+
     # --- checkpoints: adapters only; the 4-bit base is reloaded from the backbone -----------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

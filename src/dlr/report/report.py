@@ -64,6 +64,7 @@ class SeedResult:
     protected_unchanged: bool  # DLR: main weights; GRPO: base weights under the adapters
     trace: dict = field(default_factory=dict)  # {"reward", "grad_norm", "diversity"}: [budget fraction, value] pairs
     retention: dict = field(default_factory=dict)  # continual: {after phase: {task: accuracy}}
+    pass_at_k: float | None = None  # final pass@k over the test set (None: not measured)
 
 
 def mean_or_none(values: Sequence[float | None]) -> float | None:
@@ -90,6 +91,7 @@ def arm_summary(results: Sequence[SeedResult]) -> dict:
         },
         "final_accuracy": {"mean": statistics.fmean(finals), "ci95": list(bootstrap_ci(finals)), "per_seed": finals},
         "accuracy_by_depth": by_depth,
+        "pass_at_k": {"mean": mean_or_none([r.pass_at_k for r in results]), "per_seed": [r.pass_at_k for r in results]},
         "curve": curve,
         "forgetting": {
             "other_task_accuracy_before": mean_or_none([r.other_task_before for r in results]),
@@ -179,15 +181,16 @@ def write_report(summary: dict, results: dict[str, Sequence[SeedResult]], out: P
         f"# {summary['experiment']}", "",
         f"Device: {summary['device']}. Budget per arm and seed: {budget['amount']:g} {budget['kind']}"
         " (training only; evaluation is not charged).", "",
-        "| rank | arm | final accuracy (mean) | 95% CI over seeds | per seed | seconds | TFLOPs | generated tokens | weights kept |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| rank | arm | final accuracy (mean) | 95% CI over seeds | per seed | pass@{summary.get('pass_at_k') or 'k'} | seconds | TFLOPs | generated tokens | weights kept |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for rank, arm in enumerate(ranked, 1):
         s = summary["arms"][arm]
         fa = s["final_accuracy"]
         lines.append(
             f"| {rank} | {arm} | {percent(fa['mean'])} | {percent(fa['ci95'][0])}–{percent(fa['ci95'][1])} | "
-            f"{', '.join(percent(v) for v in fa['per_seed'])} | {statistics.fmean(s['spent']['seconds']):.0f} | "
+            f"{', '.join(percent(v) for v in fa['per_seed'])} | {percent(s['pass_at_k']['mean'])} | "
+            f"{statistics.fmean(s['spent']['seconds']):.0f} | "
             f"{statistics.fmean(s['spent']['flops']) / 1e12:.2f} | {statistics.fmean(s['spent']['generated_tokens']):.0f} | "
             f"{'yes' if s['main_weights_unchanged'] else 'NO'} |"
         )
