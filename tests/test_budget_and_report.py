@@ -197,3 +197,16 @@ def test_pass_at_k_counts_a_problem_solved_by_any_attempt():
     assert len(scores) == 1 and scores[0].n == 3
     assert scores[0].accuracy == pytest.approx(1 / 3)  # only q0 has a correct attempt
     assert scores[0].format_rate == pytest.approx(5 / 6)  # "####" alone is not well formed
+
+
+def test_a_hydra_sweep_runs_one_comparison_per_value(tmp_path):
+    result = run_train([
+        "-m", "experiment=dlr_vs_grpo", "method.arms=[dlr]", "method.seeds=[0]", "budget.amount=1",
+        "data.test_per_depth=1", "data.eval_depths=[1,1]", "method.pass_at_k=0", "method.eval_every=1.0",
+        "method.dlr.alignment.steps=1", "method.dlr.rl.lambda_con=0,0.5", "trainer.enable_progress_bar=false",
+        f"hydra.sweep.dir={tmp_path}",
+    ], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job, lambda_con in (("0", "0"), ("1", "0.5")):
+        assert (tmp_path / job / "summary.json").exists()
+        assert f"lambda_con: {lambda_con}\n" in (tmp_path / job / "config_resolved.yaml").read_text()
