@@ -184,7 +184,7 @@ def test_report_of_a_continual_run_shows_retention_and_missing_forgetting_as_das
     assert saved["arms"]["grpo"]["forgetting"]["heldout_nll_before"] is None and saved["ranking"] == ["grpo"]
     report = (tmp_path / "report.md").read_text()
     assert "| grpo | synthetic_logic | 60.0% | 60.0% |" in report and "| grpo | – | – | – | – |" in report
-    assert len(short) == 2 and "60.0%" in short[1]
+    assert len(short) == 3 and "60.0%" in short[1] and "unchanged in every run: yes" in short[2]
 
 
 def test_pass_at_k_counts_a_problem_solved_by_any_attempt():

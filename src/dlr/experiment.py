@@ -487,6 +487,11 @@ def run_dlr_vs_grpo(cfg: DictConfig, out: Path) -> None:
     if not 0 < cfg.method.eval_every <= 1:
         raise SystemExit(f"error: method.eval_every must be in (0, 1], got {cfg.method.eval_every}")
     kinds = {name: arm_kind(cfg, name) for name in cfg.method.arms}  # fails now on an unknown arm
+    if cfg.budget.amount is None:  # the device's default: a GPU does the CPU's work in far fewer seconds
+        if cfg.budget.kind != "seconds":
+            raise SystemExit(f"error: a {cfg.budget.kind} budget needs budget.amount")
+        with open_dict(cfg):
+            cfg.budget.amount = cfg.budget.amount_gpu if evaluation_device(cfg.trainer.accelerator) == "cuda" else cfg.budget.amount_cpu
     fractions = [round(cfg.method.eval_every * i, 6) for i in range(1, int(round(1 / cfg.method.eval_every)) + 1)]
     results = {name: [train_arm_seed(cfg, name, kinds[name], seed, out, fractions) for seed in seeds] for name in cfg.method.arms}
     summary = {

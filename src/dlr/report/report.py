@@ -81,6 +81,13 @@ def arm_summary(results: Sequence[SeedResult]) -> dict:
         curve.append({"budget_fraction": f, "accuracy_mean": statistics.fmean(values), "ci95": list(bootstrap_ci(values))})
     depths = sorted({s.depth for r in results for s in r.final_scores})
     by_depth = {str(d): statistics.fmean(accuracy_by_depth(r.final_scores).get(d, 0.0) for r in results) for d in depths}
+    format_by_depth = {
+        str(d): statistics.fmean(
+            sum(s.format_rate * s.n for s in r.final_scores if s.depth == d) / max(1, sum(s.n for s in r.final_scores if s.depth == d))
+            for r in results
+        )
+        for d in depths
+    }
     return {
         "seeds": [r.seed for r in results],
         "spent": {
@@ -91,6 +98,7 @@ def arm_summary(results: Sequence[SeedResult]) -> dict:
         },
         "final_accuracy": {"mean": statistics.fmean(finals), "ci95": list(bootstrap_ci(finals)), "per_seed": finals},
         "accuracy_by_depth": by_depth,
+        "format_rate_by_depth": format_by_depth,
         "pass_at_k": {"mean": mean_or_none([r.pass_at_k for r in results]), "per_seed": [r.pass_at_k for r in results]},
         "curve": curve,
         "forgetting": {
@@ -220,8 +228,12 @@ def write_report(summary: dict, results: dict[str, Sequence[SeedResult]], out: P
     lines += ["", *[f"![{name}]({name})" for name in images], ""]
     (out / "report.md").write_text("\n".join(lines))
     short = [f"{summary['experiment']} on {summary['device']}, {budget['amount']:g} {budget['kind']} per arm and seed:"]
-    for arm, s in summary["arms"].items():
+    for arm in ranked:
+        s = summary["arms"][arm]
         fa = s["final_accuracy"]
         short.append(f"  {arm}: {percent(fa['mean'])} [{percent(fa['ci95'][0])}, {percent(fa['ci95'][1])}] over seeds "
                      f"{s['seeds']}, {statistics.fmean(s['spent']['flops']) / 1e12:.2f} TFLOPs")
+    kept = all(s["main_weights_unchanged"] for s in summary["arms"].values())
+    collapses = sum(s["stability"]["collapses"] for s in summary["arms"].values())
+    short.append(f"  protected weights unchanged in every run: {'yes' if kept else 'NO'}; collapses: {collapses}")
     return short
