@@ -123,12 +123,14 @@ def sample_completions(
     max_new_tokens: int,
     temperature: float = 1.0,
     cache: str = "static",
+    min_new_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """K sampled completions per prompt, from the full distribution at `temperature` (no top-k/top-p).
 
     Returns (prompt_ids [N, Lp] left-padded, prompt_mask [N, Lp], completion_ids [N, Lc],
     completion_mask [N, Lc]) with N = len(prompts) * K, question-major; the completion mask covers the
     generated tokens up to and including the first EOS, so rewards and losses see exactly those.
+    `min_new_tokens` forbids EOS before that many tokens (benchmarks time full-length attempts).
     """
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
@@ -141,7 +143,7 @@ def sample_completions(
         out = model.generate(
             input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=temperature,
             top_k=0, top_p=1.0, repetition_penalty=1.0,  # sample exactly the distribution the loss scores
-            max_new_tokens=max_new_tokens, eos_token_id=eos,
+            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_token_id=eos,
             pad_token_id=tokenizer.pad_token_id, cache_implementation=cache if cache == "static" else None,
         )
     finally:

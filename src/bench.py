@@ -1,0 +1,84 @@
+"""Performance benchmarks: each sub-command prints a table and writes JSON (DESIGN §11).
+
+    python src/bench.py rollout                      # DLR vs GRPO seconds per attempt, tiny backbone
+    python src/bench.py decode --batch-sizes 16 64 256 --backbone qwen2.5-0.5b+1.5b --device cuda
+    python src/bench.py memory --backbone qwen2.5-0.5b+7b --device cuda --G 64 --K 16 --T 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
+sys.path.insert(0, str(PROJECT_ROOT / "src"))  # run from a checkout without `pip install -e .`
+
+
+def table(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    return "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+                     + ["| " + " | ".join(cell(r[k]) for k in keys) + " |" for r in rows])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["rollout", "decode", "memory"])
+    parser.add_argument("--backbone", default="tiny", help="a configs/backbone name; real ones get random weights")
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--out", default=None, help="JSON path (default logs/bench/<timestamp>/<command>.json)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (median reported)")
+    parser.add_argument("--B", type=int, default=4, help="questions per batch")
+    parser.add_argument("--G", type=int, default=16, help="DLR latents sampled per question")
+    parser.add_argument("--K", type=int, default=4, help="attempts decoded per question (both arms)")
+    parser.add_argument("--T", type=int, default=8, help="DLR latent steps")
+    parser.add_argument("--Dz", type=int, default=64, help="DLR latent width")
+    parser.add_argument("--dlr-decode-tokens", type=int, default=4, help="DLR's single-pass answer length")
+    parser.add_argument("--grpo-new-tokens", type=int, default=64, help="GRPO completion length")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64], help="decode: batch sizes")
+    parser.add_argument("--prompt-tokens", type=int, default=64, help="decode: prompt length")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from dlr import benchmarks
+
+    torch.manual_seed(0)
+    bb = benchmarks.load_backbone(args.backbone, args.device)
+    if args.command == "rollout":
+        result = benchmarks.bench_rollout(bb, args.B, args.G, args.K, args.T, args.Dz, args.dlr_decode_tokens,
+                                          args.grpo_new_tokens, args.repeats)
+        rows = [result]
+    elif args.command == "decode":
+        result = benchmarks.bench_decode(bb, args.batch_sizes, args.prompt_tokens, args.grpo_new_tokens, args.repeats)
+        rows = result["rows"]
+    else:
+        result = benchmarks.bench_memory(bb, args.B, args.G, args.K, args.T, args.Dz, args.K, args.grpo_new_tokens)
+        rows = [result]
+    result["device"] = torch.cuda.get_device_name() if args.device.startswith("cuda") else _cpu_name()
+    out = Path(args.out) if args.out else PROJECT_ROOT / "logs" / "bench" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S") / f"{args.command}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"{args.command} on {result['device']}, backbone {args.backbone}\n{table(rows)}\nwritten to {out}")
+    return result
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _cpu_name() -> str:
+    from dlr.experiment import device_name
+
+    return device_name("cpu")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""The benchmarks run on the CPU in CI size and write well-formed results (timings are not checked)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("bench", ROOT / "src" / "bench.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+SMALL = ["--device", "cpu", "--repeats", "1", "--B", "2", "--G", "4", "--K", "2", "--T", "2", "--Dz", "8",
+         "--grpo-new-tokens", "6", "--dlr-decode-tokens", "2"]
+
+
+def test_rollout_compares_both_arms_per_attempt(tmp_path):
+    result = bench.main(["rollout", *SMALL, "--out", str(tmp_path / "r.json")])
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert saved["dlr_seconds_per_attempt"] > 0 and saved["grpo_seconds_per_attempt"] > 0
+    assert saved["grpo_over_dlr"] == pytest.approx(saved["grpo_seconds_per_attempt"] / saved["dlr_seconds_per_attempt"])
+    assert (saved["G"], saved["K"], saved["backbone"]) == (4, 2, "tiny") and saved["device"].startswith("CPU")
+
+
+def test_decode_reports_each_batch_against_the_bandwidth_floor(tmp_path):
+    result = bench.main(["decode", *SMALL, "--batch-sizes", "2", "4", "--prompt-tokens", "8", "--out", str(tmp_path / "d.json")])
+    assert [r["batch"] for r in result["rows"]] == [2, 4]
+    for row in result["rows"]:
+        assert row["tokens_per_s"] > 0
+        assert row["floor_tokens_per_s"] == pytest.approx(row["batch"] * result["copy_bandwidth_bytes_per_s"] / result["weight_bytes"])
+        assert row["fraction_of_floor"] == pytest.approx(row["tokens_per_s"] / row["floor_tokens_per_s"])
+
+
+def test_memory_runs_one_step_of_each_arm(tmp_path):
+    result = bench.main(["memory", *SMALL, "--out", str(tmp_path / "m.json")])
+    assert result["dlr_peak_gb"] > 0 and result["grpo_peak_gb"] > 0 and "RSS" in result["measure"]
+
+
+def test_a_real_shape_builds_with_random_weights_and_loads_in_nf4(tmp_path):
+    from dlr.benchmarks import random_weights_folder
+    from dlr.models.backbones import ModelSpec, load_main
+
+    shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 1024, "tie_word_embeddings": True}
+    folder = random_weights_folder("qwen2", shape, tmp_path / "main")
+    main = load_main(ModelSpec(folder, quantization="nf4"))
+    assert main.config.num_key_value_heads == 2 and getattr(main, "is_loaded_in_4bit", False)
