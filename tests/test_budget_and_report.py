@@ -210,3 +210,16 @@ def test_a_hydra_sweep_runs_one_comparison_per_value(tmp_path):
     for job, lambda_con in (("0", "0"), ("1", "0.5")):
         assert (tmp_path / job / "summary.json").exists()
         assert f"lambda_con: {lambda_con}\n" in (tmp_path / job / "config_resolved.yaml").read_text()
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("budget.amount=0", "budget.amount must be > 0"),
+    ("budget.kind=joules", "budget.kind must be one of"),
+    ("budget.kind=flops", "a flops budget needs budget.amount"),
+    ("method.grpo.loss_type=ppo", "method.loss_type must be one of"),
+    ("method.dlr.rl.num_decoded=99", "num_decoded"),
+])
+def test_a_bad_comparison_setting_fails_before_any_model_loads(tmp_path, override, message):
+    result = run_train(["experiment=dlr_vs_grpo", *override.split(), f"hydra.run.dir={tmp_path}"], timeout=120)
+    assert result.returncode != 0 and message in result.stderr
+    assert not (tmp_path / "dlr").exists()  # no arm started

@@ -263,3 +263,20 @@ def test_a_bf16_assistant_gives_float32_gaussians_and_evaluates(tiny_pair, mode)
         assert module.critic(dist.pooled, z).shape == (3, 4)
     scores = module.evaluate_latent(records, "dlr/bf16", batch_size=3)
     assert sum(s.n for s in scores) == 3
+
+
+def test_an_injected_nan_skips_one_step_and_training_goes_on(tiny_pair, tmp_path):
+    from dlr.methods.guard import NonFiniteGuard
+
+    settings = DLRSettings.from_dict({"latent": {"steps": 2, "dim": 8}, "alignment": {"steps": 2},
+                                      "rl": {"steps": 2, "num_samples": 4, "num_decoded": 2}, "critic": {"hidden": 8},
+                                      "max_new_tokens": 2})
+    module = build_module(tiny_pair, settings)
+    module.guard = NonFiniteGuard(3, inject_at_step=1, inject_times=1)
+    data = ReasoningDataModule("mixed", 2, [1, 1], [1, 1], train_seed=0, test_seed=1000, test_per_depth=1,
+                               mix_weights={"math": 0.5, "logic": 0.5})
+    trainer = Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 4 and module.guard.skipped == 1 and module.guard.consecutive == 0
+    assert all(torch.isfinite(p).all() for p in module.parameters() if p.requires_grad)

@@ -122,3 +122,18 @@ def test_grpo_runs_end_to_end_from_the_command_line(tmp_path):
         assert key in header, key
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["state_dict"] and all("lora_" in k for k in checkpoint["state_dict"] if k.startswith("policy."))
+
+
+def test_repeated_nans_stop_the_run_with_a_clear_error_and_keep_the_last_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_train([
+        "experiment=grpo", "method.steps=4", "data.batch_size=2", "method.num_generations=2", "method.max_new_tokens=8",
+        "data.test_per_depth=1", "eval.modes=[cot]", "eval.max_new_tokens=8", "trainer.enable_progress_bar=false",
+        "callbacks.model_checkpoint.every_n_train_steps=1", "debug.inject_nonfinite_at_step=1",
+        "debug.inject_nonfinite_times=10", "method.max_consecutive_nonfinite=3", f"hydra.run.dir={run_dir}",
+    ], timeout=300)
+    assert result.returncode != 0
+    assert "3 consecutive optimizer steps had a non-finite loss or gradient (at step 1)" in result.stderr
+    assert "Traceback" not in result.stderr  # one readable message
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 1  # the last good step

@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dlr.callbacks.evaluation import DepthScore, depth_table, evaluate_by_depth, scores_as_dicts
+from dlr.methods.guard import NonFiniteTraining
 from dlr.data.schema import Record
 from dlr.data.datamodule import ReasoningDataModule
 from dlr.models import tiny
@@ -213,6 +214,16 @@ def _settings(cls, cfg: DictConfig):
         raise SystemExit(f"error: {err}") from None
 
 
+def arm_fault_injection(cfg: DictConfig, module) -> None:
+    """`debug.inject_nonfinite_at_step`: make the loss NaN at that step, for testing the guard."""
+    from dlr.methods.guard import NonFiniteGuard
+
+    debug = cfg.get("debug") or {}
+    if debug.get("inject_nonfinite_at_step") is not None:
+        module.guard = NonFiniteGuard(module.settings.max_consecutive_nonfinite, debug.inject_nonfinite_at_step,
+                                      debug.get("inject_nonfinite_times", 1))
+
+
 def setup_dlr(cfg: DictConfig) -> Arm:
     """Frozen main + LoRA assistant + latent policy, projector and critic."""
     from dlr.methods.dlr_module import DLRModule, DLRSettings
@@ -234,6 +245,7 @@ def setup_dlr(cfg: DictConfig) -> Arm:
         module.to(device)
         return module.evaluate_latent(records, label, cfg.eval.batch_size)
 
+    arm_fault_injection(cfg, module)
     return Arm("dlr", module, datamodule, evaluate, module.sample_attempts, (main, main_tokenizer),
                lambda: weights_sha256(module.main), settings.total_steps)
 
@@ -262,6 +274,7 @@ def setup_grpo(cfg: DictConfig) -> Arm:
     def sample_attempts(records: Sequence[Record], k: int) -> list[list[str]]:
         return module.sample_attempts(list(records), k, cfg.eval.max_new_tokens)
 
+    arm_fault_injection(cfg, module)
     return Arm("grpo", module, datamodule, evaluate, sample_attempts, (policy, tokenizer),
                lambda: weights_sha256(module.policy, exclude="lora_"), settings.steps)
 
@@ -279,7 +292,10 @@ def fit(cfg: DictConfig, arm: Arm, extra_callbacks: list | None = None, budgeted
     else:
         max_steps = -1 if budgeted else arm.default_steps
     trainer = build_trainer(cfg, max_steps=max_steps, extra_callbacks=extra_callbacks)
-    trainer.fit(arm.module, datamodule=arm.datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(arm.module, datamodule=arm.datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except NonFiniteTraining as err:
+        raise SystemExit(f"error: {arm.name}: {err}") from None
     return trainer
 
 
@@ -487,12 +503,27 @@ def run_dlr_vs_grpo(cfg: DictConfig, out: Path) -> None:
     if not 0 < cfg.method.eval_every <= 1:
         raise SystemExit(f"error: method.eval_every must be in (0, 1], got {cfg.method.eval_every}")
     kinds = {name: arm_kind(cfg, name) for name in cfg.method.arms}  # fails now on an unknown arm
+    from dlr.callbacks.budget import BUDGET_KINDS
+
+    if cfg.budget.kind not in BUDGET_KINDS:
+        raise SystemExit(f"error: budget.kind must be one of {BUDGET_KINDS}, got {cfg.budget.kind!r}")
     if cfg.budget.amount is None:  # the device's default: a GPU does the CPU's work in far fewer seconds
         if cfg.budget.kind != "seconds":
             raise SystemExit(f"error: a {cfg.budget.kind} budget needs budget.amount")
         with open_dict(cfg):
             cfg.budget.amount = cfg.budget.amount_gpu if evaluation_device(cfg.trainer.accelerator) == "cuda" else cfg.budget.amount_cpu
     fractions = [round(cfg.method.eval_every * i, 6) for i in range(1, int(round(1 / cfg.method.eval_every)) + 1)]
+    # Every setting is checked now, not when its arm's turn comes after hours of the others.
+    from dlr.callbacks.budget import BudgetMeter
+    from dlr.methods.dlr_module import DLRSettings
+    from dlr.methods.grpo_module import GRPOSettings
+
+    try:
+        BudgetMeter(cfg.budget.kind, cfg.budget.amount)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    for name, kind in kinds.items():
+        _settings({"dlr": DLRSettings, "grpo": GRPOSettings}[kind], arm_config(cfg, name, seeds[0], out))
     results = {name: [train_arm_seed(cfg, name, kinds[name], seed, out, fractions) for seed in seeds] for name in cfg.method.arms}
     summary = {
         "experiment": cfg.task_name, "device": device_name(cfg.trainer.accelerator),

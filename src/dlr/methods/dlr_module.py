@@ -25,6 +25,7 @@ from dlr.callbacks.budget import compute_parameters, forward_flops
 from dlr.callbacks.evaluation import DepthScore, score_by_depth
 from dlr.callbacks.metrics import log_now
 from dlr.data.schema import Record
+from dlr.methods.guard import NonFiniteGuard
 from dlr.methods.losses import LatentRLWeights, group_advantages, latent_rl_loss, mode_separation_loss
 from dlr.models.backbones import PromptFormat
 from dlr.models.critic import FILTERS, RewardCritic, select_latents
@@ -98,6 +99,7 @@ class DLRSettings:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     accumulate_grad_batches: int = 1
+    max_consecutive_nonfinite: int = 5  # skipped steps in a row before the run stops
 
     @classmethod
     def from_dict(cls, values: dict) -> DLRSettings:
@@ -136,6 +138,9 @@ class DLRSettings:
             (self.grad_clip > 0, f"method.grad_clip must be > 0, got {self.grad_clip}"),
             (rl.tau > 0, f"method.rl.tau must be > 0, got {rl.tau}"),
             (self.max_new_tokens >= 1, "method.max_new_tokens must be >= 1"),
+            (latent.steps >= 1 and latent.dim >= 1 and latent.num_modes >= 1,
+             f"method.latent.steps, dim and num_modes must be >= 1, got {latent.steps}, {latent.dim}, {latent.num_modes}"),
+            (self.max_consecutive_nonfinite >= 1, "method.max_consecutive_nonfinite must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -213,7 +218,7 @@ class DLRModule(LightningModule):
         self.assistant_backward = "activations" if self.lora else "weights"  # FLOPs factor of its backward passes
         self.last_rollout: Rollout | None = None
         self._pending_backwards = 0
-        self.skipped_steps = 0  # optimizer steps skipped for a non-finite gradient norm
+        self.guard = NonFiniteGuard(settings.max_consecutive_nonfinite)  # experiment.py may arm fault injection
 
     # --- stages and optimizers ---------------------------------------------------------------
 
@@ -253,6 +258,13 @@ class DLRModule(LightningModule):
         group (policy, critic) is clipped on its own, so a large critic error cannot shrink the policy's
         step. Returns the first group's (the policy's) norm before clipping when a step was taken; a
         non-finite norm skips the step."""
+        step = self.trainer.global_step
+        loss = self.guard.inject(loss, step)
+        if not torch.isfinite(loss):  # never backpropagate it: drop this accumulation window
+            self._pending_backwards = 0
+            optimizer.zero_grad(set_to_none=True)
+            self._skip(step)
+            return None
         self.manual_backward(loss / self.settings.accumulate_grad_batches)
         self._pending_backwards += 1
         if self._pending_backwards < self.settings.accumulate_grad_batches:
@@ -262,14 +274,18 @@ class DLRModule(LightningModule):
             torch.nn.utils.clip_grad_norm_([p for p in group["params"] if p.grad is not None], self.settings.grad_clip)
             for group in optimizer.param_groups
         ]
-        norm = norms[0]
         if all(torch.isfinite(n) for n in norms):
+            self.guard.record(True, step)
             optimizer.step()
         else:
-            self.skipped_steps += 1
-            log_now(self.trainer, {"train/skipped_nonfinite_steps": float(self.skipped_steps)})
+            self._skip(step)
         optimizer.zero_grad(set_to_none=True)
-        return norm
+        return norms[0]
+
+    def _skip(self, step: int) -> None:
+        """A non-finite step: counted and logged; the guard stops the run after too many in a row."""
+        log_now(self.trainer, {"train/skipped_nonfinite_steps": float(self.guard.skipped + 1)})
+        self.guard.record(False, step)
 
     def _log_step(self, logs: dict[str, torch.Tensor], grad_norm: torch.Tensor | None) -> None:
         """Log this batch's metrics when an optimizer step was taken on a logging step."""
@@ -332,10 +348,12 @@ class DLRModule(LightningModule):
 
     def training_step(self, batch: list[Record], batch_idx: int) -> None:
         align_opt, rl_opt = self.optimizers()
+        step = self.trainer.global_step
         if self.stage == "alignment":
             self.alignment_step(batch, align_opt)
         else:
             self.rl_step(batch, rl_opt)
+        self.guard.end_injection_batch(step)
 
     def alignment_step(self, records: list[Record], optimizer) -> None:
         """Stage 1: minimise the frozen main model's NLL of the gold target given the projected mean chain."""

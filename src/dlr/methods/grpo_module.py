@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from dlr.callbacks.budget import compute_parameters, forward_flops
 from dlr.callbacks.metrics import log_now
 from dlr.data.schema import Record
+from dlr.methods.guard import NonFiniteGuard
 from dlr.methods.losses import (
     ADVANTAGE_SCALES,
     LOSS_TYPES,
@@ -56,6 +57,7 @@ class GRPOSettings:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     accumulate_grad_batches: int = 1
+    max_consecutive_nonfinite: int = 5  # skipped steps in a row before the run stops
     lora: dict = field(default_factory=dict)
 
     @classmethod
@@ -82,6 +84,7 @@ class GRPOSettings:
              "method.num_iterations > 1 updates on each batch several times: use accumulate_grad_batches=1"),
             (self.accumulate_grad_batches >= 1 and self.grad_clip > 0, "need accumulate_grad_batches >= 1 and grad_clip > 0"),
             (bool(self.lora), "method.lora must configure the adapters (GRPO trains LoRA on the 4-bit main model)"),
+            (self.max_consecutive_nonfinite >= 1, "method.max_consecutive_nonfinite must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -110,6 +113,7 @@ class GRPOModule(LightningModule):
         self.last_grad_norm: float | None = None
         self.register_buffer("eos_ids", torch.tensor(eos_token_ids(policy, tokenizer)), persistent=False)
         self._pending_backwards = 0
+        self.guard = NonFiniteGuard(settings.max_consecutive_nonfinite)  # experiment.py may arm fault injection
 
     def adapter_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.policy.parameters() if p.requires_grad]
@@ -158,6 +162,7 @@ class GRPOModule(LightningModule):
     def training_step(self, batch: list[Record], batch_idx: int) -> None:
         s = self.settings
         optimizer = self.optimizers()
+        step = self.trainer.global_step
         prompt_ids, prompt_mask, completion_ids, completion_mask, scores, gen_seconds = self.rollout(batch)
         rewards = scores[..., 2]  # [B, K]
         advantages, zero_spread = group_advantages(rewards, s.scale_rewards)
@@ -175,6 +180,7 @@ class GRPOModule(LightningModule):
         parts = self._micro_batches(N)
         sums = dict.fromkeys(("entropy", "kl", "clip_low", "clip_high"), 0.0)
         for _ in range(s.num_iterations):
+            nonfinite = False
             for part in parts:
                 logp, entropy = completion_log_probs(  # [n, Lc] each
                     self.policy, *(a[part] for a in args), s.temperature, entropy_grad=s.entropy_coef != 0
@@ -189,12 +195,16 @@ class GRPOModule(LightningModule):
                 if s.entropy_coef:
                     per_token = per_token - s.entropy_coef * entropy
                 weight = micro_batch_weight(s.loss_type, m.shape[0], N, float(m.sum()), total_tokens, len(parts))
-                loss = aggregate_token_loss(per_token, m, s.loss_type, s.max_new_tokens) * weight
+                loss = self.guard.inject(aggregate_token_loss(per_token, m, s.loss_type, s.max_new_tokens) * weight, step)
+                if not torch.isfinite(loss):  # never backpropagate it; the step is skipped below
+                    nonfinite = True
+                    continue
                 self.manual_backward(loss / s.accumulate_grad_batches)
                 sums["entropy"] += float((entropy.detach() * m).sum())
                 sums["clip_low"] += float((low.float() * m).sum())
                 sums["clip_high"] += float((high.float() * m).sum())
-            norm = self._maybe_step(optimizer)
+            norm = self._maybe_step(optimizer, nonfinite)
+        self.guard.end_injection_batch(step)
 
         self.last_reward, self.last_grad_norm = float(rewards.mean()), float(norm) if norm is not None else None
         lengths = completion_mask.sum(1).float()  # [N]
@@ -221,19 +231,31 @@ class GRPOModule(LightningModule):
             log_now(self.trainer, {**logs, "train/grad_norm": norm})
         self.log("reward", logs["train/reward"], prog_bar=True, logger=False, batch_size=len(batch))
 
-    def _maybe_step(self, optimizer) -> torch.Tensor | None:
-        """Step after `accumulate_grad_batches` batches: clip by hand; a non-finite norm skips the step."""
+    def _maybe_step(self, optimizer, nonfinite_loss: bool) -> torch.Tensor | None:
+        """Step after `accumulate_grad_batches` batches, clipping by hand. A non-finite loss in the
+        window or a non-finite gradient norm skips the step (counted; the guard stops a run of them)."""
+        step = self.trainer.global_step
+        if nonfinite_loss:
+            self._pending_backwards = 0
+            optimizer.zero_grad(set_to_none=True)
+            self._skip(step)
+            return None
         self._pending_backwards += 1
         if self._pending_backwards < self.settings.accumulate_grad_batches:
             return None
         self._pending_backwards = 0
         norm = torch.nn.utils.clip_grad_norm_(self.adapter_parameters(), self.settings.grad_clip)
         if torch.isfinite(norm):
+            self.guard.record(True, step)
             optimizer.step()
         else:
-            log_now(self.trainer, {"train/skipped_nonfinite_steps": 1.0})
+            self._skip(step)
         optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def _skip(self, step: int) -> None:
+        log_now(self.trainer, {"train/skipped_nonfinite_steps": float(self.guard.skipped + 1)})
+        self.guard.record(False, step)
 
     @torch.no_grad()
     def sample_attempts(self, records: list[Record], k: int, max_new_tokens: int) -> list[list[str]]:

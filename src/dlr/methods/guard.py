@@ -1,0 +1,45 @@
+"""Non-finite guard shared by the RL modules: a non-finite loss or gradient skips the step and is
+counted; after `max_consecutive` in a row the run stops with a clear error, keeping its last good
+checkpoint. `debug.inject_nonfinite_at_step` turns the loss into NaN on purpose, to test exactly that."""
+
+from __future__ import annotations
+
+import torch
+
+
+class NonFiniteTraining(RuntimeError):
+    """Training produced only non-finite losses or gradients for too long."""
+
+
+class NonFiniteGuard:
+    def __init__(self, max_consecutive: int, inject_at_step: int | None = None, inject_times: int = 1) -> None:
+        if max_consecutive < 1:
+            raise ValueError(f"max_consecutive_nonfinite must be >= 1, got {max_consecutive}")
+        self.max_consecutive, self.inject_at_step, self.inject_left = max_consecutive, inject_at_step, inject_times
+        self.skipped, self.consecutive = 0, 0
+
+    def inject(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        """The loss, or NaN while a fault is being injected at this optimizer step."""
+        if self.inject_at_step is not None and step == self.inject_at_step and self.inject_left > 0:
+            return loss * float("nan")
+        return loss
+
+    def end_injection_batch(self, step: int) -> None:
+        """One batch at the injection step is over (a skipped step keeps the step number)."""
+        if self.inject_at_step is not None and step == self.inject_at_step and self.inject_left > 0:
+            self.inject_left -= 1
+
+    def record(self, finite: bool, step: int) -> bool:
+        """Count a finite or skipped step; raise after too many skipped in a row. Returns `finite`."""
+        if finite:
+            self.consecutive = 0
+            return True
+        self.skipped += 1
+        self.consecutive += 1
+        if self.consecutive >= self.max_consecutive:
+            raise NonFiniteTraining(
+                f"{self.consecutive} consecutive optimizer steps had a non-finite loss or gradient (at step {step}); "
+                "training stopped and the last good checkpoint (checkpoints/last.ckpt) is kept. Lower the learning "
+                "rate or method.grad_clip, then resume from that checkpoint with ckpt_path=..."
+            )
+        return False
