@@ -26,6 +26,7 @@ from dlr.callbacks.evaluation import DepthScore, score_by_depth
 from dlr.callbacks.metrics import log_now
 from dlr.data.schema import Record
 from dlr.methods.guard import NonFiniteGuard
+from dlr.methods.rng import rng_states, set_rng_states
 from dlr.methods.losses import LatentRLWeights, group_advantages, latent_rl_loss, mode_separation_loss
 from dlr.models.backbones import PromptFormat
 from dlr.models.critic import FILTERS, RewardCritic, select_latents
@@ -219,6 +220,7 @@ class DLRModule(LightningModule):
         self.last_rollout: Rollout | None = None
         self._pending_backwards = 0
         self.guard = NonFiniteGuard(settings.max_consecutive_nonfinite)  # experiment.py may arm fault injection
+        self._rng_to_restore: dict | None = None  # from a checkpoint, applied at the first batch
 
     # --- stages and optimizers ---------------------------------------------------------------
 
@@ -511,13 +513,22 @@ class DLRModule(LightningModule):
         in_assistant = key.startswith(("policy.assistant.", "reference.assistant."))
         return self.lora and in_assistant and "lora_" not in key
 
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self._rng_to_restore is not None:
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
         for key in [k for k in state if self._is_frozen_backbone_key(k)]:
             del state[key]
         checkpoint["main_sha256"] = self.main_sha256
+        checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Applied at the first batch: creating the data iterator after loading draws from torch's RNG,
+        # which the uninterrupted run did before the step the checkpoint was taken at.
+        self._rng_to_restore = checkpoint.get("rng_states")
         saved = checkpoint.get("main_sha256")
         if saved and self.main_sha256 and saved != self.main_sha256:
             raise RuntimeError(
