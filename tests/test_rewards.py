@@ -473,3 +473,24 @@ def test_an_idle_worker_that_died_is_replaced_not_counted_as_a_wrong_answer():
     verify._idle_workers[-1].proc.kill()
     verify._idle_workers[-1].proc.wait()
     assert latex_equivalent("\\frac{1}{2}", "0.5", timeout_s=30)
+
+
+long_or_nested = st.one_of(
+    completions,
+    st.builds(lambda piece, n: piece * n, st.sampled_from(["{", "}", "\\boxed{", "#", "#### 1 ", "9", "a"]),
+              st.integers(min_value=1_000, max_value=100_000)),
+    st.builds(lambda n, body: "\\boxed{" * n + body + "}" * n, st.integers(min_value=1, max_value=5_000), st.text(max_size=10)),
+)
+
+
+@settings(max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(completion=long_or_nested, lenient=st.booleans())
+def test_ten_thousand_strings_never_raise_and_each_takes_under_a_second(completion, lenient):
+    """The text-side checks (extraction, format, logic answers) on 10k strings up to 100k characters and
+    thousands of nested braces; math-verify's own bound is tested above with fewer, slower examples."""
+    start = time.perf_counter()
+    breakdown = score(completion, "true", "logic")
+    answer = extract_answer(completion, lenient=lenient)
+    assert time.perf_counter() - start < 1.0
+    assert breakdown.correct in (0.0, 1.0) and breakdown.format in (0.0, 1.0)
+    assert answer is None or isinstance(answer, str)
