@@ -60,3 +60,35 @@ def test_a_killed_dlr_run_resumes_to_the_uninterrupted_metrics(tmp_path):
     assert {s: expected[s] for s in got} == got  # the same rewards step for step: bitwise on this CPU
     scores = lambda d: json.loads((d / "eval.json").read_text())["scores"]  # noqa: E731
     assert scores(resumed_dir) == scores(tmp_path / "full")
+
+
+def test_a_killed_comparison_reruns_in_its_folder_and_finishes(tmp_path):
+    """Killed during GRPO: the rerun reads DLR's finished result and resumes GRPO from its checkpoint."""
+    args = [
+        "experiment=dlr_vs_grpo", "method.seeds=[0]", "budget.amount=6", "data.test_per_depth=1", "data.eval_depths=[1,2]",
+        "method.eval_every=0.5", "method.pass_at_k=0", "method.dlr.alignment.steps=2", "method.grpo.max_new_tokens=16",
+        "eval.max_new_tokens=16", "callbacks.model_checkpoint.every_n_train_steps=1", "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    process = subprocess.Popen([sys.executable, str(ROOT / "src" / "train.py"), *args], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    grpo_last = tmp_path / "grpo" / "seed_0" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 400
+    while checkpoint_step(grpo_last) < 1 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    dlr_result = tmp_path / "dlr" / "seed_0" / "result.json"
+    assert dlr_result.exists() and not (tmp_path / "grpo" / "seed_0" / "result.json").exists()
+    killed_at, dlr_written = checkpoint_step(grpo_last), dlr_result.stat().st_mtime
+    assert killed_at >= 1
+
+    rerun = run_train(args, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert dlr_result.stat().st_mtime == dlr_written  # read, not retrained
+    log = (tmp_path / "train.log").read_text()
+    assert "dlr seed 0: finished earlier" in log and "grpo seed 0: resuming from" in log
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["arms"]) == {"dlr", "grpo"}
+    assert summary["arms"]["grpo"]["spent"]["seconds"][0] >= 6  # the budget meter went on from its checkpoint
+    assert [p["budget_fraction"] for p in summary["arms"]["grpo"]["curve"]] == [0.0, 0.5, 1.0]

@@ -426,14 +426,35 @@ def phase_datamodule(cfg: DictConfig, source: str) -> ReasoningDataModule:
     return datamodule
 
 
+def load_seed_result(path: Path):
+    """A finished (arm, seed)'s `result.json`, as the report reads it."""
+    from dlr.report.report import SeedResult
+
+    fields = json.loads(path.read_text())
+    return SeedResult(**{**fields, "final_scores": [DepthScore(**s) for s in fields["final_scores"]]})
+
+
 def train_arm_seed(cfg: DictConfig, name: str, kind: str, seed: int, out: Path, fractions: list[float]):
-    """One (arm, seed) of a comparison: train each phase until its budget is spent, evaluating on the way."""
-    from dlr.callbacks.budget import BudgetMeter
+    """One (arm, seed) of a comparison: train each phase until its budget is spent, evaluating on the way.
+
+    Rerun in the same folder (`hydra.run.dir=` a killed run's folder), a finished (arm, seed) is read
+    from its `result.json` and an interrupted one resumes from its `checkpoints/last.ckpt` with its
+    budget meter, data position and random state (continual runs restart the interrupted arm instead).
+    """
+    from dlr.callbacks.budget import BudgetMeter, reset_peak_memory
     from dlr.report.report import SeedResult, overall_accuracy
 
-    from dlr.callbacks.budget import reset_peak_memory
-
     arm_cfg = arm_config(cfg, name, seed, out)
+    seed_dir = Path(arm_cfg.paths.output_dir)
+    if (seed_dir / "result.json").exists():
+        log.info("%s seed %d: finished earlier, reading %s", name, seed, seed_dir / "result.json")
+        return load_seed_result(seed_dir / "result.json")
+    last = seed_dir / "checkpoints" / "last.ckpt"
+    phases = list(cfg.method.get("phases") or [])  # data sources trained one after the other
+    if last.exists() and not phases:
+        log.info("%s seed %d: resuming from %s", name, seed, last)
+        with open_dict(arm_cfg):
+            arm_cfg.ckpt_path = str(last)
     reset_peak_memory(torch.device(evaluation_device(cfg.trainer.accelerator)))  # the previous arm is gone
     L.seed_everything(seed, workers=True)
     arm = ARMS[kind](arm_cfg)
@@ -443,7 +464,6 @@ def train_arm_seed(cfg: DictConfig, name: str, kind: str, seed: int, out: Path, 
     others = other_task_records(arm_cfg, cfg.method.other_task) if cfg.method.other_task else []
     other_before = overall_accuracy(arm.evaluate(others, label)) if others else None
     nll_before = heldout_nll(arm.text_model, fmt, others, cfg.eval.batch_size) if others else None
-    phases = list(cfg.method.get("phases") or [])  # data sources trained one after the other
     retention: dict[str, dict[str, float]] = {}  # after phase -> {task source: accuracy}
     meters = []
     for source in phases or [None]:
