@@ -26,7 +26,7 @@ from dlr.callbacks.evaluation import DepthScore, score_by_depth
 from dlr.callbacks.metrics import log_now
 from dlr.data.schema import Record
 from dlr.methods.guard import NonFiniteGuard
-from dlr.methods.rng import rng_states, set_rng_states
+from dlr.methods.checkpointing import TrainableStateCheckpoints
 from dlr.methods.losses import LatentRLWeights, group_advantages, latent_rl_loss, mode_separation_loss
 from dlr.models.backbones import PromptFormat
 from dlr.models.critic import FILTERS, RewardCritic, select_latents
@@ -170,7 +170,7 @@ def gather_samples(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x[torch.arange(x.shape[0], device=x.device)[:, None], index]
 
 
-class DLRModule(LightningModule):
+class DLRModule(TrainableStateCheckpoints, LightningModule):
     def __init__(
         self,
         main: torch.nn.Module,
@@ -220,7 +220,6 @@ class DLRModule(LightningModule):
         self.last_rollout: Rollout | None = None
         self._pending_backwards = 0
         self.guard = NonFiniteGuard(settings.max_consecutive_nonfinite)  # experiment.py may arm fault injection
-        self._rng_to_restore: dict | None = None  # from a checkpoint, applied at the first batch
 
     # --- stages and optimizers ---------------------------------------------------------------
 
@@ -505,37 +504,16 @@ class DLRModule(LightningModule):
 
     # --- checkpoints --------------------------------------------------------------------------
 
-    def _is_frozen_backbone_key(self, key: str) -> bool:
+    arm_name = "DLR"
+
+    @property
+    def protected_sha256(self) -> str | None:
+        return self.main_sha256
+
+    def is_backbone_key(self, key: str) -> bool:
         """Weights reloaded from the backbone at start: the main model, and the assistant's base
         weights when it trains through LoRA adapters."""
         if key.startswith("main."):
             return True
         in_assistant = key.startswith(("policy.assistant.", "reference.assistant."))
         return self.lora and in_assistant and "lora_" not in key
-
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        if self._rng_to_restore is not None:
-            set_rng_states(self._rng_to_restore)
-            self._rng_to_restore = None
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if self._is_frozen_backbone_key(k)]:
-            del state[key]
-        checkpoint["main_sha256"] = self.main_sha256
-        checkpoint["rng_states"] = rng_states()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # Applied at the first batch: creating the data iterator after loading draws from torch's RNG,
-        # which the uninterrupted run did before the step the checkpoint was taken at.
-        self._rng_to_restore = checkpoint.get("rng_states")
-        saved = checkpoint.get("main_sha256")
-        if saved and self.main_sha256 and saved != self.main_sha256:
-            raise RuntimeError(
-                "this checkpoint was trained against a different main model (weight hash differs): "
-                "resume with the same backbone.main"
-            )
-        expected = {k for k in self.state_dict() if not self._is_frozen_backbone_key(k)}
-        missing = sorted(expected - set(checkpoint["state_dict"]))
-        if missing:
-            raise RuntimeError(f"the checkpoint lacks {len(missing)} DLR weights, e.g. {missing[:3]}: not a DLR checkpoint of this config")

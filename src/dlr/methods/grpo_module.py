@@ -20,7 +20,7 @@ from dlr.callbacks.budget import compute_parameters, forward_flops
 from dlr.callbacks.metrics import log_now
 from dlr.data.schema import Record
 from dlr.methods.guard import NonFiniteGuard
-from dlr.methods.rng import rng_states, set_rng_states
+from dlr.methods.checkpointing import TrainableStateCheckpoints
 from dlr.methods.losses import (
     ADVANTAGE_SCALES,
     LOSS_TYPES,
@@ -92,7 +92,7 @@ class GRPOSettings:
                 raise ValueError(message)
 
 
-class GRPOModule(LightningModule):
+class GRPOModule(TrainableStateCheckpoints, LightningModule):
     def __init__(
         self,
         policy: torch.nn.Module,
@@ -115,7 +115,6 @@ class GRPOModule(LightningModule):
         self.register_buffer("eos_ids", torch.tensor(eos_token_ids(policy, tokenizer)), persistent=False)
         self._pending_backwards = 0
         self.guard = NonFiniteGuard(settings.max_consecutive_nonfinite)  # experiment.py may arm fault injection
-        self._rng_to_restore: dict | None = None  # from a checkpoint, applied at the first batch
 
     def adapter_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.policy.parameters() if p.requires_grad]
@@ -270,26 +269,11 @@ class GRPOModule(LightningModule):
 
     # --- checkpoints: adapters only; the 4-bit base is reloaded from the backbone -----------------
 
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        if self._rng_to_restore is not None:
-            set_rng_states(self._rng_to_restore)
-            self._rng_to_restore = None
+    arm_name = "GRPO"
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith("policy.") and "lora_" not in k]:
-            del state[key]
-        checkpoint["base_sha256"] = self.base_sha256
-        checkpoint["rng_states"] = rng_states()
+    @property
+    def protected_sha256(self) -> str | None:
+        return self.base_sha256
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # Applied at the first batch: creating the data iterator after loading draws from torch's RNG,
-        # which the uninterrupted run did before the step the checkpoint was taken at.
-        self._rng_to_restore = checkpoint.get("rng_states")
-        saved = checkpoint.get("base_sha256")
-        if saved and self.base_sha256 and saved != self.base_sha256:
-            raise RuntimeError("this checkpoint's adapters were trained on a different base model: resume with the same backbone.main")
-        expected = {k for k in self.state_dict() if not k.startswith("policy.") or "lora_" in k}
-        missing = sorted(expected - set(checkpoint["state_dict"]))
-        if missing:
-            raise RuntimeError(f"the checkpoint lacks {len(missing)} GRPO weights, e.g. {missing[:3]}: not a GRPO checkpoint of this config")
+    def is_backbone_key(self, key: str) -> bool:
+        return key.startswith("policy.") and "lora_" not in key
