@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from lightning import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from dlr.callbacks.metrics import log_now
+from dlr.callbacks.metrics import RolloutDiagnostic, log_now
 
 
 def mean_pairwise_cosine_distance(z: torch.Tensor) -> torch.Tensor:
@@ -31,24 +30,22 @@ def effective_rank(z: torch.Tensor) -> torch.Tensor:
     return entropy.exp().mean()
 
 
-class LatentDiversity(Callback):
+class LatentDiversity(RolloutDiagnostic):
     """Every N stage-2 steps logs `latent/cosine_distance`, `latent/effective_rank`, `latent/sigma_mean`;
     with TensorBoard also histograms of mu, sigma and z and, every `projector_every_n_steps`, an
     embedding-projector snapshot of the decoded chains with their rewards as labels."""
 
     def __init__(self, every_n_steps: int = 10, histograms: bool = True, projector_every_n_steps: int = 100) -> None:
-        if every_n_steps < 1 or projector_every_n_steps < 0:
-            raise ValueError("LatentDiversity needs every_n_steps >= 1 and projector_every_n_steps >= 0 (0: off)")
-        self.every_n_steps, self.histograms = every_n_steps, histograms
-        self.projector_every_n_steps = projector_every_n_steps
-        self.measured_step = -1  # with gradient accumulation several batches share a step: measure once
+        super().__init__(every_n_steps)
+        if projector_every_n_steps < 0:
+            raise ValueError("LatentDiversity needs projector_every_n_steps >= 0 (0: off)")
+        self.histograms, self.projector_every_n_steps = histograms, projector_every_n_steps
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        rollout = getattr(pl_module, "last_rollout", None)
-        step = trainer.global_step
-        if rollout is None or pl_module.stage != "rl" or step % self.every_n_steps or step == self.measured_step:
+        rollout = self.due_rollout(trainer, pl_module)
+        if rollout is None:
             return
-        self.measured_step = step
+        step = trainer.global_step
         log_now(trainer, {
             "latent/cosine_distance": mean_pairwise_cosine_distance(rollout.z),
             "latent/effective_rank": effective_rank(rollout.z),

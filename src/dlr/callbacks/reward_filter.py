@@ -4,9 +4,7 @@ sampled chains once more and compare the critic's top-K with the true top-K."""
 from __future__ import annotations
 
 import torch
-from lightning import Callback
-
-from dlr.callbacks.metrics import log_now
+from dlr.callbacks.metrics import RolloutDiagnostic, log_now
 
 
 def filter_quality(predicted: torch.Tensor, rewards: torch.Tensor, keep: int) -> dict[str, torch.Tensor]:
@@ -25,21 +23,16 @@ def filter_quality(predicted: torch.Tensor, rewards: torch.Tensor, keep: int) ->
     }
 
 
-class RewardFilter(Callback):
+class RewardFilter(RolloutDiagnostic):
     """Logs `filter/precision_at_k`, `filter/precision_at_k_random` and `filter/critic_mse` (over all G)."""
 
     def __init__(self, every_n_steps: int = 10) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"RewardFilter.every_n_steps must be >= 1, got {every_n_steps}")
-        self.every_n_steps = every_n_steps
-        self.measured_step = -1  # with gradient accumulation several batches share a step: measure once
+        super().__init__(every_n_steps)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        rollout = getattr(pl_module, "last_rollout", None)
-        step = trainer.global_step
-        if rollout is None or pl_module.stage != "rl" or step % self.every_n_steps or step == self.measured_step:
+        rollout = self.due_rollout(trainer, pl_module)
+        if rollout is None:
             return
-        self.measured_step = step
         rewards = pl_module.decode_and_score(rollout.records, rollout.z)[..., 2]  # [B, G]
         quality = filter_quality(rollout.predicted, rewards, rollout.kept.shape[1])
         log_now(trainer, {f"filter/{k}": v for k, v in quality.items()})
