@@ -11,6 +11,7 @@ import torch
 from conftest import run_train
 from dlr.callbacks.budget import BudgetMeter, compute_parameters, forward_flops
 from dlr.callbacks.evaluation import DepthScore
+from dlr.callbacks.metrics import log_now
 from dlr.report.report import bootstrap_ci, count_collapses, overall_accuracy
 
 
@@ -22,13 +23,35 @@ class FakeClock:
         return self.now
 
 
-def drive(meter: BudgetMeter, module, clock: FakeClock, step_seconds: float, step_flops: float, max_batches: int = 100) -> int:
+class OtherRankStrategy:
+    """Stands in for DDP over two processes: this one is rank 0, and rank 1 contributes `rank_one(t)`
+    to every gather."""
+
+    def __init__(self, rank_one) -> None:
+        self.rank_one, self.root_device = rank_one, torch.device("cpu")
+
+    def all_gather(self, values: torch.Tensor) -> torch.Tensor:
+        return torch.stack([values, self.rank_one(values)])
+
+    def barrier(self) -> None:
+        pass
+
+
+def fake_trainer(world_size: int = 1, rank_one=None, loggers=()) -> SimpleNamespace:
+    strategy = OtherRankStrategy(rank_one) if world_size > 1 else SimpleNamespace(barrier=lambda: None)
+    return SimpleNamespace(is_global_zero=True, loggers=list(loggers), global_step=0, should_stop=False,
+                           world_size=world_size, strategy=strategy)
+
+
+def drive(meter: BudgetMeter, module, clock: FakeClock, step_seconds: float, step_flops: float, max_batches: int = 100,
+          trainer: SimpleNamespace | None = None) -> int:
     """Run fake batches through the meter's hooks until it stops training; returns the batches run."""
-    trainer = SimpleNamespace(is_global_zero=True, loggers=[], global_step=0, should_stop=False)
+    trainer = trainer or fake_trainer()
     for batch in range(1, max_batches + 1):
         meter.on_train_batch_start(trainer, module, None, batch)
         clock.now += step_seconds
         module.flops_spent += step_flops
+        module.generated_tokens += 5
         meter.on_train_batch_end(trainer, module, None, None, batch)
         trainer.global_step += 1
         if trainer.should_stop:
@@ -68,6 +91,27 @@ def test_meter_stops_at_the_flops_budget():
     resumed = BudgetMeter("flops", 1000.0, None, clock=clock)
     resumed.load_state_dict(state)
     assert resumed.seconds == pytest.approx(meter.seconds) and len(resumed.points) == 4 and resumed.eval_fractions == []
+
+
+def test_meter_over_two_ranks_charges_the_slower_rank_and_every_rank_s_flops():
+    clock, module = FakeClock(), fake_module()
+    rank_one = lambda row: row * torch.tensor([2.0, 3.0, 3.0, 1.0, 0.0, 1.0, 1.0], dtype=torch.float64)  # noqa: E731
+    meter = BudgetMeter("flops", 1000.0, None, eval_fractions=(1.0,), clock=clock)
+    # Per batch: rank 0 spends 0.1 s and 100 FLOPs, rank 1 0.2 s and 300 FLOPs; 400 a batch in all.
+    assert drive(meter, module, clock, 0.1, 100.0, trainer=fake_trainer(2, rank_one)) == 3  # 1200 >= 1000 > 800
+    assert meter.flops == 1200.0 and meter.generated_tokens == 3 * (5 + 15)
+    assert meter.seconds == pytest.approx(3 * 0.2)  # the slower rank's time: the other waits for it
+    assert meter.trace.reward[-1] == pytest.approx([1.2, 0.25])  # the mean of 0.5 and 0.0
+
+
+def test_log_now_logs_the_mean_over_ranks():
+    class Recorder:
+        def log_metrics(self, metrics, step):
+            self.logged = (metrics, step)
+
+    recorder = Recorder()
+    log_now(fake_trainer(2, lambda row: row + 2.0, [recorder]), {"train/reward": 0.5, "train/kl": torch.tensor(1.0)})
+    assert recorder.logged == ({"train/kl": 2.0, "train/reward": 1.5}, 0)
 
 
 def test_bad_budget_fails_with_the_key_named():

@@ -42,6 +42,15 @@ def test_weighted_micro_batches_sum_to_the_whole_batch_loss(loss_type):
     torch.testing.assert_close(summed, whole)
 
 
+def test_dapo_over_two_ranks_averaged_like_ddp_is_the_mean_over_all_tokens():
+    ranks = [(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[1, 1, 1]])),  # rank 0: 3 tokens
+             (torch.tensor([[5.0, 9.0, 9.0]]), torch.tensor([[1, 0, 0]]))]  # rank 1: 1 token
+    mean_tokens = (3 + 1) / 2
+    per_rank = [aggregate_token_loss(x, m, "dapo", 3) * micro_batch_weight("dapo", 1, 1, float(m.sum()), mean_tokens, 1)
+                for x, m in ranks]
+    assert (sum(per_rank) / 2).item() == pytest.approx((1 + 2 + 3 + 5) / 4)  # DDP averages the ranks' gradients
+
+
 def test_bnpo_micro_batches_average_their_own_token_means():
     per_token, mask = torch.tensor([[1.0, 3.0], [5.0, 0.0]]), torch.tensor([[1, 1], [1, 0]])
     parts = [slice(0, 1), slice(1, 2)]

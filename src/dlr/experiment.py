@@ -9,10 +9,12 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import shutil
 import warnings
 import dataclasses
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,7 +22,9 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dlr.callbacks.evaluation import DepthScore, depth_table, evaluate_by_depth, scores_as_dicts
@@ -41,11 +45,17 @@ def output_dir(cfg: DictConfig) -> Path:
     return Path(cfg.paths.output_dir)
 
 
+def is_rank_zero() -> bool:
+    """Rank 0 writes results and runs evaluations. A DDP child process knows its rank from the
+    environment from its start, before any Trainer exists."""
+    return rank_zero_only.rank == 0
+
+
 def check_writable(folder: Path) -> None:
     """Fail at start, not after an hour of training, when results could not be written."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write_probe"
+        probe = folder / f".write_probe_{os.getpid()}"  # DDP processes probe the same folder at once
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
@@ -81,6 +91,17 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None, **overri
     if not loggers:  # Lightning refuses a learning-rate monitor without a logger
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
+
+
+def rl_ddp_strategy(module: L.LightningModule) -> DDPStrategy:
+    """What `trainer.strategy=ddp` builds for an RL arm. The modules' buffers are per-rank counters
+    (FLOPs, tokens) that DDP must not overwrite with rank 0's at every forward; a module whose steps
+    leave some parameters without a gradient says so. Between arms rank 0 evaluates alone while the
+    other ranks wait in a collective, so the timeout is hours, not DDP's 30 minutes."""
+    # Lightning deprecates the flag but keeps it for rank-local buffers, which these are.
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")
+    return DDPStrategy(find_unused_parameters=module.ddp_unused_parameters, broadcast_buffers=False,
+                       timeout=timedelta(hours=4))
 
 
 def write_json(path: Path, payload) -> None:
@@ -291,7 +312,8 @@ def fit(cfg: DictConfig, arm: Arm, extra_callbacks: list | None = None, budgeted
         max_steps = cfg.trainer.max_steps
     else:
         max_steps = -1 if budgeted else arm.default_steps
-    trainer = build_trainer(cfg, max_steps=max_steps, extra_callbacks=extra_callbacks)
+    overrides = {"strategy": rl_ddp_strategy(arm.module)} if cfg.trainer.strategy == "ddp" else {}
+    trainer = build_trainer(cfg, max_steps=max_steps, extra_callbacks=extra_callbacks, **overrides)
     try:
         trainer.fit(arm.module, datamodule=arm.datamodule, ckpt_path=cfg.get("ckpt_path"))
     except NonFiniteTraining as err:
@@ -320,6 +342,9 @@ def run_dlr(cfg: DictConfig, out: Path) -> None:
     from dlr.callbacks.evaluation import AlignmentEval
 
     arm = setup_dlr(cfg)
+    if not is_rank_zero():  # a DDP process: it trains its shard of the rollouts, rank 0 does the rest
+        fit(cfg, arm)
+        return
     start_hash = arm.protected_hash()
     records = arm.datamodule.test_records()
     scores = evaluate_models(cfg, {"main": arm.text_model}, prompt_format(cfg), records)  # the frozen main alone
@@ -336,6 +361,9 @@ def run_grpo(cfg: DictConfig, out: Path) -> None:
     """Token-space GRPO: LoRA adapters on the 4-bit main model; evaluates the main model before and
     the policy after; fails loudly if the base weights under the adapters changed."""
     arm = setup_grpo(cfg)
+    if not is_rank_zero():  # a DDP process: it trains its shard of the rollouts, rank 0 does the rest
+        fit(cfg, arm)
+        return
     start_hash = arm.protected_hash()
     records = arm.datamodule.test_records()
     fmt = prompt_format(cfg)
@@ -440,6 +468,7 @@ def train_arm_seed(cfg: DictConfig, name: str, kind: str, seed: int, out: Path, 
     Rerun in the same folder (`hydra.run.dir=` a killed run's folder), a finished (arm, seed) is read
     from its `result.json` and an interrupted one resumes from its `checkpoints/last.ckpt` with its
     budget meter, data position and random state (continual runs restart the interrupted arm instead).
+    Under DDP the other ranks only train (and return None); rank 0 evaluates and writes.
     """
     from dlr.callbacks.budget import BudgetMeter, reset_peak_memory
     from dlr.report.report import SeedResult, overall_accuracy
@@ -458,10 +487,11 @@ def train_arm_seed(cfg: DictConfig, name: str, kind: str, seed: int, out: Path, 
     reset_peak_memory(torch.device(evaluation_device(cfg.trainer.accelerator)))  # the previous arm is gone
     L.seed_everything(seed, workers=True)
     arm = ARMS[kind](arm_cfg)
+    rank_zero = is_rank_zero()
     fmt = prompt_format(cfg)
-    start_hash = arm.protected_hash()
+    start_hash = arm.protected_hash() if rank_zero else ""
     label = f"{name}/seed_{seed}"
-    others = other_task_records(arm_cfg, cfg.method.other_task) if cfg.method.other_task else []
+    others = other_task_records(arm_cfg, cfg.method.other_task) if cfg.method.other_task and rank_zero else []
     other_before = overall_accuracy(arm.evaluate(others, label)) if others else None
     nll_before = heldout_nll(arm.text_model, fmt, others, cfg.eval.batch_size) if others else None
     retention: dict[str, dict[str, float]] = {}  # after phase -> {task source: accuracy}
@@ -470,17 +500,20 @@ def train_arm_seed(cfg: DictConfig, name: str, kind: str, seed: int, out: Path, 
         if source is not None:
             arm.datamodule = phase_datamodule(arm_cfg, source)
         records = arm.datamodule.test_records()
-        meter = BudgetMeter(cfg.budget.kind, cfg.budget.amount, lambda module, r=records: arm.evaluate(r, label), fractions)
+        evaluate = (lambda module, r=records: arm.evaluate(r, label)) if rank_zero else None
+        meter = BudgetMeter(cfg.budget.kind, cfg.budget.amount, evaluate, fractions)
         meter.record(arm.module, 0.0)
         log.info("%s seed %d%s: training until %g %s are spent", name, seed, f" on {source}" if source else "",
                  cfg.budget.amount, cfg.budget.kind)
         fit(arm_cfg, arm, extra_callbacks=[meter], budgeted=True)
         meters.append(meter)
-        if source is not None:  # every phase's task so far, after this phase
+        if source is not None and rank_zero:  # every phase's task so far, after this phase
             retention[source] = {
                 task: overall_accuracy(arm.evaluate(phase_datamodule(arm_cfg, task).test_records(), label))
                 for task in phases[: phases.index(source) + 1]
             }
+    if not rank_zero:
+        return None
     unchanged = check_protected(arm, start_hash, Path(arm_cfg.paths.output_dir))
     pass_at_k = None
     if cfg.method.pass_at_k:
@@ -497,8 +530,8 @@ def train_arm_seed(cfg: DictConfig, name: str, kind: str, seed: int, out: Path, 
         curve=[{"budget_fraction": p.fraction, "seconds": p.seconds, "flops": p.flops,
                 "generated_tokens": p.generated_tokens, "accuracy": overall_accuracy(p.scores)} for p in meter.points],
         final_scores=final,
-        spent={"seconds": sum(m.seconds for m in meters), "flops": float(arm.module.flops_spent),
-               "generated_tokens": int(arm.module.generated_tokens),
+        spent={"seconds": sum(m.seconds for m in meters), "flops": sum(m.flops for m in meters),
+               "generated_tokens": sum(m.generated_tokens for m in meters),
                "peak_memory_gb": max(m.peak_memory for m in meters) / 2**30},
         other_task_before=other_before,
         other_task_after=overall_accuracy(arm.evaluate(others, label)) if others else None,
@@ -545,6 +578,8 @@ def run_dlr_vs_grpo(cfg: DictConfig, out: Path) -> None:
     for name, kind in kinds.items():
         _settings({"dlr": DLRSettings, "grpo": GRPOSettings}[kind], arm_config(cfg, name, seeds[0], out))
     results = {name: [train_arm_seed(cfg, name, kinds[name], seed, out, fractions) for seed in seeds] for name in cfg.method.arms}
+    if not is_rank_zero():
+        return
     summary = {
         "experiment": cfg.task_name, "device": device_name(cfg.trainer.accelerator),
         "budget": {"kind": cfg.budget.kind, "amount": float(cfg.budget.amount)}, "pass_at_k": cfg.method.pass_at_k,
@@ -564,7 +599,8 @@ def run(cfg: DictConfig) -> None:
     reward_config(cfg), prompt_format(cfg)  # a bad reward or prompt setting fails before any model loads
     out = output_dir(cfg)
     check_writable(out)
-    OmegaConf.save(cfg, out / "config_resolved.yaml", resolve=True)
+    if is_rank_zero():
+        OmegaConf.save(cfg, out / "config_resolved.yaml", resolve=True)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_num_threads(cfg.get("num_threads") or torch.get_num_threads())
     METHODS[cfg.method.name](cfg, out)

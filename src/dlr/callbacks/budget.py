@@ -5,6 +5,10 @@ its budget is spent, and is evaluated at fixed fractions of it.
 Only the time between `on_train_batch_start` and `on_train_batch_end` is charged, and the meter must
 be the first callback (the orchestrator puts it there): its start hook runs before any other
 callback's and its end hook before diagnostics and evaluations run.
+
+Under DDP every rank measures its own batch and the meter adds up the run's: the slowest rank's
+seconds (the others wait for it), and the FLOPs and tokens of all ranks. Every rank then holds the
+same totals, so all of them stop at the same batch.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Callable
 import torch
 from lightning import Callback
 
-from dlr.callbacks.metrics import log_now
+from dlr.callbacks.metrics import gather_ranks, log_rank_zero, on_rank_zero
 
 BUDGET_KINDS = ("seconds", "flops")
 
@@ -89,9 +93,10 @@ class BudgetTrace:
 class BudgetMeter(Callback):
     """Charges each training batch to the budget; evaluates at `eval_fractions`; stops at 100%.
 
-    `pl_module` may expose `flops_spent` and `generated_tokens` (tensors or numbers it accumulates),
-    `last_reward`, `last_grad_norm` and `last_rollout`; the meter reads them after each batch.
-    `evaluate(pl_module)` returns the scores to record (its time is not charged).
+    `pl_module` may expose `flops_spent` and `generated_tokens` (tensors or numbers it accumulates;
+    the meter charges what they grow by during a batch), `last_reward`, `last_grad_norm` and
+    `last_rollout`; the meter reads them after each batch. `evaluate(pl_module)` returns the scores to
+    record (its time is not charged; under DDP it runs on rank 0 and the other ranks record no scores).
     """
 
     def __init__(
@@ -109,10 +114,10 @@ class BudgetMeter(Callback):
         self.kind, self.amount, self.evaluate = kind, float(amount), evaluate
         self.eval_fractions = sorted(eval_fractions)
         self.clock = clock
-        self.seconds, self.points, self.trace = 0.0, [], BudgetTrace()
-        self.peak_memory = 0
-        self.flops_at_start: float | None = None  # the module's counter when this meter started
-        self._started: float | None = None
+        self.seconds, self.flops, self.generated_tokens = 0.0, 0.0, 0  # charged so far, all ranks
+        self.points, self.trace = [], BudgetTrace()
+        self.peak_memory = 0  # bytes, the largest of any rank
+        self._batch_start: tuple[float, float, float] | None = None  # clock, FLOPs and tokens counters
 
     def _now(self, device: torch.device) -> float:
         if self.clock is not None:
@@ -127,55 +132,62 @@ class BudgetMeter(Callback):
         value = getattr(pl_module, name, 0.0)
         return float(value) if value is not None else 0.0
 
-    def flops(self, pl_module) -> float:
-        """FLOPs the module spent since this meter started (a module may train several phases)."""
-        if self.flops_at_start is None:
-            self.flops_at_start = self._read(pl_module, "flops_spent")
-        return self._read(pl_module, "flops_spent") - self.flops_at_start
+    def spent(self) -> float:
+        return self.seconds if self.kind == "seconds" else self.flops
 
-    def spent(self, pl_module) -> float:
-        return self.seconds if self.kind == "seconds" else self.flops(pl_module)
-
-    def fraction(self, pl_module) -> float:
-        return self.spent(pl_module) / self.amount
+    def fraction(self) -> float:
+        return self.spent() / self.amount
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.flops(pl_module)  # fixes the FLOPs baseline before the first batch is charged
-        self._started = self._now(pl_module.device)
+        counters = self._read(pl_module, "flops_spent"), self._read(pl_module, "generated_tokens")
+        self._batch_start = (self._now(pl_module.device), *counters)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._started is not None:
-            self.seconds += self._now(pl_module.device) - self._started
-            self._started = None
-        self.peak_memory = max(self.peak_memory, peak_memory_bytes(pl_module.device))
-        fraction = self.fraction(pl_module)
-        for key in ("reward", "grad_norm"):
-            value = getattr(pl_module, f"last_{key}", None)
-            if value is not None:
-                getattr(self.trace, key).append([fraction, float(value)])
+        clock, flops, tokens = self._batch_start
+        elapsed = self._now(pl_module.device) - clock  # first: what follows is not charged
         rollout = getattr(pl_module, "last_rollout", None)
+        diversity = float("nan")
         if rollout is not None:
             from dlr.callbacks.latent_diversity import mean_pairwise_cosine_distance
 
-            self.trace.diversity.append([fraction, float(mean_pairwise_cosine_distance(rollout.z))])
-        log_now(trainer, {
-            "budget/seconds": self.seconds, "budget/flops": self.flops(pl_module),
-            "budget/generated_tokens": self._read(pl_module, "generated_tokens"), "budget/fraction": fraction,
-            "budget/peak_memory_gb": self.peak_memory / 2**30,
+            diversity = float(mean_pairwise_cosine_distance(rollout.z))
+        optional = [getattr(pl_module, f"last_{key}", None) for key in ("reward", "grad_norm")]
+        local = torch.tensor([
+            elapsed,
+            self._read(pl_module, "flops_spent") - flops,
+            self._read(pl_module, "generated_tokens") - tokens,
+            peak_memory_bytes(pl_module.device),
+            *[float("nan") if value is None else float(value) for value in optional],
+            diversity,
+        ], dtype=torch.float64)
+        ranks = gather_ranks(trainer, local)  # [world_size, 7]
+        self.seconds += float(ranks[:, 0].max())
+        self.flops += float(ranks[:, 1].sum())
+        self.generated_tokens += int(ranks[:, 2].sum())
+        self.peak_memory = max(self.peak_memory, int(ranks[:, 3].max()))
+        fraction = self.fraction()
+        for series, column in ((self.trace.reward, 4), (self.trace.grad_norm, 5), (self.trace.diversity, 6)):
+            if not ranks[:, column].isnan().all():  # the batch had this value: the mean over ranks
+                series.append([fraction, float(ranks[:, column].nanmean())])
+        log_rank_zero(trainer, {
+            "budget/seconds": self.seconds, "budget/flops": self.flops, "budget/generated_tokens": self.generated_tokens,
+            "budget/fraction": fraction, "budget/peak_memory_gb": self.peak_memory / 2**30,
         })
         crossed = [f for f in self.eval_fractions if fraction >= f]
         if crossed:  # one evaluation serves every fraction this batch crossed
             self.eval_fractions = self.eval_fractions[len(crossed):]
-            self.record(pl_module, crossed[0])
+            self.record(pl_module, crossed[0], trainer)
             for f in crossed[1:]:
                 self.points.append(dataclasses.replace(self.points[-1], fraction=f))
         if fraction >= 1.0:
             trainer.should_stop = True
 
-    def record(self, pl_module, fraction: float) -> None:
-        """Evaluate now (uncharged) and keep the scores with what has been spent."""
-        scores = self.evaluate(pl_module) if self.evaluate is not None else []
-        self.points.append(BudgetPoint(fraction, self.seconds, self.flops(pl_module), int(self._read(pl_module, "generated_tokens")), scores))
+    def record(self, pl_module, fraction: float, trainer=None) -> None:
+        """Evaluate now (uncharged) and keep the scores with what has been spent. With a trainer, on
+        rank 0 only (other ranks wait, then record no scores)."""
+        evaluate = (lambda: self.evaluate(pl_module)) if self.evaluate is not None else list
+        scores = on_rank_zero(trainer, evaluate) if trainer is not None else evaluate()
+        self.points.append(BudgetPoint(fraction, self.seconds, self.flops, self.generated_tokens, scores or []))
 
     def state_dict(self) -> dict:
         """Spent seconds, pending evaluations and records survive a resume."""
@@ -184,14 +196,15 @@ class BudgetMeter(Callback):
         from dlr.callbacks.evaluation import scores_as_dicts
 
         points = [{**asdict(p), "scores": scores_as_dicts(p.scores)} for p in self.points]
-        return {"seconds": self.seconds, "eval_fractions": self.eval_fractions, "peak_memory": self.peak_memory,
-                "flops_at_start": self.flops_at_start, "points": points, "trace": asdict(self.trace)}
+        return {"seconds": self.seconds, "flops": self.flops, "generated_tokens": self.generated_tokens,
+                "eval_fractions": self.eval_fractions, "peak_memory": self.peak_memory, "points": points,
+                "trace": asdict(self.trace)}
 
     def load_state_dict(self, state: dict) -> None:
         from dlr.callbacks.evaluation import DepthScore
 
-        self.seconds, self.eval_fractions, self.peak_memory = state["seconds"], state["eval_fractions"], state["peak_memory"]
-        self.flops_at_start = state["flops_at_start"]
+        self.seconds, self.flops, self.generated_tokens = state["seconds"], state["flops"], state["generated_tokens"]
+        self.eval_fractions, self.peak_memory = state["eval_fractions"], state["peak_memory"]
         self.points = [BudgetPoint(**{**p, "scores": [DepthScore(**s) for s in p["scores"]]}) for p in state["points"]]
         self.trace = BudgetTrace(**state["trace"])
 

@@ -10,7 +10,7 @@ import torch
 from lightning import Callback
 from transformers import PreTrainedTokenizerBase
 
-from dlr.callbacks.metrics import log_now
+from dlr.callbacks.metrics import log_rank_zero, on_rank_zero
 from dlr.data.schema import Record
 from dlr.models.backbones import PromptFormat
 from dlr.models.generation import greedy_complete
@@ -139,8 +139,11 @@ class PeriodicDepthEval(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if step == 0 or step % self.every_n_steps or not trainer.is_global_zero:
+        if step == 0 or step % self.every_n_steps:
             return
+        on_rank_zero(trainer, lambda: self.evaluate(trainer, pl_module))
+
+    def evaluate(self, trainer, pl_module) -> None:
         seen: dict[tuple[str, int], int] = defaultdict(int)
         records = []
         for r in trainer.datamodule.test_records():
@@ -152,8 +155,8 @@ class PeriodicDepthEval(Callback):
             label=f"{self.model_attr}/{self.mode}", mode=self.mode, max_new_tokens=self.max_new_tokens,
             batch_size=len(records),
         )
-        log_now(trainer, {f"eval/{s.task}_acc_d{s.depth}": s.accuracy for s in scores})
-        print(f"\nstep {step}: " + ", ".join(f"{s.task[0]}{s.depth}={100 * s.accuracy:.0f}%" for s in scores), flush=True)
+        log_rank_zero(trainer, {f"eval/{s.task}_acc_d{s.depth}": s.accuracy for s in scores})
+        print(f"\nstep {trainer.global_step}: " + ", ".join(f"{s.task[0]}{s.depth}={100 * s.accuracy:.0f}%" for s in scores), flush=True)
 
 
 class AlignmentEval(Callback):
@@ -171,11 +174,15 @@ class AlignmentEval(Callback):
         self.on_train_batch_end(trainer, pl_module, None, None, 0)  # alignment.steps=0: the untrained policy
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.scores is not None or pl_module.stage != "rl" or not trainer.is_global_zero:
+        if self.scores is not None or pl_module.stage != "rl":
             return
-        self.scores = pl_module.evaluate_latent(trainer.datamodule.test_records(), self.LABEL, self.batch_size)
-        log_now(trainer, {f"eval_alignment/{s.task}_acc_d{s.depth}": s.accuracy for s in self.scores})
-        print(f"\nafter latent alignment:\n{depth_table(self.scores)}", flush=True)
+        self.scores = on_rank_zero(trainer, lambda: self.evaluate(trainer, pl_module)) or []  # [] on other ranks
+
+    def evaluate(self, trainer, pl_module) -> list[DepthScore]:
+        scores = pl_module.evaluate_latent(trainer.datamodule.test_records(), self.LABEL, self.batch_size)
+        log_rank_zero(trainer, {f"eval_alignment/{s.task}_acc_d{s.depth}": s.accuracy for s in scores})
+        print(f"\nafter latent alignment:\n{depth_table(scores)}", flush=True)
+        return scores
 
     def state_dict(self) -> dict:
         return {"scores": scores_as_dicts(self.scores) if self.scores is not None else None}

@@ -1,13 +1,20 @@
 """What RL checkpoints hold: only the state that trains (the backbone is reloaded from its folder), the
 hash of the weights it was trained against, and the random-number generators, so that a resumed run
-samples what the uninterrupted run would have sampled (Lightning saves no RNG state)."""
+samples what the uninterrupted run would have sampled (Lightning saves no RNG state).
+
+Under DDP every rank samples its own rollouts: the ranks' generators are split at setup, and a
+checkpoint holds every rank's generators (rank 0 writes it), so each rank resumes its own stream."""
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import random
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def rng_states() -> dict:
@@ -29,11 +36,24 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # CUDA too
+
+
 class TrainableStateCheckpoints:
     """LightningModule hooks for RL checkpoints. The module defines `is_backbone_key(key)` (weights
     left out), `protected_sha256` (hash of the weights it trains against) and `arm_name`."""
 
     _rng_to_restore: dict | None = None
+
+    def setup(self, stage: str) -> None:
+        # Every rank was seeded alike; with one stream the ranks would draw the same noise for their
+        # different questions. Rank r continues from a seed drawn from the common stream and r.
+        if self.trainer.world_size > 1:
+            drawn = int(torch.randint(2**62, ()))
+            seed_all(int.from_bytes(hashlib.sha256(f"{drawn}:{self.trainer.global_rank}".encode()).digest()[:8], "little"))
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if self._rng_to_restore is not None:
@@ -45,12 +65,20 @@ class TrainableStateCheckpoints:
         for key in [k for k in state if self.is_backbone_key(k)]:
             del state[key]
         checkpoint["protected_sha256"] = self.protected_sha256
-        checkpoint["rng_states"] = rng_states()
+        states = [rng_states()]
+        if self.trainer.world_size > 1:  # every rank dumps the checkpoint; rank 0 writes it
+            states = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(states, rng_states())
+        checkpoint["rng_states"] = states  # one entry per rank
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Applied at the first batch: creating the data iterator after loading draws from torch's RNG,
         # which the uninterrupted run did before the step the checkpoint was taken at.
-        self._rng_to_restore = checkpoint.get("rng_states")
+        states, rank = checkpoint.get("rng_states") or [], self.trainer.global_rank
+        if len(states) != self.trainer.world_size:
+            log.warning("the checkpoint holds random states for %d processes and this run has %d: sampling after "
+                        "the resume will differ from the uninterrupted run's", len(states), self.trainer.world_size)
+        self._rng_to_restore = states[rank] if rank < len(states) else None
         saved = checkpoint.get("protected_sha256")
         if saved and self.protected_sha256 and saved != self.protected_sha256:
             raise RuntimeError(

@@ -25,7 +25,7 @@ from dlr.callbacks.budget import compute_parameters, forward_flops
 from dlr.callbacks.evaluation import DepthScore, score_by_depth
 from dlr.callbacks.metrics import log_now
 from dlr.data.schema import Record
-from dlr.methods.guard import NonFiniteGuard
+from dlr.methods.guard import NonFiniteGuard, finite_on_every_rank
 from dlr.methods.checkpointing import TrainableStateCheckpoints
 from dlr.methods.losses import LatentRLWeights, group_advantages, latent_rl_loss, mode_separation_loss
 from dlr.models.backbones import PromptFormat
@@ -171,6 +171,8 @@ def gather_samples(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 class DLRModule(TrainableStateCheckpoints, LightningModule):
+    ddp_unused_parameters = True  # a stage-1 (alignment) step never runs the critic
+
     def __init__(
         self,
         main: torch.nn.Module,
@@ -261,7 +263,7 @@ class DLRModule(TrainableStateCheckpoints, LightningModule):
         non-finite norm skips the step."""
         step = self.trainer.global_step
         loss = self.guard.inject(loss, step)
-        if not torch.isfinite(loss):  # never backpropagate it: drop this accumulation window
+        if not finite_on_every_rank(self.trainer, loss):  # never backpropagate it: drop this accumulation window
             self._pending_backwards = 0
             optimizer.zero_grad(set_to_none=True)
             self._skip(step)

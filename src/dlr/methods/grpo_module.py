@@ -17,9 +17,9 @@ from lightning import LightningModule
 from transformers import PreTrainedTokenizerBase
 
 from dlr.callbacks.budget import compute_parameters, forward_flops
-from dlr.callbacks.metrics import log_now
+from dlr.callbacks.metrics import gather_ranks, log_now
 from dlr.data.schema import Record
-from dlr.methods.guard import NonFiniteGuard
+from dlr.methods.guard import NonFiniteGuard, finite_on_every_rank
 from dlr.methods.checkpointing import TrainableStateCheckpoints
 from dlr.methods.losses import (
     ADVANTAGE_SCALES,
@@ -93,6 +93,8 @@ class GRPOSettings:
 
 
 class GRPOModule(TrainableStateCheckpoints, LightningModule):
+    ddp_unused_parameters = False  # every step trains every adapter
+
     def __init__(
         self,
         policy: torch.nn.Module,
@@ -178,6 +180,9 @@ class GRPOModule(TrainableStateCheckpoints, LightningModule):
         self.flops_spent += forward_flops(self.parameter_count, sequence_tokens * extra_passes)
         self.flops_spent += forward_flops(self.parameter_count, sequence_tokens * s.num_iterations, "activations")
         total_tokens = float(mask.sum())
+        # dapo normalises by every token of the batch. Under DDP, which averages the ranks' gradients,
+        # that is the ranks' mean token count (the rank's own count on one device).
+        batch_tokens = float(gather_ranks(self.trainer, torch.tensor([total_tokens], dtype=torch.float64)).mean())
         parts = self._micro_batches(N)
         sums = dict.fromkeys(("entropy", "kl", "clip_low", "clip_high"), 0.0)
         for _ in range(s.num_iterations):
@@ -195,9 +200,9 @@ class GRPOModule(TrainableStateCheckpoints, LightningModule):
                     sums["kl"] += float((kl.detach() * m).sum())
                 if s.entropy_coef:
                     per_token = per_token - s.entropy_coef * entropy
-                weight = micro_batch_weight(s.loss_type, m.shape[0], N, float(m.sum()), total_tokens, len(parts))
+                weight = micro_batch_weight(s.loss_type, m.shape[0], N, float(m.sum()), batch_tokens, len(parts))
                 loss = self.guard.inject(aggregate_token_loss(per_token, m, s.loss_type, s.max_new_tokens) * weight, step)
-                if not torch.isfinite(loss):  # never backpropagate it; the step is skipped below
+                if not finite_on_every_rank(self.trainer, loss):  # never backpropagate it; the step is skipped below
                     nonfinite = True
                     continue
                 self.manual_backward(loss / s.accumulate_grad_batches)

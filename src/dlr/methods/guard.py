@@ -7,6 +7,12 @@ from __future__ import annotations
 import torch
 
 
+def finite_on_every_rank(trainer, loss: torch.Tensor) -> bool:
+    """Whether `loss` is finite here and on every other rank. Under DDP a backward is a collective, so
+    the ranks must agree before it: one rank's NaN skips the backward everywhere."""
+    return trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)  # as is on one device
+
+
 class NonFiniteTraining(RuntimeError):
     """Training produced only non-finite losses or gradients for too long."""
 

@@ -242,7 +242,9 @@ def micro_batch_weight(
 ) -> float:
     """Factor on one micro-batch's `aggregate_token_loss` so that the weighted sum over micro-batches
     equals the aggregate over the whole batch (grpo, dr_grpo, dapo exactly; bnpo, as in TRL,
-    normalises each micro-batch by its own tokens and averages the micro-batches)."""
+    normalises each micro-batch by its own tokens and averages the micro-batches). Under DDP, which
+    averages the ranks' gradients, pass the ranks' mean `total_tokens`: dapo is then exact over all
+    ranks' tokens (grpo and dr_grpo are, with equal sequences per rank)."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if loss_type in ("grpo", "dr_grpo"):
