@@ -6,9 +6,10 @@ Only the time between `on_train_batch_start` and `on_train_batch_end` is charged
 be the first callback (the orchestrator puts it there): its start hook runs before any other
 callback's and its end hook before diagnostics and evaluations run.
 
-Under DDP every rank measures its own batch and the meter adds up the run's: the slowest rank's
-seconds (the others wait for it), and the FLOPs and tokens of all ranks. Every rank then holds the
-same totals, so all of them stop at the same batch.
+Under DDP every rank measures its own batch and the meter adds up all ranks' seconds, FLOPs and tokens:
+a budget is the same total compute on one device or several (device-seconds on GPUs, where a rank's
+wall time includes waiting for the others; CPU-seconds on the CPU, as one process's threads add up).
+Every rank then holds the same totals, so all of them stop at the same batch.
 """
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ class BudgetMeter(Callback):
             diversity,
         ], dtype=torch.float64)
         ranks = gather_ranks(trainer, local)  # [world_size, 7]
-        self.seconds += float(ranks[:, 0].max())
+        self.seconds += float(ranks[:, 0].sum())
         self.flops += float(ranks[:, 1].sum())
         self.generated_tokens += int(ranks[:, 2].sum())
         self.peak_memory = max(self.peak_memory, int(ranks[:, 3].max()))
