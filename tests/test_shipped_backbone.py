@@ -31,8 +31,8 @@ def nf4_main():
 
 
 LOGIC_GAP = (
-    "known gap: after 2200 CPU warm-start steps the shipped main follows logic chains but guesses the polarity "
-    "of the last rule (accuracy ~50% at every depth); issue 2 stays open until a longer or GPU warm start lands"
+    "known gap: after 2200 CPU warm-start steps the shipped main follows logic chains but writes a fixed polarity "
+    "for the last rule (accuracy ~50% at every depth); issue 2 stays open until a longer or GPU warm start lands"
 )
 
 
