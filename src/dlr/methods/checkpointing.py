@@ -13,6 +13,7 @@ import random
 
 import numpy as np
 import torch
+from lightning.fabric.utilities.seed import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +37,6 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # CUDA too
-
-
 class TrainableStateCheckpoints:
     """LightningModule hooks for RL checkpoints. The module defines `is_backbone_key(key)` (weights
     left out), `protected_sha256` (hash of the weights it trains against) and `arm_name`."""
@@ -53,7 +48,8 @@ class TrainableStateCheckpoints:
         # different questions. Rank r continues from a seed drawn from the common stream and r.
         if self.trainer.world_size > 1:
             drawn = int(torch.randint(2**62, ()))
-            seed_all(int.from_bytes(hashlib.sha256(f"{drawn}:{self.trainer.global_rank}".encode()).digest()[:8], "little"))
+            rank_seed = int.from_bytes(hashlib.sha256(f"{drawn}:{self.trainer.global_rank}".encode()).digest()[:4], "little")
+            seed_everything(rank_seed, workers=True, verbose=False)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if self._rng_to_restore is not None:
