@@ -1,8 +1,8 @@
 """Performance benchmarks: each sub-command prints a table and writes JSON (DESIGN §11).
 
-    python src/bench.py rollout                      # DLR vs GRPO seconds per attempt, tiny backbone
-    python src/bench.py decode --batch-sizes 16 64 256 --backbone qwen2.5-0.5b+1.5b --device cuda
-    python src/bench.py memory --backbone qwen2.5-0.5b+7b --device cuda --G 64 --K 16 --T 32
+python src/bench.py rollout                      # DLR vs GRPO seconds per attempt, tiny backbone
+python src/bench.py decode --batch-sizes 16 64 256 --backbone qwen2.5-0.5b+1.5b --device cuda
+python src/bench.py memory --backbone qwen2.5-0.5b+7b --device cuda --G 64 --K 16 --T 32
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ sys.path.insert(0, str(PROJECT_ROOT / "src"))  # run from a checkout without `pi
 def table(rows: list[dict]) -> str:
     keys = list(rows[0])
     cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-    return "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-                     + ["| " + " | ".join(cell(r[k]) for k in keys) + " |" for r in rows])
+    return "\n".join(
+        ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        + ["| " + " | ".join(cell(r[k]) for k in keys) + " |" for r in rows]
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -51,8 +53,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     bb = benchmarks.load_backbone(args.backbone, args.device)
     if args.command == "rollout":
-        result = benchmarks.bench_rollout(bb, args.B, args.G, args.K, args.T, args.Dz, args.dlr_decode_tokens,
-                                          args.grpo_new_tokens, args.repeats)
+        result = benchmarks.bench_rollout(
+            bb, args.B, args.G, args.K, args.T, args.Dz, args.dlr_decode_tokens, args.grpo_new_tokens, args.repeats
+        )
         rows = [result]
     elif args.command == "decode":
         result = benchmarks.bench_decode(bb, args.batch_sizes, args.prompt_tokens, args.grpo_new_tokens, args.repeats)
@@ -61,7 +64,11 @@ def main(argv: list[str] | None = None) -> dict:
         result = benchmarks.bench_memory(bb, args.B, args.G, args.K, args.T, args.Dz, args.K, args.grpo_new_tokens)
         rows = [result]
     result["device"] = torch.cuda.get_device_name() if args.device.startswith("cuda") else _cpu_name()
-    out = Path(args.out) if args.out else PROJECT_ROOT / "logs" / "bench" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S") / f"{args.command}.json"
+    out = (
+        Path(args.out)
+        if args.out
+        else PROJECT_ROOT / "logs" / "bench" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S") / f"{args.command}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"{args.command} on {result['device']}, backbone {args.backbone}\n{table(rows)}\nwritten to {out}")

@@ -1,7 +1,7 @@
 """Entry point: compose the Hydra config, run the experiment it names, write the results.
 
-    python src/train.py experiment=warmstart_tiny trainer.max_steps=20
-    python src/train.py experiment=eval_tiny --trainer.accelerator cpu   # LightningCLI style works too
+python src/train.py experiment=warmstart_tiny trainer.max_steps=20
+python src/train.py experiment=eval_tiny --trainer.accelerator cpu   # LightningCLI style works too
 """
 
 from __future__ import annotations

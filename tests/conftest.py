@@ -26,8 +26,12 @@ def run_train(args: list[str], timeout: float = 600, env: dict | None = None) ->
     """Run `python src/train.py ARGS` the way a user does; output captured as text."""
     return subprocess.run(
         [sys.executable, str(ROOT / "src" / "train.py"), *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
     )
 
 

@@ -24,7 +24,10 @@ def test_tiny_tokenizer_has_the_latent_markers_as_single_tokens():
     tokenizer = build_tokenizer()
     for marker in (BOL, EOL, LAT):
         assert len(tokenizer(marker, add_special_tokens=False).input_ids) == 1
-    assert tokenizer.decode(tokenizer("ana has 7 pens . <bol> <eol> #### 9").input_ids, skip_special_tokens=True) == "ana has 7 pens . #### 9"
+    assert (
+        tokenizer.decode(tokenizer("ana has 7 pens . <bol> <eol> #### 9").input_ids, skip_special_tokens=True)
+        == "ana has 7 pens . #### 9"
+    )
 
 
 def test_nf4_main_loads_frozen_4bit_and_tracks_full_precision(tiny_pair):

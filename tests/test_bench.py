@@ -13,8 +13,26 @@ spec = importlib.util.spec_from_file_location("bench", ROOT / "src" / "bench.py"
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
 
-SMALL = ["--device", "cpu", "--repeats", "1", "--B", "2", "--G", "4", "--K", "2", "--T", "2", "--Dz", "8",
-         "--grpo-new-tokens", "6", "--dlr-decode-tokens", "2"]
+SMALL = [
+    "--device",
+    "cpu",
+    "--repeats",
+    "1",
+    "--B",
+    "2",
+    "--G",
+    "4",
+    "--K",
+    "2",
+    "--T",
+    "2",
+    "--Dz",
+    "8",
+    "--grpo-new-tokens",
+    "6",
+    "--dlr-decode-tokens",
+    "2",
+]
 
 
 def test_rollout_compares_both_arms_per_attempt(tmp_path):
@@ -27,11 +45,15 @@ def test_rollout_compares_both_arms_per_attempt(tmp_path):
 
 
 def test_decode_reports_each_batch_against_the_bandwidth_floor(tmp_path):
-    result = bench.main(["decode", *SMALL, "--batch-sizes", "2", "4", "--prompt-tokens", "8", "--out", str(tmp_path / "d.json")])
+    result = bench.main(
+        ["decode", *SMALL, "--batch-sizes", "2", "4", "--prompt-tokens", "8", "--out", str(tmp_path / "d.json")]
+    )
     assert [r["batch"] for r in result["rows"]] == [2, 4]
     for row in result["rows"]:
         assert row["tokens_per_s"] > 0
-        assert row["floor_tokens_per_s"] == pytest.approx(row["batch"] * result["copy_bandwidth_bytes_per_s"] / result["weight_bytes"])
+        assert row["floor_tokens_per_s"] == pytest.approx(
+            row["batch"] * result["copy_bandwidth_bytes_per_s"] / result["weight_bytes"]
+        )
         assert row["fraction_of_floor"] == pytest.approx(row["tokens_per_s"] / row["floor_tokens_per_s"])
 
 
@@ -44,8 +66,15 @@ def test_a_real_shape_builds_with_random_weights_and_loads_in_nf4(tmp_path):
     from dlr.benchmarks import random_weights_folder
     from dlr.models.backbones import ModelSpec, load_main
 
-    shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 2, "vocab_size": 1024, "tie_word_embeddings": True}
+    shape = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 1024,
+        "tie_word_embeddings": True,
+    }
     folder = random_weights_folder("qwen2", shape, tmp_path / "main")
     main = load_main(ModelSpec(folder, quantization="nf4"))
     assert main.config.num_key_value_heads == 2 and getattr(main, "is_loaded_in_4bit", False)

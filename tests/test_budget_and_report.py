@@ -39,12 +39,25 @@ class OtherRankStrategy:
 
 def fake_trainer(world_size: int = 1, rank_one=None, loggers=()) -> SimpleNamespace:
     strategy = OtherRankStrategy(rank_one) if world_size > 1 else SimpleNamespace(barrier=lambda: None)
-    return SimpleNamespace(is_global_zero=True, loggers=list(loggers), global_step=0, should_stop=False,
-                           world_size=world_size, strategy=strategy)
+    return SimpleNamespace(
+        is_global_zero=True,
+        loggers=list(loggers),
+        global_step=0,
+        should_stop=False,
+        world_size=world_size,
+        strategy=strategy,
+    )
 
 
-def drive(meter: BudgetMeter, module, clock: FakeClock, step_seconds: float, step_flops: float, max_batches: int = 100,
-          trainer: SimpleNamespace | None = None) -> int:
+def drive(
+    meter: BudgetMeter,
+    module,
+    clock: FakeClock,
+    step_seconds: float,
+    step_flops: float,
+    max_batches: int = 100,
+    trainer: SimpleNamespace | None = None,
+) -> int:
     """Run fake batches through the meter's hooks until it stops training; returns the batches run."""
     trainer = trainer or fake_trainer()
     for batch in range(1, max_batches + 1):
@@ -60,7 +73,9 @@ def drive(meter: BudgetMeter, module, clock: FakeClock, step_seconds: float, ste
 
 
 def fake_module() -> SimpleNamespace:
-    return SimpleNamespace(device=torch.device("cpu"), flops_spent=0.0, generated_tokens=0, last_reward=0.5, last_grad_norm=1.0)
+    return SimpleNamespace(
+        device=torch.device("cpu"), flops_spent=0.0, generated_tokens=0, last_reward=0.5, last_grad_norm=1.0
+    )
 
 
 def test_meter_stops_at_the_seconds_budget_and_does_not_charge_evaluation():
@@ -149,12 +164,23 @@ def test_overall_accuracy_weights_cells_by_count():
 
 def test_shortened_main_job_writes_a_valid_summary_and_every_plot(tmp_path):
     run_dir = tmp_path / "run"
-    result = run_train([
-        "experiment=dlr_vs_grpo", "budget.amount=3", "data.test_per_depth=1", "data.eval_depths=[1,3]",
-        "method.seeds=[0,1]", "method.eval_every=0.5", "method.dlr.alignment.steps=2", "method.grpo.max_new_tokens=24",
-        "method.pass_at_k=2",
-        "eval.max_new_tokens=24", "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}",
-    ], timeout=600)
+    result = run_train(
+        [
+            "experiment=dlr_vs_grpo",
+            "budget.amount=3",
+            "data.test_per_depth=1",
+            "data.eval_depths=[1,3]",
+            "method.seeds=[0,1]",
+            "method.eval_every=0.5",
+            "method.dlr.alignment.steps=2",
+            "method.grpo.max_new_tokens=24",
+            "method.pass_at_k=2",
+            "eval.max_new_tokens=24",
+            "trainer.enable_progress_bar=false",
+            f"hydra.run.dir={run_dir}",
+        ],
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["experiment"] == "dlr_vs_grpo" and isinstance(summary["device"], str)
@@ -168,8 +194,12 @@ def test_shortened_main_job_writes_a_valid_summary_and_every_plot(tmp_path):
         assert len(final["per_seed"]) == 2 and final["ci95"][0] <= final["mean"] <= final["ci95"][1]
         assert set(arm["accuracy_by_depth"]) == {"1", "2", "3"}
         assert [p["budget_fraction"] for p in arm["curve"]] == [0.0, 0.5, 1.0]
-        assert set(arm["forgetting"]) == {"other_task_accuracy_before", "other_task_accuracy_after",
-                                          "heldout_nll_before", "heldout_nll_after"}
+        assert set(arm["forgetting"]) == {
+            "other_task_accuracy_before",
+            "other_task_accuracy_after",
+            "heldout_nll_before",
+            "heldout_nll_after",
+        }
         assert set(arm["stability"]) == {"final_accuracy_std", "collapses", "grad_norm_cv"}
         assert arm["main_weights_unchanged"] is True
         assert len(arm["pass_at_k"]["per_seed"]) == 2 and 0 <= arm["pass_at_k"]["mean"] <= 1
@@ -180,7 +210,12 @@ def test_shortened_main_job_writes_a_valid_summary_and_every_plot(tmp_path):
         assert (run_dir / image).stat().st_size > 1000
         assert f"({image})" in (run_dir / "report.md").read_text()
     assert "report:" in result.stdout
-    assert {p.name for p in (run_dir / "tensorboard").iterdir()} == {"dlr_seed_0", "dlr_seed_1", "grpo_seed_0", "grpo_seed_1"}
+    assert {p.name for p in (run_dir / "tensorboard").iterdir()} == {
+        "dlr_seed_0",
+        "dlr_seed_1",
+        "grpo_seed_0",
+        "grpo_seed_1",
+    }
 
 
 def test_ablation_variants_merge_their_overrides_into_full_dlr(tmp_path):
@@ -193,12 +228,16 @@ def test_ablation_variants_merge_their_overrides_into_full_dlr(tmp_path):
     cfg = compose_config(["experiment=dlr_ablations", f"paths.output_dir={tmp_path}"])
     settings = {
         name: DLRSettings.from_dict(OmegaConf.to_container(arm_config(cfg, name, 0, tmp_path).method, resolve=True))
-        for name in cfg.method.arms if name != "grpo"
+        for name in cfg.method.arms
+        if name != "grpo"
     }
     full = settings["dlr"]
     assert settings["dlr_no_contrastive"].rl.lambda_con == 0 and full.rl.lambda_con > 0
     assert settings["dlr_random_filter"].rl.filter == "random"
-    assert settings["dlr_no_filter"].rl.filter == "none" and settings["dlr_no_filter"].rl.num_decoded == full.rl.num_samples
+    assert (
+        settings["dlr_no_filter"].rl.filter == "none"
+        and settings["dlr_no_filter"].rl.num_decoded == full.rl.num_samples
+    )
     assert settings["dlr_no_kl"].rl.beta == 0 and full.rl.beta > 0
     assert settings["dlr_4_modes"].latent.num_modes == 4
     for name, variant in settings.items():  # everything else is full DLR's
@@ -211,17 +250,30 @@ def test_report_of_a_continual_run_shows_retention_and_missing_forgetting_as_das
     def seed_result(seed: int, math_after_logic: float) -> SeedResult:
         score = DepthScore("m", "logic", 1, 10, 0.6, 1.0)
         return SeedResult(
-            seed=seed, curve=[{"budget_fraction": 0.0, "accuracy": 0.5}, {"budget_fraction": 1.0, "accuracy": 0.6}],
-            final_scores=[score], spent={"seconds": 1.0, "flops": 2e12, "generated_tokens": 5, "peak_memory_gb": 1.0},
-            other_task_before=None, other_task_after=None, heldout_nll_before=None, heldout_nll_after=None,
-            grad_norm_cv=0.1, protected_unchanged=True, trace={"reward": [[0.5, 1.0]], "grad_norm": [], "diversity": []},
-            retention={"synthetic_math": {"synthetic_math": 0.9},
-                       "synthetic_logic": {"synthetic_math": math_after_logic, "synthetic_logic": 0.6}},
+            seed=seed,
+            curve=[{"budget_fraction": 0.0, "accuracy": 0.5}, {"budget_fraction": 1.0, "accuracy": 0.6}],
+            final_scores=[score],
+            spent={"seconds": 1.0, "flops": 2e12, "generated_tokens": 5, "peak_memory_gb": 1.0},
+            other_task_before=None,
+            other_task_after=None,
+            heldout_nll_before=None,
+            heldout_nll_after=None,
+            grad_norm_cv=0.1,
+            protected_unchanged=True,
+            trace={"reward": [[0.5, 1.0]], "grad_norm": [], "diversity": []},
+            retention={
+                "synthetic_math": {"synthetic_math": 0.9},
+                "synthetic_logic": {"synthetic_math": math_after_logic, "synthetic_logic": 0.6},
+            },
         )
 
     results = {"grpo": [seed_result(0, 0.7), seed_result(1, 0.5)]}
-    summary = {"experiment": "continual_math_logic", "device": "CPU", "budget": {"kind": "seconds", "amount": 1.0},
-               "arms": {"grpo": arm_summary(results["grpo"])}}
+    summary = {
+        "experiment": "continual_math_logic",
+        "device": "CPU",
+        "budget": {"kind": "seconds", "amount": 1.0},
+        "arms": {"grpo": arm_summary(results["grpo"])},
+    }
     short = write_report(summary, results, tmp_path)
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["arms"]["grpo"]["continual"]["synthetic_logic"]["synthetic_math"] == pytest.approx(0.6)
@@ -237,32 +289,49 @@ def test_pass_at_k_counts_a_problem_solved_by_any_attempt():
 
     records = [Record(f"q{i}", "math", f"question {i}", "cot", str(i), 1, "test") for i in range(3)]
     attempts = {"0": ["#### 5", "#### 0"], "1": ["#### 7", "####"], "2": ["#### 9", "#### 8"]}
-    scores = pass_at_k_by_depth(records, lambda chunk, k: [attempts[r.answer][:k] for r in chunk], 2, label="m", batch_size=2)
+    scores = pass_at_k_by_depth(
+        records, lambda chunk, k: [attempts[r.answer][:k] for r in chunk], 2, label="m", batch_size=2
+    )
     assert len(scores) == 1 and scores[0].n == 3
     assert scores[0].accuracy == pytest.approx(1 / 3)  # only q0 has a correct attempt
     assert scores[0].format_rate == pytest.approx(5 / 6)  # "####" alone is not well formed
 
 
 def test_a_hydra_sweep_runs_one_comparison_per_value(tmp_path):
-    result = run_train([
-        "-m", "experiment=dlr_vs_grpo", "method.arms=[dlr]", "method.seeds=[0]", "budget.amount=1",
-        "data.test_per_depth=1", "data.eval_depths=[1,1]", "method.pass_at_k=0", "method.eval_every=1.0",
-        "method.dlr.alignment.steps=1", "method.dlr.rl.lambda_con=0,0.5", "trainer.enable_progress_bar=false",
-        f"hydra.sweep.dir={tmp_path}",
-    ], timeout=600)
+    result = run_train(
+        [
+            "-m",
+            "experiment=dlr_vs_grpo",
+            "method.arms=[dlr]",
+            "method.seeds=[0]",
+            "budget.amount=1",
+            "data.test_per_depth=1",
+            "data.eval_depths=[1,1]",
+            "method.pass_at_k=0",
+            "method.eval_every=1.0",
+            "method.dlr.alignment.steps=1",
+            "method.dlr.rl.lambda_con=0,0.5",
+            "trainer.enable_progress_bar=false",
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for job, lambda_con in (("0", "0"), ("1", "0.5")):
         assert (tmp_path / job / "summary.json").exists()
         assert f"lambda_con: {lambda_con}\n" in (tmp_path / job / "config_resolved.yaml").read_text()
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("budget.amount=0", "budget.amount must be > 0"),
-    ("budget.kind=joules", "budget.kind must be one of"),
-    ("budget.kind=flops", "a flops budget needs budget.amount"),
-    ("method.grpo.loss_type=ppo", "method.loss_type must be one of"),
-    ("method.dlr.rl.num_decoded=99", "num_decoded"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("budget.amount=0", "budget.amount must be > 0"),
+        ("budget.kind=joules", "budget.kind must be one of"),
+        ("budget.kind=flops", "a flops budget needs budget.amount"),
+        ("method.grpo.loss_type=ppo", "method.loss_type must be one of"),
+        ("method.dlr.rl.num_decoded=99", "num_decoded"),
+    ],
+)
 def test_a_bad_comparison_setting_fails_before_any_model_loads(tmp_path, override, message):
     result = run_train(["experiment=dlr_vs_grpo", *override.split(), f"hydra.run.dir={tmp_path}"], timeout=120)
     assert result.returncode != 0 and message in result.stderr

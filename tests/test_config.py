@@ -10,7 +10,19 @@ from conftest import CONFIG_DIR, compose_config, run_train
 from dlr.cli import normalize_cli_args
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
-GROUPS = ("experiment", "backbone", "data", "method", "reward", "budget", "trainer", "callbacks", "logger", "paths", "hydra")
+GROUPS = (
+    "experiment",
+    "backbone",
+    "data",
+    "method",
+    "reward",
+    "budget",
+    "trainer",
+    "callbacks",
+    "logger",
+    "paths",
+    "hydra",
+)
 
 
 def test_every_config_group_exists():
@@ -34,8 +46,15 @@ def test_every_data_choice_composes(data):
 
 
 def test_overrides_reach_the_trainer_config():
-    cfg = compose_config(["trainer.max_steps=7", "trainer.precision=bf16-mixed", "trainer.devices=2", "trainer.strategy=ddp"])
-    assert (cfg.trainer.max_steps, cfg.trainer.precision, cfg.trainer.devices, cfg.trainer.strategy) == (7, "bf16-mixed", 2, "ddp")
+    cfg = compose_config(
+        ["trainer.max_steps=7", "trainer.precision=bf16-mixed", "trainer.devices=2", "trainer.strategy=ddp"]
+    )
+    assert (cfg.trainer.max_steps, cfg.trainer.precision, cfg.trainer.devices, cfg.trainer.strategy) == (
+        7,
+        "bf16-mixed",
+        2,
+        "ddp",
+    )
 
 
 def test_misspelt_key_names_the_key():

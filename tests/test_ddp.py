@@ -17,13 +17,28 @@ def last_logged(metrics_csv, key: str) -> float:
 
 def test_both_arms_train_on_two_cpu_processes_and_only_rank_zero_writes(tmp_path):
     run_dir = tmp_path / "run"
-    result = run_train([
-        "experiment=dlr_vs_grpo", "trainer=ddp_cpu", "trainer.max_steps=4", "trainer.log_every_n_steps=1",
-        "budget.kind=flops", "budget.amount=1e15", "method.seeds=[0]", "method.eval_every=1",
-        "method.dlr.alignment.steps=2", "method.grpo.max_new_tokens=24", "method.pass_at_k=null",
-        "callbacks.latent_diversity.every_n_steps=1", "data.test_per_depth=1", "data.eval_depths=[1,2]",
-        "eval.max_new_tokens=24", "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}",
-    ], timeout=900)
+    result = run_train(
+        [
+            "experiment=dlr_vs_grpo",
+            "trainer=ddp_cpu",
+            "trainer.max_steps=4",
+            "trainer.log_every_n_steps=1",
+            "budget.kind=flops",
+            "budget.amount=1e15",
+            "method.seeds=[0]",
+            "method.eval_every=1",
+            "method.dlr.alignment.steps=2",
+            "method.grpo.max_new_tokens=24",
+            "method.pass_at_k=null",
+            "callbacks.latent_diversity.every_n_steps=1",
+            "data.test_per_depth=1",
+            "data.eval_depths=[1,2]",
+            "eval.max_new_tokens=24",
+            "trainer.enable_progress_bar=false",
+            f"hydra.run.dir={run_dir}",
+        ],
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MEMBER: 2/2" in result.stderr  # two processes joined
 
@@ -48,17 +63,32 @@ def test_both_arms_train_on_two_cpu_processes_and_only_rank_zero_writes(tmp_path
 
 def test_a_resumed_ddp_run_samples_what_the_uninterrupted_run_sampled(tmp_path):
     """Each rank restores its own random state (rank 1's too, from rank 0's file) and data position."""
-    common = ["experiment=grpo", "trainer=ddp_cpu", "trainer.log_every_n_steps=1", "method.max_new_tokens=16",
-              "data.test_per_depth=1", "data.eval_depths=[1,1]", "eval.modes=[direct]", "eval.max_new_tokens=8",
-              "callbacks.model_checkpoint.every_n_train_steps=1", "trainer.enable_progress_bar=false"]
+    common = [
+        "experiment=grpo",
+        "trainer=ddp_cpu",
+        "trainer.log_every_n_steps=1",
+        "method.max_new_tokens=16",
+        "data.test_per_depth=1",
+        "data.eval_depths=[1,1]",
+        "eval.modes=[direct]",
+        "eval.max_new_tokens=8",
+        "callbacks.model_checkpoint.every_n_train_steps=1",
+        "trainer.enable_progress_bar=false",
+    ]
     runs = {}
-    for name, extra in (("whole", ["trainer.max_steps=4"]), ("first", ["trainer.max_steps=2"]),
-                        ("resumed", ["trainer.max_steps=4", f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}"])):
+    for name, extra in (
+        ("whole", ["trainer.max_steps=4"]),
+        ("first", ["trainer.max_steps=2"]),
+        ("resumed", ["trainer.max_steps=4", f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}"]),
+    ):
         result = run_train([*common, *extra, f"hydra.run.dir={tmp_path / name}"], timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         rows = csv.DictReader((tmp_path / name / "csv" / "metrics.csv").open())
-        runs[name] = {int(r["step"]): (r["train/reward"], r["train/entropy"], r["train/completions/mean_length"])
-                      for r in rows if r.get("train/reward")}  # the means over both ranks' rollouts
+        runs[name] = {
+            int(r["step"]): (r["train/reward"], r["train/entropy"], r["train/completions/mean_length"])
+            for r in rows
+            if r.get("train/reward")
+        }  # the means over both ranks' rollouts
     assert len(set(runs["whole"].values())) == 4  # the steps differ, so equal steps below are no accident
     assert runs["first"][2] == runs["whole"][2]
     assert (runs["resumed"][3], runs["resumed"][4]) == (runs["whole"][3], runs["whole"][4])  # bitwise: as logged

@@ -59,7 +59,9 @@ def test_direction_toy_moves_mu_toward_the_rewarded_direction_and_the_critic_ran
     torch.manual_seed(0)
     Dz, G, K = 8, 32, 8
     d = F.normalize(torch.ones(Dz), dim=0)
-    mu = torch.nn.Parameter(F.normalize(torch.randn(1, 1, 1, Dz), dim=-1) * 0.5 - 0.3 * d)  # [B, M, T, Dz], pointing away
+    mu = torch.nn.Parameter(
+        F.normalize(torch.randn(1, 1, 1, Dz), dim=-1) * 0.5 - 0.3 * d
+    )  # [B, M, T, Dz], pointing away
     log_sigma = torch.full((1, 1, 1, Dz), math.log(0.7))
     pooled = torch.ones(1, 4)
     critic = RewardCritic(question_dim=4, latent_dim=Dz, hidden=32)
@@ -77,7 +79,9 @@ def test_direction_toy_moves_mu_toward_the_rewarded_direction_and_the_critic_ran
         z = z_all[:, kept[0]]
         rewards = reward(z)  # [1, K]
         advantages, _ = group_advantages(rewards)
-        loss, _ = latent_rl_loss(mu.expand(1, K, 1, Dz), log_sigma.expand(1, K, 1, Dz), z, advantages, mu[:, 0], weights)
+        loss, _ = latent_rl_loss(
+            mu.expand(1, K, 1, Dz), log_sigma.expand(1, K, 1, Dz), z, advantages, mu[:, 0], weights
+        )
         loss = loss + F.mse_loss(predicted[:, kept[0]], rewards)
         optimizer.zero_grad()
         loss.backward()
@@ -136,36 +140,79 @@ def build_module(tiny_pair, settings: DLRSettings, assistant_dtype: str = "float
     assistant = load_assistant(ModelSpec(str(tiny_pair / "assistant"), dtype=assistant_dtype, lora=lora))
     main = load_main(main_spec)
     tokenizer = load_tokenizer(str(tiny_pair / "main"))
-    return DLRModule(main, tokenizer, assistant, tokenizer, PromptFormat(template="{question} answer :"),
-                     settings, RewardConfig(), "<lat>", main_sha256=weights_sha256(main))
+    return DLRModule(
+        main,
+        tokenizer,
+        assistant,
+        tokenizer,
+        PromptFormat(template="{question} answer :"),
+        settings,
+        RewardConfig(),
+        "<lat>",
+        main_sha256=weights_sha256(main),
+    )
 
 
-@pytest.mark.parametrize(("mode", "num_modes", "ppo_epochs"), [("parallel", 1, 1), ("recurrent", 1, 1), ("parallel", 2, 2)])
-def test_both_stages_train_exactly_the_dlr_parameters_and_never_the_main_model(tiny_pair, tmp_path, mode, num_modes, ppo_epochs):
-    settings = DLRSettings.from_dict({
-        "latent": {"steps": 3, "dim": 8, "mode": mode, "num_modes": num_modes},
-        "alignment": {"steps": 2},
-        "rl": {"steps": 3, "num_samples": 6, "num_decoded": 3, "beta": 0.01, "lambda_ent": 0.01, "ppo_epochs": ppo_epochs},
-        "critic": {"hidden": 16, "warmup": 1}, "max_new_tokens": 2,
-    })
+@pytest.mark.parametrize(
+    ("mode", "num_modes", "ppo_epochs"), [("parallel", 1, 1), ("recurrent", 1, 1), ("parallel", 2, 2)]
+)
+def test_both_stages_train_exactly_the_dlr_parameters_and_never_the_main_model(
+    tiny_pair, tmp_path, mode, num_modes, ppo_epochs
+):
+    settings = DLRSettings.from_dict(
+        {
+            "latent": {"steps": 3, "dim": 8, "mode": mode, "num_modes": num_modes},
+            "alignment": {"steps": 2},
+            "rl": {
+                "steps": 3,
+                "num_samples": 6,
+                "num_decoded": 3,
+                "beta": 0.01,
+                "lambda_ent": 0.01,
+                "ppo_epochs": ppo_epochs,
+            },
+            "critic": {"hidden": 16, "warmup": 1},
+            "max_new_tokens": 2,
+        }
+    )
     module = build_module(tiny_pair, settings)  # an untrained backbone: rewards are mostly equal, so the
     # entropy bonus is what moves log sigma (the policy gradient is zero on zero-spread groups)
     before = {k: v.detach().clone() for k, v in module.state_dict().items()}
     main_hash = weights_sha256(module.main)
-    data = ReasoningDataModule("mixed", 4, [1, 2], [1, 1], train_seed=0, test_seed=1000, test_per_depth=1,
-                               mix_weights={"math": 0.5, "logic": 0.5})
+    data = ReasoningDataModule(
+        "mixed",
+        4,
+        [1, 2],
+        [1, 1],
+        train_seed=0,
+        test_seed=1000,
+        test_per_depth=1,
+        mix_weights={"math": 0.5, "logic": 0.5},
+    )
     total = settings.alignment.steps + settings.rl.steps * ppo_epochs  # each PPO epoch is an optimizer step
-    trainer = Trainer(max_steps=total, accelerator="cpu", logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = Trainer(
+        max_steps=total,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, datamodule=data)
     assert trainer.global_step == total and int(module.rl_batches) == 3
 
     changed = {k for k, v in module.state_dict().items() if k in before and not torch.equal(v, before[k])}
     trainable = {"policy.mu_head", "policy.log_sigma_head", "projector.", "critic."}
     for key in changed:
-        assert "lora_" in key or key.startswith(tuple(trainable)) or key.startswith("reference.") or key in (
-            "rl_batches", "reference_synced", "flops_spent", "generated_tokens"
-        ) or (mode == "recurrent" and key.startswith("policy.latent_to_input")) or key == "policy.mode_embeddings", key
+        assert (
+            "lora_" in key
+            or key.startswith(tuple(trainable))
+            or key.startswith("reference.")
+            or key in ("rl_batches", "reference_synced", "flops_spent", "generated_tokens")
+            or (mode == "recurrent" and key.startswith("policy.latent_to_input"))
+            or key == "policy.mode_embeddings"
+        ), key
     assert not any(k.startswith("main.") for k in changed) and weights_sha256(module.main) == main_hash
     assert not any(k.startswith("policy.assistant") and "lora_" not in k for k in changed)
     for prefix in ("policy.mu_head", "policy.log_sigma_head", "projector.net", "critic.net"):
@@ -181,21 +228,38 @@ def test_dlr_runs_end_to_end_from_the_command_line_and_resumes(tmp_path):
     main-model hash check, a checkpoint without backbone weights, and a resume that continues it."""
     run_dir = tmp_path / "run"
     common = [
-        "experiment=dlr", "data.test_per_depth=1", "data.batch_size=4", "method.rl.num_samples=6",
-        "method.rl.num_decoded=3", "method.critic.warmup=1", "trainer.log_every_n_steps=1",
-        "callbacks.reward_filter.every_n_steps=1", "callbacks.latent_diversity.every_n_steps=1",
-        "callbacks.latent_diversity.projector_every_n_steps=2", "callbacks.model_checkpoint.every_n_train_steps=1",
-        "trainer.enable_progress_bar=false", "eval.modes=[direct]",
+        "experiment=dlr",
+        "data.test_per_depth=1",
+        "data.batch_size=4",
+        "method.rl.num_samples=6",
+        "method.rl.num_decoded=3",
+        "method.critic.warmup=1",
+        "trainer.log_every_n_steps=1",
+        "callbacks.reward_filter.every_n_steps=1",
+        "callbacks.latent_diversity.every_n_steps=1",
+        "callbacks.latent_diversity.projector_every_n_steps=2",
+        "callbacks.model_checkpoint.every_n_train_steps=1",
+        "trainer.enable_progress_bar=false",
+        "eval.modes=[direct]",
     ]
-    result = run_train([*common, "method.alignment.steps=2", "method.rl.steps=2", f"hydra.run.dir={run_dir}"], timeout=300)
+    result = run_train(
+        [*common, "method.alignment.steps=2", "method.rl.steps=2", f"hydra.run.dir={run_dir}"], timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     models = {s["model"] for s in json.loads((run_dir / "eval.json").read_text())["scores"]}
     assert models == {"main/direct", "dlr/after_alignment", "dlr/final"}
     assert json.loads((run_dir / "main_sha256.json").read_text())["unchanged"] is True
     metrics = (run_dir / "csv" / "metrics.csv").read_text().splitlines()
     header = metrics[0].split(",")
-    for key in ("train/align_nll", "train/reward", "train/kl", "train/loss/contrastive", "filter/precision_at_k",
-                "latent/effective_rank", "eval_alignment/math_acc_d1"):
+    for key in (
+        "train/align_nll",
+        "train/reward",
+        "train/kl",
+        "train/loss/contrastive",
+        "filter/precision_at_k",
+        "latent/effective_rank",
+        "eval_alignment/math_acc_d1",
+    ):
         assert key in header, key
     reward_column = header.index("train/reward")
     assert sum(1 for row in metrics[1:] if row.split(",")[reward_column]) == 2  # one row per RL step, no stale repeats
@@ -205,8 +269,16 @@ def test_dlr_runs_end_to_end_from_the_command_line_and_resumes(tmp_path):
     assert all("lora_" in k for k in keys if k.startswith("policy.assistant."))
 
     resumed_dir = tmp_path / "resumed"
-    result = run_train([*common, "method.alignment.steps=2", "method.rl.steps=3",
-                        f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={resumed_dir}"], timeout=300)
+    result = run_train(
+        [
+            *common,
+            "method.alignment.steps=2",
+            "method.rl.steps=3",
+            f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+            f"hydra.run.dir={resumed_dir}",
+        ],
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "5 steps" in (resumed_dir / "eval.md").read_text()
     assert "after latent alignment" not in result.stdout  # restored from the checkpoint, not re-evaluated
@@ -221,7 +293,12 @@ def test_real_scale_backbone_config_gives_the_reported_dlr_sizes():
 
     cfg = compose_config(["experiment=dlr", "backbone=qwen2.5-0.5b+1.5b", "data=gsm8k"])
     settings = DLRSettings.from_dict(OmegaConf.to_container(cfg.method, resolve=True))
-    assert (settings.rl.num_samples, settings.latent.dim, settings.latent.steps, cfg.data.batch_size) == (64, 512, 32, 4)
+    assert (settings.rl.num_samples, settings.latent.dim, settings.latent.steps, cfg.data.batch_size) == (
+        64,
+        512,
+        32,
+        4,
+    )
     assert cfg.backbone.main.quantization == "nf4" and cfg.backbone.prompt.use_chat_template
     grpo = compose_config(["experiment=grpo", "backbone=qwen2.5-0.5b+1.5b", "data=gsm8k"])
     assert GRPOSettings.from_dict(OmegaConf.to_container(grpo.method, resolve=True)).max_new_tokens == 256
@@ -248,10 +325,13 @@ def test_real_backbone_shapes_build_the_models_they_name(backbone, main_billions
 @pytest.mark.parametrize("mode", ["parallel", "recurrent"])
 def test_a_bf16_assistant_gives_float32_gaussians_and_evaluates(tiny_pair, mode):
     """Real assistants run in bf16 outside autocast during evaluation: heads, critic and projector still work."""
-    from dlr.data.synthetic_math import generate
     import random
 
-    settings = DLRSettings.from_dict({"latent": {"steps": 2, "dim": 8, "mode": mode}, "critic": {"hidden": 8}, "max_new_tokens": 2})
+    from dlr.data.synthetic_math import generate
+
+    settings = DLRSettings.from_dict(
+        {"latent": {"steps": 2, "dim": 8, "mode": mode}, "critic": {"hidden": 8}, "max_new_tokens": 2}
+    )
     module = build_module(tiny_pair, settings, assistant_dtype="bfloat16")
     records = [generate(random.Random(i), 1, i, "t") for i in range(3)]
     ids, mask = module.encode_questions(records)
@@ -268,15 +348,36 @@ def test_a_bf16_assistant_gives_float32_gaussians_and_evaluates(tiny_pair, mode)
 def test_an_injected_nan_skips_one_step_and_training_goes_on(tiny_pair, tmp_path):
     from dlr.methods.guard import NonFiniteGuard
 
-    settings = DLRSettings.from_dict({"latent": {"steps": 2, "dim": 8}, "alignment": {"steps": 2},
-                                      "rl": {"steps": 2, "num_samples": 4, "num_decoded": 2}, "critic": {"hidden": 8},
-                                      "max_new_tokens": 2})
+    settings = DLRSettings.from_dict(
+        {
+            "latent": {"steps": 2, "dim": 8},
+            "alignment": {"steps": 2},
+            "rl": {"steps": 2, "num_samples": 4, "num_decoded": 2},
+            "critic": {"hidden": 8},
+            "max_new_tokens": 2,
+        }
+    )
     module = build_module(tiny_pair, settings)
     module.guard = NonFiniteGuard(3, inject_at_step=1, inject_times=1)
-    data = ReasoningDataModule("mixed", 2, [1, 1], [1, 1], train_seed=0, test_seed=1000, test_per_depth=1,
-                               mix_weights={"math": 0.5, "logic": 0.5})
-    trainer = Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, default_root_dir=tmp_path)
+    data = ReasoningDataModule(
+        "mixed",
+        2,
+        [1, 1],
+        [1, 1],
+        train_seed=0,
+        test_seed=1000,
+        test_per_depth=1,
+        mix_weights={"math": 0.5, "logic": 0.5},
+    )
+    trainer = Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, datamodule=data)
     assert trainer.global_step == 4 and module.guard.skipped == 1 and module.guard.consecutive == 0
     assert all(torch.isfinite(p).all() for p in module.parameters() if p.requires_grad)

@@ -43,18 +43,25 @@ def test_weighted_micro_batches_sum_to_the_whole_batch_loss(loss_type):
 
 
 def test_dapo_over_two_ranks_averaged_like_ddp_is_the_mean_over_all_tokens():
-    ranks = [(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[1, 1, 1]])),  # rank 0: 3 tokens
-             (torch.tensor([[5.0, 9.0, 9.0]]), torch.tensor([[1, 0, 0]]))]  # rank 1: 1 token
+    ranks = [
+        (torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[1, 1, 1]])),  # rank 0: 3 tokens
+        (torch.tensor([[5.0, 9.0, 9.0]]), torch.tensor([[1, 0, 0]])),
+    ]  # rank 1: 1 token
     mean_tokens = (3 + 1) / 2
-    per_rank = [aggregate_token_loss(x, m, "dapo", 3) * micro_batch_weight("dapo", 1, 1, float(m.sum()), mean_tokens, 1)
-                for x, m in ranks]
+    per_rank = [
+        aggregate_token_loss(x, m, "dapo", 3) * micro_batch_weight("dapo", 1, 1, float(m.sum()), mean_tokens, 1)
+        for x, m in ranks
+    ]
     assert (sum(per_rank) / 2).item() == pytest.approx((1 + 2 + 3 + 5) / 4)  # DDP averages the ranks' gradients
 
 
 def test_bnpo_micro_batches_average_their_own_token_means():
     per_token, mask = torch.tensor([[1.0, 3.0], [5.0, 0.0]]), torch.tensor([[1, 1], [1, 0]])
     parts = [slice(0, 1), slice(1, 2)]
-    summed = sum(aggregate_token_loss(per_token[p], mask[p], "bnpo", 2) * micro_batch_weight("bnpo", 1, 2, 0, 0, 2) for p in parts)
+    summed = sum(
+        aggregate_token_loss(per_token[p], mask[p], "bnpo", 2) * micro_batch_weight("bnpo", 1, 2, 0, 0, 2)
+        for p in parts
+    )
     assert summed.item() == pytest.approx((2.0 + 5.0) / 2)
 
 
@@ -70,7 +77,9 @@ def test_completion_log_probs_ignore_left_padding(tiny_pair):
     logp, entropy = completion_log_probs(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
     # The second prompt alone, without the left padding the batch gave it.
     real = prompt_mask[2].bool()
-    alone, _ = completion_log_probs(model, prompt_ids[2:3, real], prompt_mask[2:3, real], completion_ids[2:3], completion_mask[2:3])
+    alone, _ = completion_log_probs(
+        model, prompt_ids[2:3, real], prompt_mask[2:3, real], completion_ids[2:3], completion_mask[2:3]
+    )
     keep = completion_mask[2].bool()
     torch.testing.assert_close(alone[0, keep], logp[2, keep], atol=1e-4, rtol=1e-4)
     assert (logp <= 0).all() and (entropy >= 0).all()
@@ -78,22 +87,52 @@ def test_completion_log_probs_ignore_left_padding(tiny_pair):
 
 def grpo_module(tiny_pair, **overrides) -> GRPOModule:
     lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
-    settings = GRPOSettings(**{"num_generations": 3, "max_new_tokens": 6, "micro_batch_size": 4, "lora": lora,
-                               "beta": 0.04, "lr": 1e-2, **overrides})
+    settings = GRPOSettings(
+        **{
+            "num_generations": 3,
+            "max_new_tokens": 6,
+            "micro_batch_size": 4,
+            "lora": lora,
+            "beta": 0.04,
+            "lr": 1e-2,
+            **overrides,
+        }
+    )
     policy = add_lora(load_main(ModelSpec(str(tiny_pair / "main"), quantization="nf4")), settings.lora)
     tokenizer = load_tokenizer(str(tiny_pair / "main"))
-    return GRPOModule(policy, tokenizer, PromptFormat(template="{question} answer :"), settings, RewardConfig(),
-                      base_sha256=weights_sha256(policy, exclude="lora_"))
+    return GRPOModule(
+        policy,
+        tokenizer,
+        PromptFormat(template="{question} answer :"),
+        settings,
+        RewardConfig(),
+        base_sha256=weights_sha256(policy, exclude="lora_"),
+    )
 
 
 def test_a_grpo_step_changes_only_lora_weights(tiny_pair, tmp_path):
     # An untrained model rarely earns a reward spread, so the entropy bonus guarantees a gradient.
     module = grpo_module(tiny_pair, entropy_coef=0.1, num_iterations=2)
     before = {k: v.detach().clone() for k, v in module.policy.state_dict().items()}
-    data = ReasoningDataModule("mixed", 3, [1, 1], [1, 1], train_seed=0, test_seed=1000, test_per_depth=1,
-                               mix_weights={"math": 0.5, "logic": 0.5})
-    trainer = Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, default_root_dir=tmp_path)
+    data = ReasoningDataModule(
+        "mixed",
+        3,
+        [1, 1],
+        [1, 1],
+        train_seed=0,
+        test_seed=1000,
+        test_per_depth=1,
+        mix_weights={"math": 0.5, "logic": 0.5},
+    )
+    trainer = Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, datamodule=data)
     assert trainer.global_step == 2  # num_iterations=2: two optimizer steps on one batch of rollouts
     changed = {k for k, v in module.policy.state_dict().items() if not torch.equal(v, before[k])}
@@ -105,8 +144,13 @@ def test_a_grpo_step_changes_only_lora_weights(tiny_pair, tmp_path):
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [({"loss_type": "ppo"}, "loss_type"), ({"num_generations": 1}, "num_generations"), ({"cache": "paged"}, "cache"),
-     ({"lora": {}}, "lora"), ({"num_iterations": 2, "accumulate_grad_batches": 2}, "num_iterations")],
+    [
+        ({"loss_type": "ppo"}, "loss_type"),
+        ({"num_generations": 1}, "num_generations"),
+        ({"cache": "paged"}, "cache"),
+        ({"lora": {}}, "lora"),
+        ({"num_iterations": 2, "accumulate_grad_batches": 2}, "num_iterations"),
+    ],
 )
 def test_bad_grpo_settings_fail_with_the_key_named(override, message):
     with pytest.raises(ValueError, match=message):
@@ -115,19 +159,39 @@ def test_bad_grpo_settings_fail_with_the_key_named(override, message):
 
 def test_grpo_runs_end_to_end_from_the_command_line(tmp_path):
     run_dir = tmp_path / "run"
-    result = run_train([
-        "experiment=grpo", "method.steps=2", "data.batch_size=4", "method.num_generations=3", "method.max_new_tokens=24",
-        "data.test_per_depth=1", "eval.modes=[cot]", "eval.max_new_tokens=24", "trainer.log_every_n_steps=1",
-        "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}",
-    ], timeout=300)
+    result = run_train(
+        [
+            "experiment=grpo",
+            "method.steps=2",
+            "data.batch_size=4",
+            "method.num_generations=3",
+            "method.max_new_tokens=24",
+            "data.test_per_depth=1",
+            "eval.modes=[cot]",
+            "eval.max_new_tokens=24",
+            "trainer.log_every_n_steps=1",
+            "trainer.enable_progress_bar=false",
+            f"hydra.run.dir={run_dir}",
+        ],
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     models = {s["model"] for s in json.loads((run_dir / "eval.json").read_text())["scores"]}
     assert models == {"main/cot", "grpo/cot"}
     assert json.loads((run_dir / "base_sha256.json").read_text())["unchanged"] is True
     header = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
-    for key in ("train/reward", "train/reward_std", "train/frac_reward_zero_std", "train/completions/mean_length",
-                "train/completions/clipped_ratio", "train/clip_ratio/region_mean", "train/entropy", "train/kl",
-                "train/num_tokens", "train/generation_tokens_per_s"):
+    for key in (
+        "train/reward",
+        "train/reward_std",
+        "train/frac_reward_zero_std",
+        "train/completions/mean_length",
+        "train/completions/clipped_ratio",
+        "train/clip_ratio/region_mean",
+        "train/entropy",
+        "train/kl",
+        "train/num_tokens",
+        "train/generation_tokens_per_s",
+    ):
         assert key in header, key
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["state_dict"] and all("lora_" in k for k in checkpoint["state_dict"] if k.startswith("policy."))
@@ -135,12 +199,25 @@ def test_grpo_runs_end_to_end_from_the_command_line(tmp_path):
 
 def test_repeated_nans_stop_the_run_with_a_clear_error_and_keep_the_last_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
-    result = run_train([
-        "experiment=grpo", "method.steps=4", "data.batch_size=2", "method.num_generations=2", "method.max_new_tokens=8",
-        "data.test_per_depth=1", "eval.modes=[cot]", "eval.max_new_tokens=8", "trainer.enable_progress_bar=false",
-        "callbacks.model_checkpoint.every_n_train_steps=1", "debug.inject_nonfinite_at_step=1",
-        "debug.inject_nonfinite_times=10", "method.max_consecutive_nonfinite=3", f"hydra.run.dir={run_dir}",
-    ], timeout=300)
+    result = run_train(
+        [
+            "experiment=grpo",
+            "method.steps=4",
+            "data.batch_size=2",
+            "method.num_generations=2",
+            "method.max_new_tokens=8",
+            "data.test_per_depth=1",
+            "eval.modes=[cot]",
+            "eval.max_new_tokens=8",
+            "trainer.enable_progress_bar=false",
+            "callbacks.model_checkpoint.every_n_train_steps=1",
+            "debug.inject_nonfinite_at_step=1",
+            "debug.inject_nonfinite_times=10",
+            "method.max_consecutive_nonfinite=3",
+            f"hydra.run.dir={run_dir}",
+        ],
+        timeout=300,
+    )
     assert result.returncode != 0
     assert "3 consecutive optimizer steps had a non-finite loss or gradient (at step 1)" in result.stderr
     assert "Traceback" not in result.stderr  # one readable message

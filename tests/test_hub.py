@@ -20,101 +20,159 @@ FIXTURES = ROOT / "data" / "fixtures"
 
 GSM8K = [
     Record(
-        "gsm8k-test-0", "math",
+        "gsm8k-test-0",
+        "math",
         "A baker makes 36 muffins and sells a third of them in the morning. How many muffins are left?",
-        "She sells 36/3 = 12 muffins in the morning.\nSo 36 - 12 = 24 muffins are left.", "24", 2, "gsm8k",
+        "She sells 36/3 = 12 muffins in the morning.\nSo 36 - 12 = 24 muffins are left.",
+        "24",
+        2,
+        "gsm8k",
     ),
     Record(
-        "gsm8k-test-1", "math",
+        "gsm8k-test-1",
+        "math",
         "A school buys 25 boxes of pencils with 48 pencils in each box. It buys 3 times as many erasers as "
         "pencils. How many pencils and erasers does it buy in total?",
         "The school buys 25 * 48 = 1200 pencils.\nIt buys 1200 * 3 = 3600 erasers.\n"
         "In total it buys 1200 + 3600 = 4800 pencils and erasers.",
-        "4800", 3, "gsm8k",
+        "4800",
+        3,
+        "gsm8k",
     ),
     Record(
-        "gsm8k-test-2", "math", "Tom has 15 marbles and finds 7 more. How many marbles does Tom have now?",
-        "Tom has 15 + 7 = 22 marbles now.", "22", 1, "gsm8k",
+        "gsm8k-test-2",
+        "math",
+        "Tom has 15 marbles and finds 7 more. How many marbles does Tom have now?",
+        "Tom has 15 + 7 = 22 marbles now.",
+        "22",
+        1,
+        "gsm8k",
     ),
     Record(
-        "gsm8k-test-4", "math",
+        "gsm8k-test-4",
+        "math",
         "A garden has 4 rows of 9 tulips. Each tulip costs $2. Mia pays with a $100 bill. How much change "
         "does she get?",
-        "There are 4 * 9 = 36 tulips.\nThey cost 36 * 2 = $72.\nHer change is 100 - 72 = $28.", "28", 3, "gsm8k",
+        "There are 4 * 9 = 36 tulips.\nThey cost 36 * 2 = $72.\nHer change is 100 - 72 = $28.",
+        "28",
+        3,
+        "gsm8k",
     ),
     Record(
-        "gsm8k-test-5", "math", "A train travels 60 miles per hour for 2 hours. How far does it go?",
-        "Distance is speed times time.\nIt goes 60 * 2 = 120 miles.", "120", 2, "gsm8k",
+        "gsm8k-test-5",
+        "math",
+        "A train travels 60 miles per hour for 2 hours. How far does it go?",
+        "Distance is speed times time.\nIt goes 60 * 2 = 120 miles.",
+        "120",
+        2,
+        "gsm8k",
     ),
 ]
 
 MATH500 = [
     Record(
-        "test/prealgebra/9001.json", "math", "What is the value of $\\frac{3}{4} + \\frac{1}{8}$?",
+        "test/prealgebra/9001.json",
+        "math",
+        "What is the value of $\\frac{3}{4} + \\frac{1}{8}$?",
         "Writing both fractions over $8$, we get $\\frac{6}{8} + \\frac{1}{8} = \\frac{7}{8}$.",
-        "\\frac{7}{8}", 1, "math500",
+        "\\frac{7}{8}",
+        1,
+        "math500",
     ),
     Record(
-        "test/algebra/9002.json", "math", "Solve for $x$: $3x - 7 = 11$.",
-        "Adding $7$ to both sides gives $3x = 18$. Dividing by $3$, we find $x = 6$.", "6", 2, "math500",
+        "test/algebra/9002.json",
+        "math",
+        "Solve for $x$: $3x - 7 = 11$.",
+        "Adding $7$ to both sides gives $3x = 18$. Dividing by $3$, we find $x = 6$.",
+        "6",
+        2,
+        "math500",
     ),
     Record(
-        "test/number_theory/9003.json", "math", "How many positive divisors does $36$ have?",
-        "Since $36 = 2^2 \\cdot 3^2$, it has $(2+1)(2+1) = 9$ positive divisors.", "9", 3, "math500",
+        "test/number_theory/9003.json",
+        "math",
+        "How many positive divisors does $36$ have?",
+        "Since $36 = 2^2 \\cdot 3^2$, it has $(2+1)(2+1) = 9$ positive divisors.",
+        "9",
+        3,
+        "math500",
     ),
     Record(
-        "test/intermediate_algebra/9005.json", "math",
+        "test/intermediate_algebra/9005.json",
+        "math",
         'Which is larger, $2^{10}$ or $10^3$? Enter "A" for $2^{10}$ or "B" for $10^3$.',
         "We have $2^{10} = 1024$ and $10^3 = 1000$. Since $1024 > 1000$, the answer is $\\text{A}$.",
-        "\\text{A}", 4, "math500",
+        "\\text{A}",
+        4,
+        "math500",
     ),
     Record(
-        "test/counting_and_probability/9006.json", "math",
+        "test/counting_and_probability/9006.json",
+        "math",
         "In how many ways can $5$ different books be put on a shelf so that two particular books are not "
         "next to each other?",
         "There are $5! = 120$ orders in all. Gluing the two books into one block gives $4! \\cdot 2 = 48$ "
         "orders with them together. So $120 - 48 = 72$ orders keep them apart.",
-        "72", 5, "math500",
+        "72",
+        5,
+        "math500",
     ),
 ]
 
 ASK = "Is the following statement true or false?"
 PRONTOQA = [
     Record(
-        "ProntoQA_1", "logic", f"Every blorpus is bright. Kelpuses are not bright. Rex is a blorpus. {ASK} Rex is bright.",
-        "Rex is a blorpus. Every blorpus is bright. Rex is bright.", "true", 1, "prontoqa",
+        "ProntoQA_1",
+        "logic",
+        f"Every blorpus is bright. Kelpuses are not bright. Rex is a blorpus. {ASK} Rex is bright.",
+        "Rex is a blorpus. Every blorpus is bright. Rex is bright.",
+        "true",
+        1,
+        "prontoqa",
     ),
     Record(
-        "ProntoQA_2", "logic",
+        "ProntoQA_2",
+        "logic",
         "Each fimpus is a morpus. Morpuses are not cold. Every tarpus is cold. Fimpuses are loud. Nia is a fimpus. "
         f"{ASK} Nia is cold.",
         "Nia is a fimpus. Each fimpus is a morpus. Nia is a morpus. Morpuses are not cold. Nia is not cold.",
-        "false", 2, "prontoqa",
+        "false",
+        2,
+        "prontoqa",
     ),
     Record(
-        "ProntoQA_3", "logic",
+        "ProntoQA_3",
+        "logic",
         "Zelpuses are quipuses. Every quipus is an orpus. Sornpuses are shiny. Each orpus is not shiny. "
         f"Every zelpus is sour. Oli is a zelpus. {ASK} Oli is not shiny.",
         "Oli is a zelpus. Zelpuses are quipuses. Oli is a quipus. Every quipus is an orpus. Oli is an orpus. "
         "Each orpus is not shiny. Oli is not shiny.",
-        "true", 3, "prontoqa",
+        "true",
+        3,
+        "prontoqa",
     ),
     Record(
-        "ProntoQA_4", "logic",
+        "ProntoQA_4",
+        "logic",
         "Every gimpus is a lumpus. Lumpuses are dampuses. Dampuses are kind. Every vexpus is not a dampus. "
         f"Pam is a gimpus. {ASK} Pam is a dampus.",
         "Pam is a gimpus. Every gimpus is a lumpus. Pam is a lumpus. Lumpuses are dampuses. Pam is a dampus.",
-        "true", 2, "prontoqa",
+        "true",
+        2,
+        "prontoqa",
     ),
     Record(
-        "ProntoQA_6", "logic",
+        "ProntoQA_6",
+        "logic",
         "Yelpuses are small. Every yelpus is a nompus. Each nompus is loud. Nompuses are rispuses. Every tivpus "
         "is wooden. Rispuses are vampuses. Each vampus is dull. Every vampus is a culpus. Culpuses are not "
         f"wooden. Culpuses are harpuses. Sam is a yelpus. {ASK} Sam is wooden.",
         "Sam is a yelpus. Every yelpus is a nompus. Sam is a nompus. Nompuses are rispuses. Sam is a rispus. "
         "Rispuses are vampuses. Sam is a vampus. Every vampus is a culpus. Sam is a culpus. Culpuses are not "
         "wooden. Sam is not wooden.",
-        "false", 5, "prontoqa",
+        "false",
+        5,
+        "prontoqa",
     ),
 ]
 
@@ -150,31 +208,52 @@ def test_adapters_are_pure_functions_of_the_row(name: str) -> None:
 
 
 def test_gsm8k_cot_drops_calculator_annotations_and_keeps_the_worked_text() -> None:
-    row = {"question": "How many?", "answer": "Half of 48 is 48/2 = <<48/2=24>>24.\n\nThen 24 + 48 = <<24+48=72>>72.\n#### 72"}
+    row = {
+        "question": "How many?",
+        "answer": "Half of 48 is 48/2 = <<48/2=24>>24.\n\nThen 24 + 48 = <<24+48=72>>72.\n#### 72",
+    }
     record = hub.adapt_gsm8k(row, "train-3")
     assert (record.cot, record.answer, record.depth, record.id) == (
-        "Half of 48 is 48/2 = 24.\nThen 24 + 48 = 72.", "72", 2, "gsm8k-train-3",
+        "Half of 48 is 48/2 = 24.\nThen 24 + 48 = 72.",
+        "72",
+        2,
+        "gsm8k-train-3",
     )
 
 
 def test_math500_unwraps_nested_boxes_and_rejects_unbalanced_ones() -> None:
-    row = {"problem": "p", "solution": "So $x = \\boxed{\\frac{1}{2}}$.", "answer": "\\frac{1}{2}", "subject": "Algebra",
-           "level": 2, "unique_id": "test/algebra/1.json"}
+    row = {
+        "problem": "p",
+        "solution": "So $x = \\boxed{\\frac{1}{2}}$.",
+        "answer": "\\frac{1}{2}",
+        "subject": "Algebra",
+        "level": 2,
+        "unique_id": "test/algebra/1.json",
+    }
     assert hub.adapt_math500(row, "test-0").cot == "So $x = \\frac{1}{2}$."
     with pytest.raises(MalformedRecord, match="unbalanced"):
         hub.adapt_math500({**row, "solution": "So $x = \\boxed{\\frac{1}{2}$."}, "test-0")
 
 
 def test_prontoqa_gold_that_contradicts_the_context_is_malformed() -> None:
-    row = {"id": "ProntoQA_9", "context": "Every wumpus is red. Max is a wumpus.", "options": ["A) True", "B) False"],
-           "question": f"{ASK} Max is red.", "answer": "B", "raw_logic_programs": []}
+    row = {
+        "id": "ProntoQA_9",
+        "context": "Every wumpus is red. Max is a wumpus.",
+        "options": ["A) True", "B) False"],
+        "question": f"{ASK} Max is red.",
+        "answer": "B",
+        "raw_logic_programs": [],
+    }
     with pytest.raises(MalformedRecord, match="contradicts"):
         hub.adapt_prontoqa(row, "validation-0")
     assert hub.adapt_prontoqa({**row, "answer": "A"}, "validation-0").answer == "true"
 
 
 def test_unknown_name_or_split_is_a_clear_value_error() -> None:
-    for call in (lambda: stream_hub_records("gsm9k", "test", SkipCounter()), lambda: check_hub_dataset("gsm9k", "test")):
+    for call in (
+        lambda: stream_hub_records("gsm9k", "test", SkipCounter()),
+        lambda: check_hub_dataset("gsm9k", "test"),
+    ):
         with pytest.raises(ValueError, match="unknown hub dataset 'gsm9k'; valid names: gsm8k, math500, prontoqa"):
             call()
     with pytest.raises(ValueError, match=r"has splits \['test'\], got 'train'"):
@@ -191,8 +270,14 @@ def test_check_on_a_local_file_returns_its_first_valid_record(tmp_path: Path) ->
 
 def _assert_readable_offline_error(message: str, hub_id: str) -> None:
     assert "\n" not in message  # one paragraph
-    for part in (hub_id, "could not be reached", "data=synthetic_math", "data=synthetic_logic", "data=mixed",
-                 "data.local_path=/path/to/file.jsonl"):
+    for part in (
+        hub_id,
+        "could not be reached",
+        "data=synthetic_math",
+        "data=synthetic_logic",
+        "data=mixed",
+        "data.local_path=/path/to/file.jsonl",
+    ):
         assert part in message
 
 

@@ -20,15 +20,21 @@ def tokenizer():
 
 
 def questions(tokenizer):
-    enc = tokenizer(["<bos> ana has 7 pens .", "<bos> kai is a dax . every dax is a wug ."], return_tensors="pt",
-                    padding=True, add_special_tokens=False)
+    enc = tokenizer(
+        ["<bos> ana has 7 pens .", "<bos> kai is a dax . every dax is a wug ."],
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=False,
+    )
     return enc.input_ids, enc.attention_mask
 
 
 @pytest.mark.parametrize("num_modes", [1, 3])
 def test_parallel_policy_shapes_and_left_padding(tiny_pair, tokenizer, num_modes):
     assistant = AutoModelForCausalLM.from_pretrained(tiny_pair / "assistant")
-    policy = LatentPolicy(assistant, tokenizer.convert_tokens_to_ids(LAT), latent_dim=6, num_steps=4, num_modes=num_modes)
+    policy = LatentPolicy(
+        assistant, tokenizer.convert_tokens_to_ids(LAT), latent_dim=6, num_steps=4, num_modes=num_modes
+    )
     ids, mask = questions(tokenizer)
     dist = policy(ids, mask)
     assert dist.mu.shape == (2, num_modes, 4, 6) and dist.log_sigma.shape == (2, num_modes, 4, 6)
@@ -37,7 +43,7 @@ def test_parallel_policy_shapes_and_left_padding(tiny_pair, tokenizer, num_modes
     z, modes = policy.sample(dist, 6, torch.Generator().manual_seed(0))
     assert z.shape == (2, 6, 4, 6) and not z.requires_grad and modes.tolist() == [m % num_modes for m in range(6)]
     # The padded question gives the same latents as the same question alone: padding is invisible.
-    alone = policy(ids[1:, (mask[1] == 1).nonzero()[0, 0]:], mask[1:, (mask[1] == 1).nonzero()[0, 0]:])
+    alone = policy(ids[1:, (mask[1] == 1).nonzero()[0, 0] :], mask[1:, (mask[1] == 1).nonzero()[0, 0] :])
     torch.testing.assert_close(alone.mu[0], dist.mu[1], atol=1e-5, rtol=1e-4)
 
 
@@ -65,11 +71,13 @@ def test_latent_inputs_equal_token_inputs_when_latents_are_token_embeddings(tiny
     """If P(z) were exactly the embeddings of a text, the main model must see that text."""
     main = AutoModelForCausalLM.from_pretrained(tiny_pair / "main").eval()
     prompts = ["<bos> ana has 7 pens . answer :", "<bos> kai is a dax . true or false : kai is a dax . answer :"]
-    span = tokenizer(["gets 2 : 7 + 2 =", "every dax is a wug . ."], add_special_tokens=False, return_tensors="pt").input_ids
+    span = tokenizer(
+        ["gets 2 : 7 + 2 =", "every dax is a wug . ."], add_special_tokens=False, return_tensors="pt"
+    ).input_ids
     projected = main.get_input_embeddings()(span)  # [2, T, D]
     embeds, mask = latent_main_inputs(main, tokenizer, prompts, projected, "<bol>", "<eol>", "####")
     from_latents, ids = greedy_decode_embeds(main, embeds, mask, tokenizer, max_new_tokens=5)
-    texts = [f"{p} <bol> {tokenizer.decode(s)} <eol> ####" for p, s in zip(prompts, span)]
+    texts = [f"{p} <bol> {tokenizer.decode(s)} <eol> ####" for p, s in zip(prompts, span, strict=True)]
     assert from_latents == greedy_complete(main, tokenizer, texts, max_new_tokens=5) and 1 <= ids.shape[1] <= 5
 
 

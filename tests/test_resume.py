@@ -15,10 +15,20 @@ import torch
 from conftest import ROOT, run_train
 
 COMMON = [
-    "experiment=dlr", "data.test_per_depth=1", "data.batch_size=4", "method.rl.num_samples=6", "method.rl.num_decoded=3",
-    "method.alignment.steps=3", "method.rl.steps=25", "method.critic.warmup=2", "trainer.log_every_n_steps=1",
-    "callbacks.model_checkpoint.every_n_train_steps=1", "callbacks.reward_filter=null", "callbacks.latent_diversity=null",
-    "trainer.enable_progress_bar=false", "eval.modes=[direct]",
+    "experiment=dlr",
+    "data.test_per_depth=1",
+    "data.batch_size=4",
+    "method.rl.num_samples=6",
+    "method.rl.num_decoded=3",
+    "method.alignment.steps=3",
+    "method.rl.steps=25",
+    "method.critic.warmup=2",
+    "trainer.log_every_n_steps=1",
+    "callbacks.model_checkpoint.every_n_train_steps=1",
+    "callbacks.reward_filter=null",
+    "callbacks.latent_diversity=null",
+    "trainer.enable_progress_bar=false",
+    "eval.modes=[direct]",
 ]
 
 
@@ -41,7 +51,10 @@ def test_a_killed_dlr_run_resumes_to_the_uninterrupted_metrics(tmp_path):
     killed_dir = tmp_path / "killed"
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "src" / "train.py"), *COMMON, f"hydra.run.dir={killed_dir}"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
     )
     last = killed_dir / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
@@ -65,13 +78,27 @@ def test_a_killed_dlr_run_resumes_to_the_uninterrupted_metrics(tmp_path):
 def test_a_killed_comparison_reruns_in_its_folder_and_finishes(tmp_path):
     """Killed during GRPO: the rerun reads DLR's finished result and resumes GRPO from its checkpoint."""
     args = [
-        "experiment=dlr_vs_grpo", "method.seeds=[0]", "budget.amount=6", "data.test_per_depth=1", "data.eval_depths=[1,2]",
-        "method.eval_every=0.5", "method.pass_at_k=0", "method.dlr.alignment.steps=2", "method.grpo.max_new_tokens=16",
-        "eval.max_new_tokens=16", "callbacks.model_checkpoint.every_n_train_steps=1", "trainer.enable_progress_bar=false",
+        "experiment=dlr_vs_grpo",
+        "method.seeds=[0]",
+        "budget.amount=6",
+        "data.test_per_depth=1",
+        "data.eval_depths=[1,2]",
+        "method.eval_every=0.5",
+        "method.pass_at_k=0",
+        "method.dlr.alignment.steps=2",
+        "method.grpo.max_new_tokens=16",
+        "eval.max_new_tokens=16",
+        "callbacks.model_checkpoint.every_n_train_steps=1",
+        "trainer.enable_progress_bar=false",
         f"hydra.run.dir={tmp_path}",
     ]
-    process = subprocess.Popen([sys.executable, str(ROOT / "src" / "train.py"), *args], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "src" / "train.py"), *args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
     grpo_last = tmp_path / "grpo" / "seed_0" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 400
     while checkpoint_step(grpo_last) < 1 and process.poll() is None and time.time() < deadline:

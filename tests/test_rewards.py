@@ -123,7 +123,13 @@ def test_normalize_and_parse_number(raw, normal, number):
 
 def test_parse_bool():
     assert [parse_bool(s) for s in ("true", "False", " TRUE. ", "yes", "no", "1", "")] == [
-        True, False, True, None, None, None, None,
+        True,
+        False,
+        True,
+        None,
+        None,
+        None,
+        None,
     ]
 
 
@@ -477,9 +483,14 @@ def test_an_idle_worker_that_died_is_replaced_not_counted_as_a_wrong_answer():
 
 long_or_nested = st.one_of(
     completions,
-    st.builds(lambda piece, n: piece * n, st.sampled_from(["{", "}", "\\boxed{", "#", "#### 1 ", "9", "a"]),
-              st.integers(min_value=1_000, max_value=100_000)),
-    st.builds(lambda n, body: "\\boxed{" * n + body + "}" * n, st.integers(min_value=1, max_value=5_000), st.text(max_size=10)),
+    st.builds(
+        lambda piece, n: piece * n,
+        st.sampled_from(["{", "}", "\\boxed{", "#", "#### 1 ", "9", "a"]),
+        st.integers(min_value=1_000, max_value=100_000),
+    ),
+    st.builds(
+        lambda n, body: "\\boxed{" * n + body + "}" * n, st.integers(min_value=1, max_value=5_000), st.text(max_size=10)
+    ),
 )
 
 

@@ -36,13 +36,17 @@ LOGIC_GAP = (
 )
 
 
-@pytest.mark.parametrize("task", ["math", pytest.param("logic", marks=pytest.mark.xfail(strict=True, reason=LOGIC_GAP))])
+@pytest.mark.parametrize(
+    "task", ["math", pytest.param("logic", marks=pytest.mark.xfail(strict=True, reason=LOGIC_GAP))]
+)
 def test_shipped_main_in_nf4_is_good_shallow_and_weak_deep(nf4_main, task):
     model, tokenizer = nf4_main
     # A test set of our own seed (not the one in the README) so this is a fresh sample.
     records = fixed_test_set(ProceduralSpec({task: 1.0}, 1, 8), seed=4242, per_depth=25)
     records = [r for r in records if r.depth in (1, 2, 7, 8)]
-    scores = {s.depth: s.accuracy for s in evaluate_by_depth(model, tokenizer, PromptFormat(), records, label="main/cot")}
+    scores = {
+        s.depth: s.accuracy for s in evaluate_by_depth(model, tokenizer, PromptFormat(), records, label="main/cot")
+    }
     assert min(scores[1], scores[2]) >= 0.84, scores  # the target is 90%; 25 samples per depth are noisy
     assert (scores[7] + scores[8]) / 2 <= min(scores[1], scores[2]) - 0.2, scores
 
@@ -60,4 +64,7 @@ def test_each_shipped_tokenizer_loads_as_the_tiny_tokenizer(name):
     loaded, built = load_tokenizer(str(TINY / name)), build_tokenizer()
     text = "<bos> ana has 7 pens . <bol> gets 2 : 7 + 2 = 9 . <eol> #### 9 <eos>"
     assert loaded(text).input_ids == built(text).input_ids
-    assert loaded.decode(loaded(text).input_ids, skip_special_tokens=True) == "ana has 7 pens . gets 2 : 7 + 2 = 9 . #### 9"
+    assert (
+        loaded.decode(loaded(text).input_ids, skip_special_tokens=True)
+        == "ana has 7 pens . gets 2 : 7 + 2 = 9 . #### 9"
+    )

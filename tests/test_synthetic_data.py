@@ -86,7 +86,9 @@ def test_logic_answer_needs_the_chain():
     """The query concept appears in two rules with opposite polarity, so no single rule gives the answer."""
     record = synthetic_logic.generate(random.Random(0), 3, 0, "t")
     query = record.question.split("true or false :")[1].split()[-2]
-    polarities = {("not a " + query) in s for s in record.question.split(".") if s.strip().endswith(query) and "every" in s}
+    polarities = {
+        ("not a " + query) in s for s in record.question.split(".") if s.strip().endswith(query) and "every" in s
+    }
     assert polarities == {True, False}
 
 
@@ -109,8 +111,16 @@ def test_every_generated_word_is_in_the_tiny_vocabulary():
 
 
 def test_test_set_is_fixed_and_never_in_the_train_stream():
-    dm = ReasoningDataModule("mixed", 16, (1, 2), (1, 3), train_seed=1, test_seed=2, test_per_depth=20,
-                             mix_weights={"math": 0.5, "logic": 0.5})
+    dm = ReasoningDataModule(
+        "mixed",
+        16,
+        (1, 2),
+        (1, 3),
+        train_seed=1,
+        test_seed=2,
+        test_per_depth=20,
+        mix_weights={"math": 0.5, "logic": 0.5},
+    )
     test = dm.test_records()
     assert len(test) == 2 * 3 * 20 and test == fixed_test_set(dm.eval_spec, 2, 20)
     dm.setup()
@@ -143,7 +153,15 @@ def test_stream_resumes_after_the_last_batch_trained_on():
     ],
 )
 def test_bad_data_config_names_the_key(kwargs, message):
-    args = dict(source="mixed", batch_size=4, train_depths=(1, 4), eval_depths=(1, 8), train_seed=1, test_seed=2,
-                test_per_depth=2, mix_weights={"math": 1.0})
+    args = dict(
+        source="mixed",
+        batch_size=4,
+        train_depths=(1, 4),
+        eval_depths=(1, 8),
+        train_seed=1,
+        test_seed=2,
+        test_per_depth=2,
+        mix_weights={"math": 1.0},
+    )
     with pytest.raises(ValueError, match=message):
         ReasoningDataModule(**{**args, **kwargs})

@@ -55,7 +55,10 @@ def random_weights_folder(model_type: str, shape: dict, folder: Path) -> str:
     if not (folder / "config.json").exists():
         tokenizer = tiny.build_tokenizer()
         config = AutoConfig.for_model(
-            model_type, **shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            model_type,
+            **shape,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -75,14 +78,26 @@ def load_backbone(name: str, device: str) -> Backbone:
     if name != "tiny":
         folder = Path(tempfile.gettempdir()) / f"dlr-bench-{name}"
         shapes = OmegaConf.to_container(cfg.backbone.shapes)
-        main_spec = ModelSpec(random_weights_folder(cfg.backbone.model_type, shapes["main"], folder / "main"),
-                              main_spec.quantization, main_spec.dtype)
-        assistant_spec = ModelSpec(random_weights_folder(cfg.backbone.model_type, shapes["assistant"], folder / "assistant"),
-                                   assistant_spec.quantization, assistant_spec.dtype, assistant_spec.lora)
+        main_spec = ModelSpec(
+            random_weights_folder(cfg.backbone.model_type, shapes["main"], folder / "main"),
+            main_spec.quantization,
+            main_spec.dtype,
+        )
+        assistant_spec = ModelSpec(
+            random_weights_folder(cfg.backbone.model_type, shapes["assistant"], folder / "assistant"),
+            assistant_spec.quantization,
+            assistant_spec.dtype,
+            assistant_spec.lora,
+        )
         fmt, placeholder = PromptFormat(template="{question} answer :"), "<lat>"
     return Backbone(
-        name, load_main(main_spec, device), load_tokenizer(main_spec.name_or_path),
-        load_assistant(assistant_spec, device), load_tokenizer(assistant_spec.name_or_path), fmt, placeholder,
+        name,
+        load_main(main_spec, device),
+        load_tokenizer(main_spec.name_or_path),
+        load_assistant(assistant_spec, device),
+        load_tokenizer(assistant_spec.name_or_path),
+        fmt,
+        placeholder,
         torch.device(device),
     )
 
@@ -107,20 +122,43 @@ def timed(device: torch.device, fn, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def dlr_module(bb: Backbone, num_samples: int, num_decoded: int, latent_steps: int, latent_dim: int, decode_tokens: int):
+def dlr_module(
+    bb: Backbone, num_samples: int, num_decoded: int, latent_steps: int, latent_dim: int, decode_tokens: int
+):
     from dlr.methods.dlr_module import DLRModule, DLRSettings
     from dlr.rewards import RewardConfig
 
-    settings = DLRSettings.from_dict({
-        "latent": {"steps": latent_steps, "dim": latent_dim}, "alignment": {"steps": 0},
-        "rl": {"num_samples": num_samples, "num_decoded": num_decoded, "beta": 0.0}, "max_new_tokens": decode_tokens,
-    })
-    return DLRModule(bb.main, bb.main_tokenizer, bb.assistant, bb.assistant_tokenizer, bb.fmt, settings,
-                     RewardConfig(), bb.placeholder).to(bb.device)
+    settings = DLRSettings.from_dict(
+        {
+            "latent": {"steps": latent_steps, "dim": latent_dim},
+            "alignment": {"steps": 0},
+            "rl": {"num_samples": num_samples, "num_decoded": num_decoded, "beta": 0.0},
+            "max_new_tokens": decode_tokens,
+        }
+    )
+    return DLRModule(
+        bb.main,
+        bb.main_tokenizer,
+        bb.assistant,
+        bb.assistant_tokenizer,
+        bb.fmt,
+        settings,
+        RewardConfig(),
+        bb.placeholder,
+    ).to(bb.device)
 
 
-def bench_rollout(bb: Backbone, questions_per_batch: int, num_samples: int, num_decoded: int, latent_steps: int,
-                  latent_dim: int, dlr_decode_tokens: int, grpo_new_tokens: int, repeats: int) -> dict:
+def bench_rollout(
+    bb: Backbone,
+    questions_per_batch: int,
+    num_samples: int,
+    num_decoded: int,
+    latent_steps: int,
+    latent_dim: int,
+    dlr_decode_tokens: int,
+    grpo_new_tokens: int,
+    repeats: int,
+) -> dict:
     """Device-seconds per sampled reasoning attempt, DLR vs GRPO, same main model and K."""
     from dlr.models.critic import select_latents
     from dlr.models.generation import sample_completions
@@ -141,14 +179,23 @@ def bench_rollout(bb: Backbone, questions_per_batch: int, num_samples: int, num_
     prompts = [bb.fmt.prompt(r.question, bb.main_tokenizer) for r in records]
 
     def grpo_rollout():  # K full-length completions per question
-        sample_completions(policy, bb.main_tokenizer, prompts, num_decoded, grpo_new_tokens, min_new_tokens=grpo_new_tokens)
+        sample_completions(
+            policy, bb.main_tokenizer, prompts, num_decoded, grpo_new_tokens, min_new_tokens=grpo_new_tokens
+        )
 
     grpo_seconds = timed(bb.device, grpo_rollout, repeats)
     attempts = questions_per_batch * num_decoded
     return {
-        "backbone": bb.name, "questions": questions_per_batch, "G": num_samples, "K": num_decoded, "T": latent_steps,
-        "Dz": latent_dim, "dlr_decode_tokens": dlr_decode_tokens, "grpo_new_tokens": grpo_new_tokens,
-        "dlr_seconds_per_attempt": dlr_seconds / attempts, "grpo_seconds_per_attempt": grpo_seconds / attempts,
+        "backbone": bb.name,
+        "questions": questions_per_batch,
+        "G": num_samples,
+        "K": num_decoded,
+        "T": latent_steps,
+        "Dz": latent_dim,
+        "dlr_decode_tokens": dlr_decode_tokens,
+        "grpo_new_tokens": grpo_new_tokens,
+        "dlr_seconds_per_attempt": dlr_seconds / attempts,
+        "grpo_seconds_per_attempt": grpo_seconds / attempts,
         "grpo_over_dlr": grpo_seconds / dlr_seconds,
     }
 
@@ -171,18 +218,43 @@ def bench_decode(bb: Backbone, batch_sizes: list[int], prompt_tokens: int, new_t
     prompt = " ".join(random.Random(0).choices(words, k=prompt_tokens))
     rows = []
     for batch in batch_sizes:
-        seconds = timed(bb.device, lambda: sample_completions(
-            bb.main, bb.main_tokenizer, [prompt], batch, new_tokens, min_new_tokens=new_tokens), repeats)
+        seconds = timed(
+            bb.device,
+            lambda batch=batch: sample_completions(
+                bb.main, bb.main_tokenizer, [prompt], batch, new_tokens, min_new_tokens=new_tokens
+            ),
+            repeats,
+        )
         tokens_per_s = batch * new_tokens / seconds
         floor = batch * bandwidth / weight_bytes  # every decode step reads all weights once
-        rows.append({"batch": batch, "tokens_per_s": tokens_per_s, "floor_tokens_per_s": floor,
-                     "fraction_of_floor": tokens_per_s / floor})
-    return {"backbone": bb.name, "weight_bytes": weight_bytes, "copy_bandwidth_bytes_per_s": bandwidth,
-            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "rows": rows}
+        rows.append(
+            {
+                "batch": batch,
+                "tokens_per_s": tokens_per_s,
+                "floor_tokens_per_s": floor,
+                "fraction_of_floor": tokens_per_s / floor,
+            }
+        )
+    return {
+        "backbone": bb.name,
+        "weight_bytes": weight_bytes,
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "rows": rows,
+    }
 
 
-def bench_memory(bb: Backbone, questions_per_batch: int, num_samples: int, num_decoded: int, latent_steps: int,
-                 latent_dim: int, grpo_generations: int, grpo_new_tokens: int) -> dict:
+def bench_memory(
+    bb: Backbone,
+    questions_per_batch: int,
+    num_samples: int,
+    num_decoded: int,
+    latent_steps: int,
+    latent_dim: int,
+    grpo_generations: int,
+    grpo_new_tokens: int,
+) -> dict:
     """Peak device memory of one full RL step of each arm (training step with backward and update)."""
     from lightning import Trainer
 
@@ -193,19 +265,44 @@ def bench_memory(bb: Backbone, questions_per_batch: int, num_samples: int, num_d
 
     def one_step(module) -> float:
         reset_peak_memory(bb.device)
-        data = ReasoningDataModule("mixed", questions_per_batch, [1, 4], [1, 1], train_seed=0, test_seed=1000,
-                                   test_per_depth=1, mix_weights={"math": 0.5, "logic": 0.5})
-        Trainer(max_steps=1, accelerator="gpu" if bb.device.type == "cuda" else "cpu", devices=1, logger=False,
-                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                precision="bf16-mixed" if bb.device.type == "cuda" else "32-true",
-                default_root_dir=tempfile.mkdtemp()).fit(module, datamodule=data)
+        data = ReasoningDataModule(
+            "mixed",
+            questions_per_batch,
+            [1, 4],
+            [1, 1],
+            train_seed=0,
+            test_seed=1000,
+            test_per_depth=1,
+            mix_weights={"math": 0.5, "logic": 0.5},
+        )
+        Trainer(
+            max_steps=1,
+            accelerator="gpu" if bb.device.type == "cuda" else "cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            precision="bf16-mixed" if bb.device.type == "cuda" else "32-true",
+            default_root_dir=tempfile.mkdtemp(),
+        ).fit(module, datamodule=data)
         return peak_memory_bytes(bb.device) / 2**30
 
     dlr_peak = one_step(dlr_module(bb, num_samples, num_decoded, latent_steps, latent_dim, 16))
     lora = {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
-    settings = GRPOSettings(num_generations=grpo_generations, max_new_tokens=grpo_new_tokens, micro_batch_size=8, lora=lora)
+    settings = GRPOSettings(
+        num_generations=grpo_generations, max_new_tokens=grpo_new_tokens, micro_batch_size=8, lora=lora
+    )
     grpo_peak = one_step(GRPOModule(add_lora(bb.main, lora), bb.main_tokenizer, bb.fmt, settings, RewardConfig()))
-    return {"backbone": bb.name, "questions": questions_per_batch, "G": num_samples, "K": num_decoded,
-            "T": latent_steps, "grpo_K": grpo_generations, "grpo_new_tokens": grpo_new_tokens,
-            "measure": "CUDA peak allocated" if bb.device.type == "cuda" else "process peak RSS (lifetime)",
-            "dlr_peak_gb": dlr_peak, "grpo_peak_gb": grpo_peak}
+    return {
+        "backbone": bb.name,
+        "questions": questions_per_batch,
+        "G": num_samples,
+        "K": num_decoded,
+        "T": latent_steps,
+        "grpo_K": grpo_generations,
+        "grpo_new_tokens": grpo_new_tokens,
+        "measure": "CUDA peak allocated" if bb.device.type == "cuda" else "process peak RSS (lifetime)",
+        "dlr_peak_gb": dlr_peak,
+        "grpo_peak_gb": grpo_peak,
+    }

@@ -4,8 +4,20 @@ from __future__ import annotations
 
 # Hydra's own flags keep their meaning; every other `--key` is read as a config override.
 HYDRA_FLAGS = {
-    "--help", "--hydra-help", "--version", "--cfg", "--resolve", "--package", "--run", "--multirun",
-    "--shell-completion", "--config-path", "--config-name", "--config-dir", "--info", "--experimental-rerun",
+    "--help",
+    "--hydra-help",
+    "--version",
+    "--cfg",
+    "--resolve",
+    "--package",
+    "--run",
+    "--multirun",
+    "--shell-completion",
+    "--config-path",
+    "--config-name",
+    "--config-dir",
+    "--info",
+    "--experimental-rerun",
 }
 HYDRA_SHORT_FLAGS = {"-h", "-c", "-p", "-r", "-m", "-sc", "-cp", "-cn", "-cd", "-i"}
 

@@ -7,16 +7,16 @@ from the config, fit, evaluate, write results beside the resolved config.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
 import shutil
 import warnings
-import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Sequence
 
 import lightning as L
 import torch
@@ -28,9 +28,9 @@ from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dlr.callbacks.evaluation import DepthScore, depth_table, evaluate_by_depth, scores_as_dicts
-from dlr.methods.guard import NonFiniteTraining
-from dlr.data.schema import Record
 from dlr.data.datamodule import ReasoningDataModule
+from dlr.data.schema import Record
+from dlr.methods.guard import NonFiniteTraining
 from dlr.models import tiny
 from dlr.models.backbones import ModelSpec, PromptFormat, load_assistant, load_main, load_tokenizer, resolve_path
 from dlr.rewards import RewardConfig
@@ -59,7 +59,9 @@ def check_writable(folder: Path) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
-        raise SystemExit(f"error: the run folder {folder} is not writable ({err}); set paths.log_dir to a writable folder")
+        raise SystemExit(
+            f"error: the run folder {folder} is not writable ({err}); set paths.log_dir to a writable folder"
+        ) from err
 
 
 def model_spec(node: DictConfig, root_dir: str) -> ModelSpec:
@@ -100,8 +102,9 @@ def rl_ddp_strategy(module: L.LightningModule) -> DDPStrategy:
     other ranks wait in a collective, so the timeout is hours, not DDP's 30 minutes."""
     # Lightning deprecates the flag but keeps it for rank-local buffers, which these are.
     warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")
-    return DDPStrategy(find_unused_parameters=module.ddp_unused_parameters, broadcast_buffers=False,
-                       timeout=timedelta(hours=4))
+    return DDPStrategy(
+        find_unused_parameters=module.ddp_unused_parameters, broadcast_buffers=False, timeout=timedelta(hours=4)
+    )
 
 
 def write_json(path: Path, payload) -> None:
@@ -123,9 +126,14 @@ def evaluate_models(cfg: DictConfig, models: dict[str, tuple], fmt: PromptFormat
     for name, (model, tokenizer) in models.items():
         for mode in cfg.eval.modes:
             scores += evaluate_by_depth(
-                model, tokenizer, fmt, records,
-                label=f"{name}/{mode}", mode=mode,
-                max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                model,
+                tokenizer,
+                fmt,
+                records,
+                label=f"{name}/{mode}",
+                mode=mode,
+                max_new_tokens=cfg.eval.max_new_tokens,
+                batch_size=cfg.eval.batch_size,
                 reward=reward_config(cfg),
             )
     return scores
@@ -139,7 +147,7 @@ def write_eval(out: Path, scores: list[DepthScore], skipped: dict, title: str) -
     print(f"\n{title}\n{table}\nwritten to {out / 'eval.md'}")
 
 
-BACKBONE_FILES = {"main", "assistant", "eval.md"}
+BACKBONE_FILES = {"main", "assistant", "eval.md", "WIP.md"}  # WIP.md: notes of a curriculum in progress
 
 
 def export_target(export_to: str, root_dir: str) -> Path:
@@ -168,22 +176,50 @@ def run_warmstart(cfg: DictConfig, out: Path) -> None:
     datamodule.check_source()
     tokenizer = tiny.build_tokenizer()
     shapes = cfg.backbone.shapes
-    main = LlamaForCausalLM(tiny.main_config(tokenizer, tiny.TinyShape(**shapes.main)))
-    assistant = Qwen2ForCausalLM(tiny.assistant_config(tokenizer, tiny.TinyShape(**shapes.assistant)))
-    log.info("tiny main: %.2fM parameters, assistant: %.2fM", main.num_parameters() / 1e6, assistant.num_parameters() / 1e6)
+    if cfg.method.init_from:  # a curriculum phase: continue from saved weights, not from scratch
+        start = (
+            Path(cfg.method.init_from)
+            if Path(cfg.method.init_from).is_absolute()
+            else Path(cfg.paths.root_dir) / cfg.method.init_from
+        )
+        if not (start / "main").is_dir():
+            raise SystemExit(f"error: method.init_from={cfg.method.init_from} has no main/ folder to start from")
+        main = LlamaForCausalLM.from_pretrained(start / "main", dtype=torch.float32)
+        assistant_dir = (
+            start / "assistant"
+            if (start / "assistant").is_dir()
+            else Path(cfg.paths.data_dir) / "backbones/tiny/assistant"
+        )
+        assistant = Qwen2ForCausalLM.from_pretrained(assistant_dir, dtype=torch.float32)
+        log.info("warm start continues from %s (assistant from %s)", start, assistant_dir)
+    else:
+        main = LlamaForCausalLM(tiny.main_config(tokenizer, tiny.TinyShape(**shapes.main)))
+        assistant = Qwen2ForCausalLM(tiny.assistant_config(tokenizer, tiny.TinyShape(**shapes.assistant)))
+    log.info(
+        "tiny main: %.2fM parameters, assistant: %.2fM", main.num_parameters() / 1e6, assistant.num_parameters() / 1e6
+    )
 
     fmt = prompt_format(cfg)
     module = WarmStartModule(
-        main, assistant, tokenizer, fmt,
-        lr=cfg.method.lr, weight_decay=cfg.method.weight_decay, warmup_steps=cfg.method.warmup_steps,
-        direct_fraction=cfg.method.direct_fraction, max_length=cfg.method.max_length, seed=cfg.seed,
+        main,
+        assistant,
+        tokenizer,
+        fmt,
+        lr=cfg.method.lr,
+        weight_decay=cfg.method.weight_decay,
+        warmup_steps=cfg.method.warmup_steps,
+        direct_fraction=cfg.method.direct_fraction,
+        max_length=cfg.method.max_length,
+        seed=cfg.seed,
+        train_assistant=cfg.method.train_assistant,
     )
     trainer = build_trainer(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
     if trainer.is_global_zero:
         saved = out / "backbone"
-        for name, model in (("main", main), ("assistant", assistant)):
+        trained = (("main", main), ("assistant", assistant)) if cfg.method.train_assistant else (("main", main),)
+        for name, model in trained:
             model.save_pretrained(saved / name)
             tokenizer.save_pretrained(saved / name)
         device = evaluation_device(cfg.trainer.accelerator)  # Lightning hands the module back on the CPU
@@ -192,8 +228,9 @@ def run_warmstart(cfg: DictConfig, out: Path) -> None:
         write_eval(out, scores, datamodule.skip_counts(), f"Tiny backbone after {trainer.global_step} warm-start steps")
         if cfg.method.export_to:
             target = export_target(cfg.method.export_to, cfg.paths.root_dir)
-            shutil.rmtree(target, ignore_errors=True)
-            shutil.copytree(saved, target)
+            for name, _ in trained:  # an untrained assistant keeps its exported copy
+                shutil.rmtree(target / name, ignore_errors=True)
+                shutil.copytree(saved / name, target / name)
             shutil.copy(out / "eval.md", target / "eval.md")
             print(f"exported the backbone to {target}")
 
@@ -241,8 +278,11 @@ def arm_fault_injection(cfg: DictConfig, module) -> None:
 
     debug = cfg.get("debug") or {}
     if debug.get("inject_nonfinite_at_step") is not None:
-        module.guard = NonFiniteGuard(module.settings.max_consecutive_nonfinite, debug.inject_nonfinite_at_step,
-                                      debug.get("inject_nonfinite_times", 1))
+        module.guard = NonFiniteGuard(
+            module.settings.max_consecutive_nonfinite,
+            debug.inject_nonfinite_at_step,
+            debug.get("inject_nonfinite_times", 1),
+        )
 
 
 def setup_dlr(cfg: DictConfig) -> Arm:
@@ -258,8 +298,15 @@ def setup_dlr(cfg: DictConfig) -> Arm:
     assistant_spec = model_spec(cfg.backbone.assistant, cfg.paths.root_dir)
     main, main_tokenizer = load_main(main_spec, device), load_tokenizer(main_spec.name_or_path)
     module = DLRModule(
-        main, main_tokenizer, load_assistant(assistant_spec, device), load_tokenizer(assistant_spec.name_or_path),
-        prompt_format(cfg), settings, reward_config(cfg), cfg.backbone.placeholder, main_sha256=weights_sha256(main),
+        main,
+        main_tokenizer,
+        load_assistant(assistant_spec, device),
+        load_tokenizer(assistant_spec.name_or_path),
+        prompt_format(cfg),
+        settings,
+        reward_config(cfg),
+        cfg.backbone.placeholder,
+        main_sha256=weights_sha256(main),
     )
 
     def evaluate(records: Sequence[Record], label: str) -> list[DepthScore]:
@@ -267,8 +314,16 @@ def setup_dlr(cfg: DictConfig) -> Arm:
         return module.evaluate_latent(records, label, cfg.eval.batch_size)
 
     arm_fault_injection(cfg, module)
-    return Arm("dlr", module, datamodule, evaluate, module.sample_attempts, (main, main_tokenizer),
-               lambda: weights_sha256(module.main), settings.total_steps)
+    return Arm(
+        "dlr",
+        module,
+        datamodule,
+        evaluate,
+        module.sample_attempts,
+        (main, main_tokenizer),
+        lambda: weights_sha256(module.main),
+        settings.total_steps,
+    )
 
 
 def setup_grpo(cfg: DictConfig) -> Arm:
@@ -288,16 +343,32 @@ def setup_grpo(cfg: DictConfig) -> Arm:
     module = GRPOModule(policy, tokenizer, fmt, settings, reward_config(cfg), base_sha256=base_hash)
 
     def evaluate(records: Sequence[Record], label: str) -> list[DepthScore]:
-        return evaluate_by_depth(module.policy.to(device), tokenizer, fmt, records, label=label, mode="cot",
-                                 max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                                 reward=reward_config(cfg))
+        return evaluate_by_depth(
+            module.policy.to(device),
+            tokenizer,
+            fmt,
+            records,
+            label=label,
+            mode="cot",
+            max_new_tokens=cfg.eval.max_new_tokens,
+            batch_size=cfg.eval.batch_size,
+            reward=reward_config(cfg),
+        )
 
     def sample_attempts(records: Sequence[Record], k: int) -> list[list[str]]:
         return module.sample_attempts(list(records), k, cfg.eval.max_new_tokens)
 
     arm_fault_injection(cfg, module)
-    return Arm("grpo", module, datamodule, evaluate, sample_attempts, (policy, tokenizer),
-               lambda: weights_sha256(module.policy, exclude="lora_"), settings.steps)
+    return Arm(
+        "grpo",
+        module,
+        datamodule,
+        evaluate,
+        sample_attempts,
+        (policy, tokenizer),
+        lambda: weights_sha256(module.policy, exclude="lora_"),
+        settings.steps,
+    )
 
 
 ARMS = {"dlr": setup_dlr, "grpo": setup_grpo}
@@ -353,8 +424,12 @@ def run_dlr(cfg: DictConfig, out: Path) -> None:
     if trainer.is_global_zero:
         aligned = next((c.scores for c in trainer.callbacks if isinstance(c, AlignmentEval) and c.scores), [])
         final = arm.evaluate(records, "dlr/final")
-        write_eval(out, scores + aligned + final, arm.datamodule.skip_counts(),
-                   f"DLR on {cfg.backbone.name}: {trainer.global_step} steps ({arm.module.settings.alignment.steps} alignment + RL)")
+        write_eval(
+            out,
+            scores + aligned + final,
+            arm.datamodule.skip_counts(),
+            f"DLR on {cfg.backbone.name}: {trainer.global_step} steps ({arm.module.settings.alignment.steps} alignment + RL)",
+        )
 
 
 def run_grpo(cfg: DictConfig, out: Path) -> None:
@@ -372,7 +447,9 @@ def run_grpo(cfg: DictConfig, out: Path) -> None:
     check_protected(arm, start_hash, out)
     if trainer.is_global_zero:
         scores += evaluate_models(cfg, {"grpo": arm.text_model}, fmt, records)
-        write_eval(out, scores, arm.datamodule.skip_counts(), f"GRPO on {cfg.backbone.name}: {trainer.global_step} steps")
+        write_eval(
+            out, scores, arm.datamodule.skip_counts(), f"GRPO on {cfg.backbone.name}: {trainer.global_step} steps"
+        )
 
 
 def arm_kind(cfg: DictConfig, name: str) -> str:
@@ -408,7 +485,13 @@ def other_task_records(cfg: DictConfig, source: str) -> list[Record]:
     """The fixed test set of data source `source` with the same depths and sizes: the forgetting check."""
     other = copy.deepcopy(cfg.data)
     with open_dict(other):  # that source's own splits and no local file
-        other.source, other.mix_weights, other.train_split, other.test_split, other.local_path = source, None, None, None, None
+        other.source, other.mix_weights, other.train_split, other.test_split, other.local_path = (
+            source,
+            None,
+            None,
+            None,
+            None,
+        )
     return instantiate(other).test_records()
 
 
@@ -448,7 +531,13 @@ def phase_datamodule(cfg: DictConfig, source: str) -> ReasoningDataModule:
     """The configured data settings with another source (its own splits, no local file)."""
     data = copy.deepcopy(cfg.data)
     with open_dict(data):
-        data.source, data.mix_weights, data.train_split, data.test_split, data.local_path = source, None, None, None, None
+        data.source, data.mix_weights, data.train_split, data.test_split, data.local_path = (
+            source,
+            None,
+            None,
+            None,
+            None,
+        )
     datamodule = instantiate(data)
     datamodule.check_source()
     return datamodule
@@ -503,8 +592,14 @@ def train_arm_seed(cfg: DictConfig, name: str, kind: str, seed: int, out: Path, 
         evaluate = (lambda module, r=records: arm.evaluate(r, label)) if rank_zero else None
         meter = BudgetMeter(cfg.budget.kind, cfg.budget.amount, evaluate, fractions)
         meter.record(arm.module, 0.0)
-        log.info("%s seed %d%s: training until %g %s are spent", name, seed, f" on {source}" if source else "",
-                 cfg.budget.amount, cfg.budget.kind)
+        log.info(
+            "%s seed %d%s: training until %g %s are spent",
+            name,
+            seed,
+            f" on {source}" if source else "",
+            cfg.budget.amount,
+            cfg.budget.kind,
+        )
         fit(arm_cfg, arm, extra_callbacks=[meter], budgeted=True)
         meters.append(meter)
         if source is not None and rank_zero:  # every phase's task so far, after this phase
@@ -519,30 +614,52 @@ def train_arm_seed(cfg: DictConfig, name: str, kind: str, seed: int, out: Path, 
     if cfg.method.pass_at_k:
         from dlr.callbacks.evaluation import pass_at_k_by_depth
 
-        pass_at_k = overall_accuracy(pass_at_k_by_depth(
-            records, arm.sample_attempts, cfg.method.pass_at_k, label=label, batch_size=cfg.eval.batch_size,
-            reward=reward_config(cfg),
-        ))
+        pass_at_k = overall_accuracy(
+            pass_at_k_by_depth(
+                records,
+                arm.sample_attempts,
+                cfg.method.pass_at_k,
+                label=label,
+                batch_size=cfg.eval.batch_size,
+                reward=reward_config(cfg),
+            )
+        )
     meter = meters[-1]  # curves and final scores: the last phase's
     final = meter.points[-1].scores if meter.points[-1].fraction >= 1.0 else arm.evaluate(records, label)
     result = SeedResult(
         seed=seed,
-        curve=[{"budget_fraction": p.fraction, "seconds": p.seconds, "flops": p.flops,
-                "generated_tokens": p.generated_tokens, "accuracy": overall_accuracy(p.scores)} for p in meter.points],
+        curve=[
+            {
+                "budget_fraction": p.fraction,
+                "seconds": p.seconds,
+                "flops": p.flops,
+                "generated_tokens": p.generated_tokens,
+                "accuracy": overall_accuracy(p.scores),
+            }
+            for p in meter.points
+        ],
         final_scores=final,
-        spent={"seconds": sum(m.seconds for m in meters), "flops": sum(m.flops for m in meters),
-               "generated_tokens": sum(m.generated_tokens for m in meters),
-               "peak_memory_gb": max(m.peak_memory for m in meters) / 2**30},
+        spent={
+            "seconds": sum(m.seconds for m in meters),
+            "flops": sum(m.flops for m in meters),
+            "generated_tokens": sum(m.generated_tokens for m in meters),
+            "peak_memory_gb": max(m.peak_memory for m in meters) / 2**30,
+        },
         other_task_before=other_before,
         other_task_after=overall_accuracy(arm.evaluate(others, label)) if others else None,
         heldout_nll_before=nll_before,
         heldout_nll_after=heldout_nll(arm.text_model, fmt, others, cfg.eval.batch_size) if others else None,
-        grad_norm_cv=meter.grad_norm_cv(), protected_unchanged=unchanged, trace=vars(meter.trace), retention=retention,
+        grad_norm_cv=meter.grad_norm_cv(),
+        protected_unchanged=unchanged,
+        trace=vars(meter.trace),
+        retention=retention,
         pass_at_k=pass_at_k,
     )
     # Kept as soon as it exists: a later arm that crashes does not lose this one.
-    write_json(Path(arm_cfg.paths.output_dir) / "result.json",
-               {**dataclasses.asdict(result), "final_scores": scores_as_dicts(result.final_scores)})
+    write_json(
+        Path(arm_cfg.paths.output_dir) / "result.json",
+        {**dataclasses.asdict(result), "final_scores": scores_as_dicts(result.final_scores)},
+    )
     return result
 
 
@@ -550,7 +667,11 @@ def run_dlr_vs_grpo(cfg: DictConfig, out: Path) -> None:
     """Every arm x seed from the same starting backbone, each stopped by the budget meter; then the report."""
     from dlr.report.report import arm_summary, write_report
 
-    seeds = cfg.method.seeds if cfg.method.seeds is not None else ([0, 1, 2] if evaluation_device(cfg.trainer.accelerator) == "cuda" else [0, 1])
+    seeds = (
+        cfg.method.seeds
+        if cfg.method.seeds is not None
+        else ([0, 1, 2] if evaluation_device(cfg.trainer.accelerator) == "cuda" else [0, 1])
+    )
     if not cfg.method.arms or not seeds:
         raise SystemExit("error: method.arms and method.seeds must each name at least one")
     if not 0 < cfg.method.eval_every <= 1:
@@ -564,7 +685,9 @@ def run_dlr_vs_grpo(cfg: DictConfig, out: Path) -> None:
         if cfg.budget.kind != "seconds":
             raise SystemExit(f"error: a {cfg.budget.kind} budget needs budget.amount")
         with open_dict(cfg):
-            cfg.budget.amount = cfg.budget.amount_gpu if evaluation_device(cfg.trainer.accelerator) == "cuda" else cfg.budget.amount_cpu
+            cfg.budget.amount = (
+                cfg.budget.amount_gpu if evaluation_device(cfg.trainer.accelerator) == "cuda" else cfg.budget.amount_cpu
+            )
     fractions = [round(cfg.method.eval_every * i, 6) for i in range(1, int(round(1 / cfg.method.eval_every)) + 1)]
     # Every setting is checked now, not when its arm's turn comes after hours of the others.
     from dlr.callbacks.budget import BudgetMeter
@@ -577,20 +700,30 @@ def run_dlr_vs_grpo(cfg: DictConfig, out: Path) -> None:
         raise SystemExit(f"error: {err}") from None
     for name, kind in kinds.items():
         _settings({"dlr": DLRSettings, "grpo": GRPOSettings}[kind], arm_config(cfg, name, seeds[0], out))
-    results = {name: [train_arm_seed(cfg, name, kinds[name], seed, out, fractions) for seed in seeds] for name in cfg.method.arms}
+    results = {
+        name: [train_arm_seed(cfg, name, kinds[name], seed, out, fractions) for seed in seeds]
+        for name in cfg.method.arms
+    }
     if not is_rank_zero():
         return
     summary = {
-        "experiment": cfg.task_name, "device": device_name(cfg.trainer.accelerator),
-        "budget": {"kind": cfg.budget.kind, "amount": float(cfg.budget.amount)}, "pass_at_k": cfg.method.pass_at_k,
+        "experiment": cfg.task_name,
+        "device": device_name(cfg.trainer.accelerator),
+        "budget": {"kind": cfg.budget.kind, "amount": float(cfg.budget.amount)},
+        "pass_at_k": cfg.method.pass_at_k,
         "arms": {name: arm_summary(seed_results) for name, seed_results in results.items()},
     }
     short = write_report(summary, results, out)
     print("\n".join([*short, f"report: {out / 'report.md'}"]))
 
 
-METHODS = {"warmstart": run_warmstart, "evaluate": run_evaluate, "dlr": run_dlr, "grpo": run_grpo,
-           "dlr_vs_grpo": run_dlr_vs_grpo}
+METHODS = {
+    "warmstart": run_warmstart,
+    "evaluate": run_evaluate,
+    "dlr": run_dlr,
+    "grpo": run_grpo,
+    "dlr_vs_grpo": run_dlr_vs_grpo,
+}
 
 
 def run(cfg: DictConfig) -> None:

@@ -18,8 +18,8 @@ import dataclasses
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from lightning import Callback
@@ -153,14 +153,17 @@ class BudgetMeter(Callback):
 
             diversity = float(mean_pairwise_cosine_distance(rollout.z))
         optional = [getattr(pl_module, f"last_{key}", None) for key in ("reward", "grad_norm")]
-        local = torch.tensor([
-            elapsed,
-            self._read(pl_module, "flops_spent") - flops,
-            self._read(pl_module, "generated_tokens") - tokens,
-            peak_memory_bytes(pl_module.device),
-            *[float("nan") if value is None else float(value) for value in optional],
-            diversity,
-        ], dtype=torch.float64)
+        local = torch.tensor(
+            [
+                elapsed,
+                self._read(pl_module, "flops_spent") - flops,
+                self._read(pl_module, "generated_tokens") - tokens,
+                peak_memory_bytes(pl_module.device),
+                *[float("nan") if value is None else float(value) for value in optional],
+                diversity,
+            ],
+            dtype=torch.float64,
+        )
         ranks = gather_ranks(trainer, local)  # [world_size, 7]
         self.seconds += float(ranks[:, 0].sum())
         self.flops += float(ranks[:, 1].sum())
@@ -170,13 +173,19 @@ class BudgetMeter(Callback):
         for series, column in ((self.trace.reward, 4), (self.trace.grad_norm, 5), (self.trace.diversity, 6)):
             if not ranks[:, column].isnan().all():  # the batch had this value: the mean over ranks
                 series.append([fraction, float(ranks[:, column].nanmean())])
-        log_rank_zero(trainer, {
-            "budget/seconds": self.seconds, "budget/flops": self.flops, "budget/generated_tokens": self.generated_tokens,
-            "budget/fraction": fraction, "budget/peak_memory_gb": self.peak_memory / 2**30,
-        })
+        log_rank_zero(
+            trainer,
+            {
+                "budget/seconds": self.seconds,
+                "budget/flops": self.flops,
+                "budget/generated_tokens": self.generated_tokens,
+                "budget/fraction": fraction,
+                "budget/peak_memory_gb": self.peak_memory / 2**30,
+            },
+        )
         crossed = [f for f in self.eval_fractions if fraction >= f]
         if crossed:  # one evaluation serves every fraction this batch crossed
-            self.eval_fractions = self.eval_fractions[len(crossed):]
+            self.eval_fractions = self.eval_fractions[len(crossed) :]
             self.record(pl_module, crossed[0], trainer)
             for f in crossed[1:]:
                 self.points.append(dataclasses.replace(self.points[-1], fraction=f))
@@ -197,9 +206,15 @@ class BudgetMeter(Callback):
         from dlr.callbacks.evaluation import scores_as_dicts
 
         points = [{**asdict(p), "scores": scores_as_dicts(p.scores)} for p in self.points]
-        return {"seconds": self.seconds, "flops": self.flops, "generated_tokens": self.generated_tokens,
-                "eval_fractions": self.eval_fractions, "peak_memory": self.peak_memory, "points": points,
-                "trace": asdict(self.trace)}
+        return {
+            "seconds": self.seconds,
+            "flops": self.flops,
+            "generated_tokens": self.generated_tokens,
+            "eval_fractions": self.eval_fractions,
+            "peak_memory": self.peak_memory,
+            "points": points,
+            "trace": asdict(self.trace),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         from dlr.callbacks.evaluation import DepthScore

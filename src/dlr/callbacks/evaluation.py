@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
 
 import torch
 from lightning import Callback
@@ -132,8 +132,9 @@ class PeriodicDepthEval(Callback):
     A cheap progress signal for long supervised runs; the full evaluation runs at the end.
     """
 
-    def __init__(self, every_n_steps: int, per_depth: int, model_attr: str = "main", mode: str = "cot",
-                 max_new_tokens: int = 96) -> None:
+    def __init__(
+        self, every_n_steps: int, per_depth: int, model_attr: str = "main", mode: str = "cot", max_new_tokens: int = 96
+    ) -> None:
         self.every_n_steps, self.per_depth = every_n_steps, per_depth
         self.model_attr, self.mode, self.max_new_tokens = model_attr, mode, max_new_tokens
 
@@ -151,12 +152,21 @@ class PeriodicDepthEval(Callback):
                 seen[(r.task, r.depth)] += 1
                 records.append(r)
         scores = evaluate_by_depth(
-            getattr(pl_module, self.model_attr), pl_module.tokenizer, pl_module.fmt, records,
-            label=f"{self.model_attr}/{self.mode}", mode=self.mode, max_new_tokens=self.max_new_tokens,
+            getattr(pl_module, self.model_attr),
+            pl_module.tokenizer,
+            pl_module.fmt,
+            records,
+            label=f"{self.model_attr}/{self.mode}",
+            mode=self.mode,
+            max_new_tokens=self.max_new_tokens,
             batch_size=len(records),
         )
         log_rank_zero(trainer, {f"eval/{s.task}_acc_d{s.depth}": s.accuracy for s in scores})
-        print(f"\nstep {trainer.global_step}: " + ", ".join(f"{s.task[0]}{s.depth}={100 * s.accuracy:.0f}%" for s in scores), flush=True)
+        print(
+            f"\nstep {trainer.global_step}: "
+            + ", ".join(f"{s.task[0]}{s.depth}={100 * s.accuracy:.0f}%" for s in scores),
+            flush=True,
+        )
 
 
 class AlignmentEval(Callback):

@@ -46,11 +46,14 @@ class LatentDiversity(RolloutDiagnostic):
         if rollout is None:
             return
         step = trainer.global_step
-        log_now(trainer, {
-            "latent/cosine_distance": mean_pairwise_cosine_distance(rollout.z),
-            "latent/effective_rank": effective_rank(rollout.z),
-            "latent/sigma_mean": rollout.log_sigma.exp().mean(),
-        })
+        log_now(
+            trainer,
+            {
+                "latent/cosine_distance": mean_pairwise_cosine_distance(rollout.z),
+                "latent/effective_rank": effective_rank(rollout.z),
+                "latent/sigma_mean": rollout.log_sigma.exp().mean(),
+            },
+        )
         board = next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         if board is None or not trainer.is_global_zero:
             return
@@ -61,4 +64,6 @@ class LatentDiversity(RolloutDiagnostic):
         if self.projector_every_n_steps and step % self.projector_every_n_steps == 0:
             decoded = rollout.z[torch.arange(rollout.z.shape[0])[:, None], rollout.kept]  # [B, K, T, Dz]
             labels = [f"{r:.1f}" for r in rollout.rewards.flatten().tolist()]
-            board.add_embedding(decoded.flatten(2).flatten(0, 1).float().cpu(), metadata=labels, global_step=step, tag="decoded_latents")
+            board.add_embedding(
+                decoded.flatten(2).flatten(0, 1).float().cpu(), metadata=labels, global_step=step, tag="decoded_latents"
+            )

@@ -8,7 +8,8 @@ scalars straight to the loggers at the current global step instead.
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from lightning import Callback, Trainer
@@ -30,7 +31,7 @@ def log_now(trainer: Trainer, metrics: dict[str, float | torch.Tensor]) -> None:
     A collective under DDP (see `gather_ranks`): every rank calls it with the same keys."""
     keys = sorted(metrics)
     values = gather_ranks(trainer, torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64))
-    log_rank_zero(trainer, dict(zip(keys, values.mean(0).tolist())))
+    log_rank_zero(trainer, dict(zip(keys, values.mean(0).tolist(), strict=True)))
 
 
 def log_rank_zero(trainer: Trainer, metrics: dict[str, float | torch.Tensor]) -> None:

@@ -4,6 +4,7 @@ sampled chains once more and compare the critic's top-K with the true top-K."""
 from __future__ import annotations
 
 import torch
+
 from dlr.callbacks.metrics import RolloutDiagnostic, log_now
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import itertools
 import random
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
@@ -91,7 +91,13 @@ class HubStream(IterableDataset):
     skipping test-set questions (single-split releases train and test on one split)."""
 
     def __init__(
-        self, name: str, split: str, local_path: str | None, rank: int, world_size: int, exclude_questions: frozenset[str]
+        self,
+        name: str,
+        split: str,
+        local_path: str | None,
+        rank: int,
+        world_size: int,
+        exclude_questions: frozenset[str],
     ) -> None:
         self.name, self.split, self.local_path = name, split, local_path
         self.rank, self.world_size = rank, world_size
@@ -101,7 +107,7 @@ class HubStream(IterableDataset):
     def __iter__(self) -> Iterator[Record]:
         from dlr.data.hub import stream_hub_records
 
-        for epoch in itertools.count():
+        for _epoch in itertools.count():
             rows = stream_hub_records(self.name, self.split, self.skipped, local_path=self.local_path)
             count = 0
             for i, record in enumerate(rows):
@@ -111,7 +117,9 @@ class HubStream(IterableDataset):
                     count += 1
                     yield record
             if count == 0:
-                raise ValueError(f"dataset {self.name!r} split {self.split!r} has no valid records for rank {self.rank}")
+                raise ValueError(
+                    f"dataset {self.name!r} split {self.split!r} has no valid records for rank {self.rank}"
+                )
 
 
 class ReasoningDataModule(LightningDataModule):
@@ -149,7 +157,12 @@ class ReasoningDataModule(LightningDataModule):
 
             default = HUB_DATASETS[source].default_split
             train_split, test_split = train_split or default, test_split or default
-        self.train_split, self.test_split, self.local_path, self.test_size = train_split, test_split, local_path, test_size
+        self.train_split, self.test_split, self.local_path, self.test_size = (
+            train_split,
+            test_split,
+            local_path,
+            test_size,
+        )
         weights = dict(mix_weights or {}) if source == "mixed" else SYNTHETIC_SOURCES.get(source, {})
         self.train_spec = ProceduralSpec(weights, *train_depths) if weights else None
         self.eval_spec = ProceduralSpec(weights, *eval_depths) if weights else None

@@ -61,8 +61,13 @@ def adapt_gsm8k(row: Row, position: str) -> Record:
     if not steps:
         raise MalformedRecord("no solution steps: nothing before '####'")
     return make_record(
-        id=f"gsm8k-{position}", task="math", question=_text(row, "question"), cot="\n".join(steps),
-        answer=answer, depth=len(steps), source="gsm8k",
+        id=f"gsm8k-{position}",
+        task="math",
+        question=_text(row, "question"),
+        cot="\n".join(steps),
+        answer=answer,
+        depth=len(steps),
+        source="gsm8k",
     )
 
 
@@ -91,8 +96,13 @@ def adapt_math500(row: Row, position: str) -> Record:
     if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= 5:
         raise MalformedRecord(f"bad difficulty level: {level!r}")
     return make_record(
-        id=_text(row, "unique_id"), task="math", question=_text(row, "problem"),
-        cot=_unbox(_text(row, "solution")), answer=_text(row, "answer"), depth=level, source="math500",
+        id=_text(row, "unique_id"),
+        task="math",
+        question=_text(row, "problem"),
+        cot=_unbox(_text(row, "solution")),
+        answer=_text(row, "answer"),
+        depth=level,
+        source="math500",
     )
 
 
@@ -173,8 +183,13 @@ def adapt_prontoqa(row: Row, position: str) -> Record:
     if truth != (gold == "true"):
         raise MalformedRecord(f"gold answer contradicts the proof: gold {gold}")
     return make_record(
-        id=_text(row, "id"), task="logic", question=f"{context} {question}", cot=" ".join(proof),
-        answer=gold, depth=hops, source="prontoqa",
+        id=_text(row, "id"),
+        task="logic",
+        question=f"{context} {question}",
+        cot=" ".join(proof),
+        answer=gold,
+        depth=hops,
+        source="prontoqa",
     )
 
 
@@ -196,12 +211,20 @@ class HubDataset:
 HUB_DATASETS: dict[str, HubDataset] = {
     "gsm8k": HubDataset("openai/gsm8k", "main", ("train", "test"), "test", ("question", "answer"), adapt_gsm8k),
     "math500": HubDataset(
-        "HuggingFaceH4/MATH-500", None, ("test",), "test",
-        ("problem", "solution", "answer", "subject", "level", "unique_id"), adapt_math500,
+        "HuggingFaceH4/MATH-500",
+        None,
+        ("test",),
+        "test",
+        ("problem", "solution", "answer", "subject", "level", "unique_id"),
+        adapt_math500,
     ),
     "prontoqa": HubDataset(
-        "renma/ProntoQA", None, ("validation",), "validation",
-        ("id", "context", "question", "answer", "options", "raw_logic_programs"), adapt_prontoqa,
+        "renma/ProntoQA",
+        None,
+        ("validation",),
+        "validation",
+        ("id", "context", "question", "answer", "options", "raw_logic_programs"),
+        adapt_prontoqa,
     ),
 }
 

@@ -8,8 +8,9 @@ steps (`depth`). Sources that produce something else are adapted; anything that 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 TASKS = ("math", "logic")
 
@@ -63,9 +64,7 @@ class SkipCounter:
         self.by_reason[reason] += 1
 
 
-def adapt_rows(
-    rows: Iterable[Any], adapt: Any, skipped: SkipCounter
-) -> Iterator[Record]:
+def adapt_rows(rows: Iterable[Any], adapt: Any, skipped: SkipCounter) -> Iterator[Record]:
     """Map raw rows through `adapt(row) -> Record`, skipping and counting `MalformedRecord`s."""
     for row in rows:
         try:

@@ -22,8 +22,30 @@ import random
 from dlr.data.schema import Record
 
 CONCEPTS = (
-    "blick", "dax", "wug", "fep", "tove", "glim", "prell", "quib", "snarf", "vell", "kront", "mip",
-    "jorb", "plim", "trax", "yurn", "bleem", "drox", "zorp", "larn", "nib", "sorm", "tulk", "vosh",
+    "blick",
+    "dax",
+    "wug",
+    "fep",
+    "tove",
+    "glim",
+    "prell",
+    "quib",
+    "snarf",
+    "vell",
+    "kront",
+    "mip",
+    "jorb",
+    "plim",
+    "trax",
+    "yurn",
+    "bleem",
+    "drox",
+    "zorp",
+    "larn",
+    "nib",
+    "sorm",
+    "tulk",
+    "vosh",
 )
 PEOPLE = ("kai", "max", "rin", "sol", "tam", "uma", "vic", "wes", "xia", "yan", "zoe", "ola")
 MAX_DEPTH = (len(CONCEPTS) - 2) // 2  # the person's chain and the distractor need distinct concepts
@@ -48,9 +70,9 @@ def generate(rng: random.Random, depth: int, index: int, id_prefix: str) -> Reco
     article = "not a" if negated else "a"
     other = "a" if negated else "not a"
 
-    rules_used = [f"every {a} is a {b} ." for a, b in zip(chain[:-2], chain[1:-1])]
+    rules_used = [f"every {a} is a {b} ." for a, b in zip(chain[:-2], chain[1:-1], strict=True)]
     rules_used.append(f"every {chain[-2]} is {article} {query} .")
-    rules = rules_used + [f"every {a} is a {b} ." for a, b in zip(distractor[:-2], distractor[1:-1])]
+    rules = rules_used + [f"every {a} is a {b} ." for a, b in zip(distractor[:-2], distractor[1:-1], strict=True)]
     rules.append(f"every {distractor[-2]} is {other} {query} .")
     rng.shuffle(rules)
 

@@ -48,7 +48,9 @@ class TrainableStateCheckpoints:
         # different questions. Rank r continues from a seed drawn from the common stream and r.
         if self.trainer.world_size > 1:
             drawn = int(torch.randint(2**62, ()))
-            rank_seed = int.from_bytes(hashlib.sha256(f"{drawn}:{self.trainer.global_rank}".encode()).digest()[:4], "little")
+            rank_seed = int.from_bytes(
+                hashlib.sha256(f"{drawn}:{self.trainer.global_rank}".encode()).digest()[:4], "little"
+            )
             seed_everything(rank_seed, workers=True, verbose=False)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
@@ -72,8 +74,12 @@ class TrainableStateCheckpoints:
         # which the uninterrupted run did before the step the checkpoint was taken at.
         states, rank = checkpoint.get("rng_states") or [], self.trainer.global_rank
         if len(states) != self.trainer.world_size:
-            log.warning("the checkpoint holds random states for %d processes and this run has %d: sampling after "
-                        "the resume will differ from the uninterrupted run's", len(states), self.trainer.world_size)
+            log.warning(
+                "the checkpoint holds random states for %d processes and this run has %d: sampling after "
+                "the resume will differ from the uninterrupted run's",
+                len(states),
+                self.trainer.world_size,
+            )
         self._rng_to_restore = states[rank] if rank < len(states) else None
         saved = checkpoint.get("protected_sha256")
         if saved and self.protected_sha256 and saved != self.protected_sha256:
@@ -84,5 +90,7 @@ class TrainableStateCheckpoints:
         expected = {k for k in self.state_dict() if not self.is_backbone_key(k)}
         missing = sorted(expected - set(checkpoint["state_dict"]))
         if missing:
-            raise RuntimeError(f"the checkpoint lacks {len(missing)} {self.arm_name} weights, e.g. {missing[:3]}: "
-                               f"not a {self.arm_name} checkpoint of this config")
+            raise RuntimeError(
+                f"the checkpoint lacks {len(missing)} {self.arm_name} weights, e.g. {missing[:3]}: "
+                f"not a {self.arm_name} checkpoint of this config"
+            )

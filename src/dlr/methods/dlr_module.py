@@ -13,8 +13,8 @@ optimizer. Gradients are accumulated and clipped by hand (manual optimization).
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +25,8 @@ from dlr.callbacks.budget import compute_parameters, forward_flops
 from dlr.callbacks.evaluation import DepthScore, score_by_depth
 from dlr.callbacks.metrics import log_now
 from dlr.data.schema import Record
-from dlr.methods.guard import NonFiniteGuard, finite_on_every_rank
 from dlr.methods.checkpointing import TrainableStateCheckpoints
+from dlr.methods.guard import NonFiniteGuard, finite_on_every_rank
 from dlr.methods.losses import LatentRLWeights, group_advantages, latent_rl_loss, mode_separation_loss
 from dlr.models.backbones import PromptFormat
 from dlr.models.critic import FILTERS, RewardCritic, select_latents
@@ -124,23 +124,34 @@ class DLRSettings:
         rl, latent = self.rl, self.latent
         checks = [
             (latent.mode in LATENT_MODES, f"method.latent.mode must be one of {LATENT_MODES}, got {latent.mode!r}"),
-            (self.alignment.target in ALIGNMENT_TARGETS,
-             f"method.alignment.target must be one of {ALIGNMENT_TARGETS}, got {self.alignment.target!r}"),
+            (
+                self.alignment.target in ALIGNMENT_TARGETS,
+                f"method.alignment.target must be one of {ALIGNMENT_TARGETS}, got {self.alignment.target!r}",
+            ),
             (rl.filter in FILTERS, f"method.rl.filter must be one of {FILTERS}, got {rl.filter!r}"),
-            (1 <= rl.num_decoded <= rl.num_samples,
-             f"need 1 <= method.rl.num_decoded (K={rl.num_decoded}) <= method.rl.num_samples (G={rl.num_samples})"),
+            (
+                1 <= rl.num_decoded <= rl.num_samples,
+                f"need 1 <= method.rl.num_decoded (K={rl.num_decoded}) <= method.rl.num_samples (G={rl.num_samples})",
+            ),
             (0 <= rl.k_explore <= rl.num_decoded, f"need 0 <= method.rl.k_explore <= K, got {rl.k_explore}"),
-            (rl.filter != "none" or rl.num_decoded == rl.num_samples, "method.rl.filter=none decodes all G: set num_decoded = num_samples"),
+            (
+                rl.filter != "none" or rl.num_decoded == rl.num_samples,
+                "method.rl.filter=none decodes all G: set num_decoded = num_samples",
+            ),
             (self.alignment.steps >= 0 and rl.steps >= 0, "method.alignment.steps and method.rl.steps must be >= 0"),
             (rl.ppo_epochs >= 1, f"method.rl.ppo_epochs must be >= 1, got {rl.ppo_epochs}"),
-            (rl.ppo_epochs == 1 or self.accumulate_grad_batches == 1,
-             "method.rl.ppo_epochs > 1 updates on each batch several times: use accumulate_grad_batches=1"),
+            (
+                rl.ppo_epochs == 1 or self.accumulate_grad_batches == 1,
+                "method.rl.ppo_epochs > 1 updates on each batch several times: use accumulate_grad_batches=1",
+            ),
             (self.accumulate_grad_batches >= 1, "method.accumulate_grad_batches must be >= 1"),
             (self.grad_clip > 0, f"method.grad_clip must be > 0, got {self.grad_clip}"),
             (rl.tau > 0, f"method.rl.tau must be > 0, got {rl.tau}"),
             (self.max_new_tokens >= 1, "method.max_new_tokens must be >= 1"),
-            (latent.steps >= 1 and latent.dim >= 1 and latent.num_modes >= 1,
-             f"method.latent.steps, dim and num_modes must be >= 1, got {latent.steps}, {latent.dim}, {latent.num_modes}"),
+            (
+                latent.steps >= 1 and latent.dim >= 1 and latent.num_modes >= 1,
+                f"method.latent.steps, dim and num_modes must be >= 1, got {latent.steps}, {latent.dim}, {latent.num_modes}",
+            ),
             (self.max_consecutive_nonfinite >= 1, "method.max_consecutive_nonfinite must be >= 1"),
         ]
         for ok, message in checks:
@@ -201,8 +212,15 @@ class DLRModule(TrainableStateCheckpoints, LightningModule):
         self.main_sha256 = main_sha256
         lat = settings.latent
         self.policy = LatentPolicy(
-            assistant, placeholder_id, lat.dim, lat.steps, lat.log_sigma_min, lat.log_sigma_max, lat.log_sigma_init,
-            lat.mode, lat.num_modes,
+            assistant,
+            placeholder_id,
+            lat.dim,
+            lat.steps,
+            lat.log_sigma_min,
+            lat.log_sigma_max,
+            lat.log_sigma_init,
+            lat.mode,
+            lat.num_modes,
         )
         main_dim = main.get_input_embeddings().embedding_dim
         self.projector = LatentProjector(lat.dim, main_dim, mean_embedding_norm(main))
@@ -250,10 +268,12 @@ class DLRModule(TrainableStateCheckpoints, LightningModule):
             return torch.optim.AdamW(groups, weight_decay=s.weight_decay, betas=(0.9, 0.95))
 
         align = adamw([{"params": self.policy_parameters() + list(self.projector.parameters()), "lr": s.alignment.lr}])
-        rl = adamw([
-            {"params": self.policy_parameters(), "lr": s.rl.lr},
-            {"params": list(self.critic.parameters()), "lr": s.critic.lr},
-        ])
+        rl = adamw(
+            [
+                {"params": self.policy_parameters(), "lr": s.rl.lr},
+                {"params": list(self.critic.parameters()), "lr": s.critic.lr},
+            ]
+        )
         return [align, rl]
 
     def _backward_and_step(self, loss: torch.Tensor, optimizer) -> torch.Tensor | None:
@@ -315,7 +335,9 @@ class DLRModule(TrainableStateCheckpoints, LightningModule):
         K = chains.shape[1]
         prompts = [self.fmt.prompt(r.question, self.main_tokenizer) for r in records for _ in range(K)]
         projected = self.projector(chains.flatten(0, 1))  # [B*K, T, Dmain]
-        return latent_main_inputs(self.main, self.main_tokenizer, prompts, projected, self.fmt.bol, self.fmt.eol, self.answer_cue)
+        return latent_main_inputs(
+            self.main, self.main_tokenizer, prompts, projected, self.fmt.bol, self.fmt.eol, self.answer_cue
+        )
 
     def target_text(self, record: Record) -> str:
         eos = self.main_tokenizer.eos_token or ""
@@ -335,7 +357,9 @@ class DLRModule(TrainableStateCheckpoints, LightningModule):
         texts, ids = greedy_decode_embeds(self.main, embeds, mask, self.main_tokenizer, self.settings.max_new_tokens)
         if charge:
             self.charge(self.main_parameters, embeds.shape[0] * (embeds.shape[1] + ids.shape[1]))  # prefill + decode
-            self.generated_tokens += int(completion_mask_after_eos(ids, eos_token_ids(self.main, self.main_tokenizer)).sum())
+            self.generated_tokens += int(
+                completion_mask_after_eos(ids, eos_token_ids(self.main, self.main_tokenizer)).sum()
+            )
         return [f"{self.answer_cue} {t}".strip() if self.answer_cue else t for t in texts]
 
     def decode_and_score(self, records: Sequence[Record], chains: torch.Tensor, charge: bool = False) -> torch.Tensor:
@@ -366,11 +390,16 @@ class DLRModule(TrainableStateCheckpoints, LightningModule):
         embeds, emask = self.main_inputs(records, chains)
         targets = self.main_tokenizer(
             [self.target_text(r) for r in records for _ in range(M)],
-            return_tensors="pt", padding="longest", padding_side="right", add_special_tokens=False,
+            return_tensors="pt",
+            padding="longest",
+            padding_side="right",
+            add_special_tokens=False,
         ).to(self.device)
         nll = latent_target_nll(self.main, embeds, emask, targets.input_ids, targets.attention_mask)  # [B*M]
         self.charge(self.assistant_parameters, B * M * (ids.shape[1] + self.policy.num_steps), self.assistant_backward)
-        self.charge(self.main_parameters, embeds.shape[0] * (embeds.shape[1] + targets.input_ids.shape[1]), "activations")
+        self.charge(
+            self.main_parameters, embeds.shape[0] * (embeds.shape[1] + targets.input_ids.shape[1]), "activations"
+        )
         loss = nll.mean()
         logs = {"train/align_nll": nll.detach().mean()}
         if M > 1:
@@ -456,7 +485,11 @@ class DLRModule(TrainableStateCheckpoints, LightningModule):
         if self.policy.mode == "recurrent":  # dist was teacher-forced on the K decoded chains
             mu, log_sigma = dist.mu, dist.log_sigma
             anchors = self.policy.mean_chain(ids, mask)[:, 0]  # mu(q): the noise-free chain, with gradients
-            self.charge(self.assistant_parameters, ids.shape[0] * (ids.shape[1] + self.policy.num_steps), self.assistant_backward)
+            self.charge(
+                self.assistant_parameters,
+                ids.shape[0] * (ids.shape[1] + self.policy.num_steps),
+                self.assistant_backward,
+            )
         else:
             mode_of = modes[kept]  # [B, K]
             mu, log_sigma = gather_samples(dist.mu, mode_of), gather_samples(dist.log_sigma, mode_of)
@@ -480,6 +513,7 @@ class DLRModule(TrainableStateCheckpoints, LightningModule):
         was_training = self.training
         self.eval()
         try:
+
             def complete(chunk: Sequence[Record]) -> list[str]:
                 ids, mask = self.encode_questions(chunk)
                 return self.decode(chunk, self.policy.mean_chain(ids, mask)[:, :1])

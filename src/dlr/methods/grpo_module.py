@@ -19,8 +19,8 @@ from transformers import PreTrainedTokenizerBase
 from dlr.callbacks.budget import compute_parameters, forward_flops
 from dlr.callbacks.metrics import gather_ranks, log_now
 from dlr.data.schema import Record
-from dlr.methods.guard import NonFiniteGuard, finite_on_every_rank
 from dlr.methods.checkpointing import TrainableStateCheckpoints
+from dlr.methods.guard import NonFiniteGuard, finite_on_every_rank
 from dlr.methods.losses import (
     ADVANTAGE_SCALES,
     LOSS_TYPES,
@@ -72,18 +72,30 @@ class GRPOSettings:
     def __post_init__(self) -> None:
         checks = [
             (self.loss_type in LOSS_TYPES, f"method.loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}"),
-            (self.scale_rewards in ADVANTAGE_SCALES,
-             f"method.scale_rewards must be one of {ADVANTAGE_SCALES}, got {self.scale_rewards!r}"),
+            (
+                self.scale_rewards in ADVANTAGE_SCALES,
+                f"method.scale_rewards must be one of {ADVANTAGE_SCALES}, got {self.scale_rewards!r}",
+            ),
             (self.cache in CACHES, f"method.cache must be one of {CACHES}, got {self.cache!r}"),
-            (self.num_generations >= 2, f"method.num_generations must be >= 2 (advantages are relative), got {self.num_generations}"),
-            (self.max_new_tokens >= 1 and self.micro_batch_size >= 1 and self.steps >= 0,
-             "method.max_new_tokens and method.micro_batch_size must be >= 1, method.steps >= 0"),
+            (
+                self.num_generations >= 2,
+                f"method.num_generations must be >= 2 (advantages are relative), got {self.num_generations}",
+            ),
+            (
+                self.max_new_tokens >= 1 and self.micro_batch_size >= 1 and self.steps >= 0,
+                "method.max_new_tokens and method.micro_batch_size must be >= 1, method.steps >= 0",
+            ),
             (self.temperature > 0, f"method.temperature must be > 0, got {self.temperature}"),
             (0 <= self.eps_low < 1 and self.eps_high >= 0, "need 0 <= method.eps_low < 1 and method.eps_high >= 0"),
             (self.num_iterations >= 1, f"method.num_iterations must be >= 1, got {self.num_iterations}"),
-            (self.num_iterations == 1 or self.accumulate_grad_batches == 1,
-             "method.num_iterations > 1 updates on each batch several times: use accumulate_grad_batches=1"),
-            (self.accumulate_grad_batches >= 1 and self.grad_clip > 0, "need accumulate_grad_batches >= 1 and grad_clip > 0"),
+            (
+                self.num_iterations == 1 or self.accumulate_grad_batches == 1,
+                "method.num_iterations > 1 updates on each batch several times: use accumulate_grad_batches=1",
+            ),
+            (
+                self.accumulate_grad_batches >= 1 and self.grad_clip > 0,
+                "need accumulate_grad_batches >= 1 and grad_clip > 0",
+            ),
             (bool(self.lora), "method.lora must configure the adapters (GRPO trains LoRA on the 4-bit main model)"),
             (self.max_consecutive_nonfinite >= 1, "method.max_consecutive_nonfinite must be >= 1"),
         ]
@@ -122,8 +134,9 @@ class GRPOModule(TrainableStateCheckpoints, LightningModule):
         return [p for p in self.policy.parameters() if p.requires_grad]
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.adapter_parameters(), lr=self.settings.lr, weight_decay=self.settings.weight_decay,
-                                 betas=(0.9, 0.99))
+        return torch.optim.AdamW(
+            self.adapter_parameters(), lr=self.settings.lr, weight_decay=self.settings.weight_decay, betas=(0.9, 0.99)
+        )
 
     def rollout(self, records: list[Record]):
         """K sampled completions per question, their texts and rewards [B, K, 3]."""
@@ -145,7 +158,9 @@ class GRPOModule(TrainableStateCheckpoints, LightningModule):
         scores = score_batch(texts, golds, tasks, **asdict(self.reward)).reshape(len(records), s.num_generations, 3)
         return prompt_ids, prompt_mask, completion_ids, completion_mask, scores.to(self.device), seconds
 
-    def _log_probs_no_grad(self, prompt_ids, prompt_mask, completion_ids, completion_mask, adapters: bool) -> torch.Tensor:
+    def _log_probs_no_grad(
+        self, prompt_ids, prompt_mask, completion_ids, completion_mask, adapters: bool
+    ) -> torch.Tensor:
         """Per-token log-probs [N, Lc] without gradients, micro-batched; adapters off = the reference model."""
         chunks = []
         with torch.no_grad():
@@ -201,7 +216,9 @@ class GRPOModule(TrainableStateCheckpoints, LightningModule):
                 if s.entropy_coef:
                     per_token = per_token - s.entropy_coef * entropy
                 weight = micro_batch_weight(s.loss_type, m.shape[0], N, float(m.sum()), batch_tokens, len(parts))
-                loss = self.guard.inject(aggregate_token_loss(per_token, m, s.loss_type, s.max_new_tokens) * weight, step)
+                loss = self.guard.inject(
+                    aggregate_token_loss(per_token, m, s.loss_type, s.max_new_tokens) * weight, step
+                )
                 if not finite_on_every_rank(self.trainer, loss):  # never backpropagate it; the step is skipped below
                     nonfinite = True
                     continue
@@ -267,9 +284,12 @@ class GRPOModule(TrainableStateCheckpoints, LightningModule):
     def sample_attempts(self, records: list[Record], k: int, max_new_tokens: int) -> list[list[str]]:
         """k completions per question sampled as in training: the attempts pass@k counts."""
         prompts = [self.fmt.prompt(r.question, self.tokenizer) for r in records]
-        _, _, ids, mask = sample_completions(self.policy, self.tokenizer, prompts, k, max_new_tokens,
-                                             self.settings.temperature, self.settings.cache)
-        texts = [self.tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(ids, mask, strict=True)]
+        _, _, ids, mask = sample_completions(
+            self.policy, self.tokenizer, prompts, k, max_new_tokens, self.settings.temperature, self.settings.cache
+        )
+        texts = [
+            self.tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(ids, mask, strict=True)
+        ]
         return [texts[i * k : (i + 1) * k] for i in range(len(records))]
 
     # --- checkpoints: adapters only; the 4-bit base is reloaded from the backbone -----------------

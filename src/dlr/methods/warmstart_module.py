@@ -30,12 +30,12 @@ def encode_sft_batch(
     """Right-padded `input_ids`, `attention_mask` and `labels` (-100 on prompt and padding), each [B, L]."""
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
-    rows = [(p + c)[:max_length] for p, c in zip(prompt_ids, completion_ids)]
+    rows = [(p + c)[:max_length] for p, c in zip(prompt_ids, completion_ids, strict=True)]
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full_like(ids, -100)
     mask = torch.zeros_like(ids)
-    for i, (row, p) in enumerate(zip(rows, prompt_ids)):
+    for i, (row, p) in enumerate(zip(rows, prompt_ids, strict=True)):
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = 1
         labels[i, len(p) : len(row)] = ids[i, len(p) : len(row)]
@@ -57,6 +57,7 @@ class WarmStartModule(LightningModule):
         direct_fraction: float,
         max_length: int,
         seed: int,
+        train_assistant: bool = True,
     ) -> None:
         super().__init__()
         if not 0.0 <= direct_fraction <= 1.0:
@@ -66,6 +67,8 @@ class WarmStartModule(LightningModule):
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.direct_fraction, self.max_length = direct_fraction, max_length
         self.format_rng = random.Random(f"warmstart-format:{seed}")
+        self.train_assistant = train_assistant
+        self.assistant.requires_grad_(train_assistant)
 
     def training_step(self, batch: list[Record], batch_idx: int) -> torch.Tensor:
         prompts = [self.fmt.prompt(r.question, self.tokenizer) for r in batch]
@@ -76,14 +79,18 @@ class WarmStartModule(LightningModule):
         ids, mask, labels = encode_sft_batch(prompts, completions, self.tokenizer, self.max_length)
         ids, mask, labels = ids.to(self.device), mask.to(self.device), labels.to(self.device)
         loss_main = self.main(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss_assistant = self.assistant(input_ids=ids, attention_mask=mask, labels=labels).loss
-        self.log_dict({"train/loss_main": loss_main, "train/loss_assistant": loss_assistant}, prog_bar=True)
+        self.log("train/loss_main", loss_main, prog_bar=True)
         self.log("train/tokens", float(mask.sum()), reduce_fx="sum")
+        if not self.train_assistant:  # a main-only curriculum phase
+            return loss_main
+        loss_assistant = self.assistant(input_ids=ids, attention_mask=mask, labels=labels).loss
+        self.log("train/loss_assistant", loss_assistant, prog_bar=True)
         return loss_main + loss_assistant
 
     def configure_optimizers(self):
-        decay = [p for p in self.parameters() if p.ndim >= 2]
-        no_decay = [p for p in self.parameters() if p.ndim < 2]
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in trainable if p.ndim >= 2]
+        no_decay = [p for p in trainable if p.ndim < 2]
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.lr,

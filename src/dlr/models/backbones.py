@@ -128,7 +128,10 @@ PLAIN_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     saved_config = Path(name_or_path) / "tokenizer_config.json"
     loader = AutoTokenizer.from_pretrained
-    if saved_config.is_file() and json.loads(saved_config.read_text()).get("tokenizer_class") in PLAIN_TOKENIZER_CLASSES:
+    if (
+        saved_config.is_file()
+        and json.loads(saved_config.read_text()).get("tokenizer_class") in PLAIN_TOKENIZER_CLASSES
+    ):
         loader = PreTrainedTokenizerFast.from_pretrained
     tokenizer = _from_pretrained(loader, name_or_path, "tokenizer")
     if tokenizer.pad_token is None:

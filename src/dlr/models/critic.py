@@ -16,7 +16,11 @@ class RewardCritic(nn.Module):
     def __init__(self, question_dim: int, latent_dim: int, hidden: int = 256) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(question_dim + latent_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 1)
+            nn.Linear(question_dim + latent_dim, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, 1),
         )
 
     def forward(self, pooled: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

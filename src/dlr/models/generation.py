@@ -23,7 +23,10 @@ def greedy_complete(
     model.eval()
     try:  # the model's own generation config keeps all its end-of-turn ids (instruct models have several)
         out = model.generate(
-            **enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+            **enc,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
             repetition_penalty=1.0,  # plain greedy for every arm, whatever the model's generation config says
         )
     finally:
@@ -50,7 +53,9 @@ def latent_main_inputs(
     """
     device = projected.device
     embed = main.get_input_embeddings()
-    prefix = tokenizer([f"{p}{bol}" for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    prefix = tokenizer([f"{p}{bol}" for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False).to(
+        device
+    )
     suffix_ids = tokenizer(f"{eol} {answer_cue}", return_tensors="pt", add_special_tokens=False).input_ids.to(device)
     N, T = projected.shape[:2]
     suffix = embed(suffix_ids).expand(N, -1, -1)  # [N, Ls, D]
@@ -61,23 +66,33 @@ def latent_main_inputs(
 
 @torch.no_grad()
 def greedy_decode_embeds(
-    main: torch.nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-    tokenizer: PreTrainedTokenizerBase, max_new_tokens: int,
+    main: torch.nn.Module,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    tokenizer: PreTrainedTokenizerBase,
+    max_new_tokens: int,
 ) -> tuple[list[str], torch.Tensor]:
     """One greedy decode of the frozen main model from input embeddings.
 
     Returns the new texts and the generated ids [N, steps] (rows that ended early are padded).
     """
     out = main.generate(
-        inputs_embeds=inputs_embeds, attention_mask=attention_mask, do_sample=False,
-        max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, repetition_penalty=1.0,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        repetition_penalty=1.0,
     )  # [N, <= max_new_tokens]: with inputs_embeds only the new tokens come back
     return tokenizer.batch_decode(out, skip_special_tokens=True), out
 
 
 def latent_target_nll(
-    main: torch.nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-    target_ids: torch.Tensor, target_mask: torch.Tensor,
+    main: torch.nn.Module,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    target_ids: torch.Tensor,
+    target_mask: torch.Tensor,
 ) -> torch.Tensor:
     """Mean NLL per row of the main model writing `target_ids` after left-padded `inputs_embeds`.
 
@@ -141,10 +156,18 @@ def sample_completions(
     model.eval()
     try:
         out = model.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=temperature,
-            top_k=0, top_p=1.0, repetition_penalty=1.0,  # sample exactly the distribution the loss scores
-            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_token_id=eos,
-            pad_token_id=tokenizer.pad_token_id, cache_implementation=cache if cache == "static" else None,
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            repetition_penalty=1.0,  # sample exactly the distribution the loss scores
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
+            cache_implementation=cache if cache == "static" else None,
         )
     finally:
         model.train(was_training)
@@ -170,9 +193,11 @@ def completion_log_probs(
     ids = torch.cat([prompt_ids, completion_ids], dim=1)
     mask = torch.cat([prompt_mask, completion_mask], dim=1)  # [N, Lp + Lc]
     Lc = completion_ids.shape[1]
-    logits = model(
-        input_ids=ids, attention_mask=mask, position_ids=left_padded_positions(mask), logits_to_keep=Lc + 1
-    ).logits[:, :-1].float()  # [N, Lc, V]: the logits that predict each completion token
+    logits = (
+        model(input_ids=ids, attention_mask=mask, position_ids=left_padded_positions(mask), logits_to_keep=Lc + 1)
+        .logits[:, :-1]
+        .float()
+    )  # [N, Lc, V]: the logits that predict each completion token
     log_probs = (logits / temperature).log_softmax(-1)
     token_log_probs = log_probs.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)  # [N, Lc]
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):

@@ -48,7 +48,9 @@ class LatentPolicy(nn.Module):
         if mode not in LATENT_MODES:
             raise ValueError(f"latent.mode must be one of {LATENT_MODES}, got {mode!r}")
         if num_steps < 1 or latent_dim < 1 or num_modes < 1:
-            raise ValueError(f"latent steps, width and modes must be >= 1, got T={num_steps}, Dz={latent_dim}, M={num_modes}")
+            raise ValueError(
+                f"latent steps, width and modes must be >= 1, got T={num_steps}, Dz={latent_dim}, M={num_modes}"
+            )
         if mode == "recurrent" and num_modes > 1:
             raise ValueError("latent.num_modes > 1 needs latent.mode=parallel (recurrent chains have one start)")
         if not log_sigma_min < log_sigma_max:
@@ -89,8 +91,12 @@ class LatentPolicy(nn.Module):
         inputs = torch.cat([q_embeds, extra_embeds.to(q_embeds.dtype)], dim=1)
         mask = torch.cat([attention_mask, attention_mask.new_ones(extra_embeds.shape[:2])], dim=1)
         out = self.assistant(
-            inputs_embeds=inputs, attention_mask=mask, position_ids=left_padded_positions(mask),
-            output_hidden_states=True, use_cache=use_cache, logits_to_keep=1,  # hidden states are what we read
+            inputs_embeds=inputs,
+            attention_mask=mask,
+            position_ids=left_padded_positions(mask),
+            output_hidden_states=True,
+            use_cache=use_cache,
+            logits_to_keep=1,  # hidden states are what we read
         )
         hidden = out.hidden_states[-1]  # [N, Lq + E, H]
         q_mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
@@ -127,16 +133,22 @@ class LatentPolicy(nn.Module):
             mu.unflatten(0, (B, M)), log_sigma.unflatten(0, (B, M)), pooled.unflatten(0, (B, M))[:, 0]
         )
 
-    def _teacher_forced(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, z: torch.Tensor) -> LatentDistribution:
+    def _teacher_forced(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, z: torch.Tensor
+    ) -> LatentDistribution:
         B, G, T, _ = z.shape
         ids, mask = input_ids.repeat_interleave(G, 0), attention_mask.repeat_interleave(G, 0)
         start = self._placeholders(B * G, input_ids.device)[:, :1]  # [B*G, 1, H]
         fed_back = self.latent_to_input(z[:, :, :-1].flatten(0, 1))  # [B*G, T-1, H]
         h, pooled, _, _ = self._question_pass(ids, mask, torch.cat([start, fed_back], dim=1))
         mu, log_sigma = self._heads(h)  # [B*G, T, Dz]
-        return LatentDistribution(mu.unflatten(0, (B, G)), log_sigma.unflatten(0, (B, G)), pooled.unflatten(0, (B, G))[:, 0])
+        return LatentDistribution(
+            mu.unflatten(0, (B, G)), log_sigma.unflatten(0, (B, G)), pooled.unflatten(0, (B, G))[:, 0]
+        )
 
-    def sample(self, dist: LatentDistribution, num_samples: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(
+        self, dist: LatentDistribution, num_samples: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """G chains per question, spread evenly over the modes. Returns (z [B, G, T, Dz], mode index [G])."""
         B, M, T, Dz = dist.mu.shape
         modes = torch.arange(num_samples, device=dist.mu.device) % M  # [G]
@@ -146,7 +158,10 @@ class LatentPolicy(nn.Module):
 
     @torch.no_grad()
     def sample_recurrent(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_samples: int,
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        num_samples: int,
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, LatentDistribution]:
         """Recurrent mode: sample G chains per question step by step, each z_t fed back as the next
@@ -162,8 +177,12 @@ class LatentPolicy(nn.Module):
         return self._recurrent_rollout(input_ids, attention_mask, 1, None, noise=False)[0]
 
     def _recurrent_rollout(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_samples: int,
-        generator: torch.Generator | None, noise: bool,
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        num_samples: int,
+        generator: torch.Generator | None,
+        noise: bool,
     ) -> tuple[torch.Tensor, LatentDistribution]:
         if self.mode != "recurrent":
             raise RuntimeError("recurrent rollouts need latent.mode=recurrent")
@@ -176,15 +195,21 @@ class LatentPolicy(nn.Module):
             mu, log_sigma = self._heads(h[:, -1])  # [B*G, Dz]
             z = mu
             if noise:
-                z = (mu + log_sigma.exp() * torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)).detach()
+                z = (
+                    mu + log_sigma.exp() * torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
+                ).detach()
             mus.append(mu), log_sigmas.append(log_sigma), zs.append(z)
             if t + 1 == self.num_steps:
                 break
             full_mask = torch.cat([full_mask, full_mask.new_ones(B * G, 1)], dim=1)
             out = self.assistant(
-                inputs_embeds=self._as_input(self.latent_to_input(z)[:, None]), attention_mask=full_mask,
-                position_ids=left_padded_positions(full_mask)[:, -1:], past_key_values=cache,
-                output_hidden_states=True, use_cache=True, logits_to_keep=1,
+                inputs_embeds=self._as_input(self.latent_to_input(z)[:, None]),
+                attention_mask=full_mask,
+                position_ids=left_padded_positions(full_mask)[:, -1:],
+                past_key_values=cache,
+                output_hidden_states=True,
+                use_cache=True,
+                logits_to_keep=1,
             )
             h, cache = out.hidden_states[-1], out.past_key_values
 

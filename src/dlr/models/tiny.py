@@ -51,7 +51,9 @@ class TinyShape:
     max_position_embeddings: int = 512
 
 
-def _config(config_class: type[PretrainedConfig], tokenizer: PreTrainedTokenizerFast, shape: TinyShape) -> PretrainedConfig:
+def _config(
+    config_class: type[PretrainedConfig], tokenizer: PreTrainedTokenizerFast, shape: TinyShape
+) -> PretrainedConfig:
     return config_class(
         vocab_size=len(tokenizer),
         hidden_size=shape.hidden_size,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import random
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from dlr.callbacks.evaluation import DepthScore
 
@@ -24,7 +24,9 @@ def accuracy_by_depth(scores: Sequence[DepthScore]) -> dict[int, float]:
     return {d: overall_accuracy([s for s in scores if s.depth == d]) for d in depths}
 
 
-def bootstrap_ci(values: Sequence[float], level: float = 0.95, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+    values: Sequence[float], level: float = 0.95, resamples: int = 10_000, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of `values` (seeds). One value gives a zero-width interval."""
     if not values:
         raise ValueError("bootstrap_ci needs at least one value")
@@ -78,12 +80,17 @@ def arm_summary(results: Sequence[SeedResult]) -> dict:
     curve = []
     for f in fractions:
         values = [p["accuracy"] for r in results for p in r.curve if round(p["budget_fraction"], 6) == f]
-        curve.append({"budget_fraction": f, "accuracy_mean": statistics.fmean(values), "ci95": list(bootstrap_ci(values))})
+        curve.append(
+            {"budget_fraction": f, "accuracy_mean": statistics.fmean(values), "ci95": list(bootstrap_ci(values))}
+        )
     depths = sorted({s.depth for r in results for s in r.final_scores})
-    by_depth = {str(d): statistics.fmean(accuracy_by_depth(r.final_scores).get(d, 0.0) for r in results) for d in depths}
+    by_depth = {
+        str(d): statistics.fmean(accuracy_by_depth(r.final_scores).get(d, 0.0) for r in results) for d in depths
+    }
     format_by_depth = {
         str(d): statistics.fmean(
-            sum(s.format_rate * s.n for s in r.final_scores if s.depth == d) / max(1, sum(s.n for s in r.final_scores if s.depth == d))
+            sum(s.format_rate * s.n for s in r.final_scores if s.depth == d)
+            / max(1, sum(s.n for s in r.final_scores if s.depth == d))
             for r in results
         )
         for d in depths
@@ -114,7 +121,10 @@ def arm_summary(results: Sequence[SeedResult]) -> dict:
         },
         "main_weights_unchanged": all(r.protected_unchanged for r in results),
         "continual": {  # after each phase, mean accuracy on every task trained so far
-            phase: {task: statistics.fmean(r.retention[phase][task] for r in results) for task in results[0].retention[phase]}
+            phase: {
+                task: statistics.fmean(r.retention[phase][task] for r in results)
+                for task in results[0].retention[phase]
+            }
             for phase in results[0].retention
         },
     }
@@ -140,7 +150,9 @@ def plot(summary: dict, results: dict[str, Sequence[SeedResult]], out: Path) -> 
         x = [p["budget_fraction"] for p in s["curve"]]
         ax.plot(x, [p["accuracy_mean"] for p in s["curve"]], marker="o", label=arm)
         ax.fill_between(x, [p["ci95"][0] for p in s["curve"]], [p["ci95"][1] for p in s["curve"]], alpha=0.2)
-    ax.set(xlabel="fraction of the budget", ylabel="test accuracy", title="Accuracy vs budget (mean, 95% CI over seeds)")
+    ax.set(
+        xlabel="fraction of the budget", ylabel="test accuracy", title="Accuracy vs budget (mean, 95% CI over seeds)"
+    )
     ax.legend()
     save(fig, "accuracy_vs_budget.png")
 
@@ -148,14 +160,20 @@ def plot(summary: dict, results: dict[str, Sequence[SeedResult]], out: Path) -> 
     arms = list(summary["arms"])
     for i, arm in enumerate(arms):
         depths = sorted(summary["arms"][arm]["accuracy_by_depth"], key=int)
-        ax.bar([int(d) + (i - (len(arms) - 1) / 2) * 0.8 / len(arms) for d in depths],
-               [summary["arms"][arm]["accuracy_by_depth"][d] for d in depths], width=0.8 / len(arms), label=arm)
+        ax.bar(
+            [int(d) + (i - (len(arms) - 1) / 2) * 0.8 / len(arms) for d in depths],
+            [summary["arms"][arm]["accuracy_by_depth"][d] for d in depths],
+            width=0.8 / len(arms),
+            label=arm,
+        )
     ax.set(xlabel="depth (reasoning steps)", ylabel="final test accuracy", title="Accuracy by depth")
     ax.legend()
     save(fig, "accuracy_by_depth.png")
 
-    for key, name, label in (("reward", "reward_curves.png", "training reward"),
-                             ("diversity", "diversity.png", "mean pairwise cosine distance of the G latents")):
+    for key, name, label in (
+        ("reward", "reward_curves.png", "training reward"),
+        ("diversity", "diversity.png", "mean pairwise cosine distance of the G latents"),
+    ):
         fig, ax = plt.subplots(figsize=(6, 4))
         for arm, seeds in results.items():
             for r in seeds:
@@ -186,9 +204,11 @@ def write_report(summary: dict, results: dict[str, Sequence[SeedResult]], out: P
     images = plot(summary, results, out)
     budget = summary["budget"]
     lines = [
-        f"# {summary['experiment']}", "",
+        f"# {summary['experiment']}",
+        "",
         f"Device: {summary['device']}. Budget per arm and seed: {budget['amount']:g} {budget['kind']}"
-        " (training only; evaluation is not charged).", "",
+        " (training only; evaluation is not charged).",
+        "",
         f"| rank | arm | final accuracy (mean) | 95% CI over seeds | per seed | pass@{summary.get('pass_at_k') or 'k'} | seconds | TFLOPs | generated tokens | weights kept |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -203,13 +223,26 @@ def write_report(summary: dict, results: dict[str, Sequence[SeedResult]], out: P
             f"{'yes' if s['main_weights_unchanged'] else 'NO'} |"
         )
     depths = sorted({d for s in summary["arms"].values() for d in s["accuracy_by_depth"]}, key=int)
-    lines += ["", "## Accuracy by depth (final, mean over seeds)", "",
-              "| depth | " + " | ".join(summary["arms"]) + " |", "|---|" + "---|" * len(summary["arms"])]
+    lines += [
+        "",
+        "## Accuracy by depth (final, mean over seeds)",
+        "",
+        "| depth | " + " | ".join(summary["arms"]) + " |",
+        "|---|" + "---|" * len(summary["arms"]),
+    ]
     for d in depths:
-        lines.append(f"| {d} | " + " | ".join(percent(s["accuracy_by_depth"].get(d, 0.0)) for s in summary["arms"].values()) + " |")
-    lines += ["", "## Forgetting and stability", "",
-              "| arm | other task before | other task after | held-out NLL before | after | final-accuracy std | collapses | grad-norm CV |",
-              "|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {d} | "
+            + " | ".join(percent(s["accuracy_by_depth"].get(d, 0.0)) for s in summary["arms"].values())
+            + " |"
+        )
+    lines += [
+        "",
+        "## Forgetting and stability",
+        "",
+        "| arm | other task before | other task after | held-out NLL before | after | final-accuracy std | collapses | grad-norm CV |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for arm, s in summary["arms"].items():
         f, st = s["forgetting"], s["stability"]
         lines.append(
@@ -219,9 +252,16 @@ def write_report(summary: dict, results: dict[str, Sequence[SeedResult]], out: P
         )
     phases = [phase for s in summary["arms"].values() for phase in s["continual"]]
     if phases:
-        tasks = list(dict.fromkeys(task for s in summary["arms"].values() for p in s["continual"].values() for task in p))
-        lines += ["", "## Continual: accuracy on each task after each phase (retention)", "",
-                  "| arm | after phase | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+        tasks = list(
+            dict.fromkeys(task for s in summary["arms"].values() for p in s["continual"].values() for task in p)
+        )
+        lines += [
+            "",
+            "## Continual: accuracy on each task after each phase (retention)",
+            "",
+            "| arm | after phase | " + " | ".join(tasks) + " |",
+            "|---|---|" + "---|" * len(tasks),
+        ]
         for arm, s in summary["arms"].items():
             for phase, accuracies in s["continual"].items():
                 lines.append(f"| {arm} | {phase} | " + " | ".join(percent(accuracies.get(t)) for t in tasks) + " |")
@@ -231,8 +271,10 @@ def write_report(summary: dict, results: dict[str, Sequence[SeedResult]], out: P
     for arm in ranked:
         s = summary["arms"][arm]
         fa = s["final_accuracy"]
-        short.append(f"  {arm}: {percent(fa['mean'])} [{percent(fa['ci95'][0])}, {percent(fa['ci95'][1])}] over seeds "
-                     f"{s['seeds']}, {statistics.fmean(s['spent']['flops']) / 1e12:.2f} TFLOPs")
+        short.append(
+            f"  {arm}: {percent(fa['mean'])} [{percent(fa['ci95'][0])}, {percent(fa['ci95'][1])}] over seeds "
+            f"{s['seeds']}, {statistics.fmean(s['spent']['flops']) / 1e12:.2f} TFLOPs"
+        )
     kept = all(s["main_weights_unchanged"] for s in summary["arms"].values())
     collapses = sum(s["stability"]["collapses"] for s in summary["arms"].values())
     short.append(f"  protected weights unchanged in every run: {'yes' if kept else 'NO'}; collapses: {collapses}")

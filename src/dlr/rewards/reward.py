@@ -91,6 +91,6 @@ def score_batch(completions: list[str], gold_answers: list[str], tasks: list[str
         )
     rows = [
         (s.correct, s.format, s.total)
-        for s in (score(c, g, t, **kwargs) for c, g, t in zip(completions, gold_answers, tasks))
+        for s in (score(c, g, t, **kwargs) for c, g, t in zip(completions, gold_answers, tasks, strict=True))
     ]
     return torch.tensor(rows, dtype=torch.float32).reshape(len(rows), 3)  # reshape keeps [0, 3] for N=0

@@ -78,20 +78,24 @@ def extract_answer(text: str, *, lenient: bool = False) -> str | None:
     while (mark := text.rfind("####", 0, mark)) >= 0:  # the last non-empty answer line
         if answer := _clean(_rest_of_line(text, mark + 4)):
             return _plain_head(answer)
-    last_answer_is = None
-    for last_answer_is in _ANSWER_IS.finditer(text):
-        pass
-    if last_answer_is and (answer := _clean(_rest_of_line(text, last_answer_is.end()))):
+    if (last_answer_is := _last_match(_ANSWER_IS, text)) and (
+        answer := _clean(_rest_of_line(text, last_answer_is.end()))
+    ):
         return answer
     if (boxed := _last_boxed(text)) and (answer := _clean(boxed)):
         return answer
     if lenient:
-        last_number = None
-        for last_number in _NUMBER_IN_TEXT.finditer(text):
-            pass
-        if last_number:
+        if last_number := _last_match(_NUMBER_IN_TEXT, text):
             return last_number.group()
     return None
+
+
+def _last_match(pattern: re.Pattern, text: str) -> re.Match | None:
+    """The last match of `pattern` in `text` (one linear scan, no list of matches)."""
+    last = None
+    for last in pattern.finditer(text):  # noqa: B007 - the loop variable is the result
+        pass
+    return last
 
 
 def _plain_head(answer: str) -> str:
