@@ -3,6 +3,7 @@
 python src/bench.py rollout                      # DLR vs GRPO seconds per attempt, tiny backbone
 python src/bench.py decode --batch-sizes 16 64 256 --backbone qwen2.5-0.5b+1.5b --device cuda
 python src/bench.py memory --backbone qwen2.5-0.5b+7b --device cuda --G 64 --K 16 --T 32
+python src/bench.py probe --T 4                  # what the frozen tiny main reads in its latent span, by readout
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["rollout", "decode", "memory"])
+    parser.add_argument("command", choices=["rollout", "decode", "memory", "probe"])
     parser.add_argument("--backbone", default="tiny", help="a configs/backbone name; real ones get random weights")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--out", default=None, help="JSON path (default logs/bench/<timestamp>/<command>.json)")
@@ -40,10 +41,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--K", type=int, default=4, help="attempts decoded per question (both arms)")
     parser.add_argument("--T", type=int, default=8, help="DLR latent steps")
     parser.add_argument("--Dz", type=int, default=64, help="DLR latent width")
-    parser.add_argument("--dlr-decode-tokens", type=int, default=4, help="DLR's single-pass answer length")
+    parser.add_argument("--readout", choices=["rationale", "answer"], default="rationale", help="DLR's readout")
+    parser.add_argument(
+        "--dlr-decode-tokens",
+        type=int,
+        default=None,
+        help="DLR's decode per chain (default: rationale = GRPO's, answer 4)",
+    )
     parser.add_argument("--grpo-new-tokens", type=int, default=64, help="GRPO completion length")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64], help="decode: batch sizes")
     parser.add_argument("--prompt-tokens", type=int, default=64, help="decode: prompt length")
+    parser.add_argument("--per-depth", type=int, default=20, help="probe: test problems per task and depth")
     args = parser.parse_args(argv)
 
     import torch
@@ -53,13 +61,21 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     bb = benchmarks.load_backbone(args.backbone, args.device)
     if args.command == "rollout":
+        decode_tokens = args.dlr_decode_tokens or (args.grpo_new_tokens if args.readout == "rationale" else 4)
         result = benchmarks.bench_rollout(
-            bb, args.B, args.G, args.K, args.T, args.Dz, args.dlr_decode_tokens, args.grpo_new_tokens, args.repeats
+            bb, args.B, args.G, args.K, args.T, args.Dz, decode_tokens, args.grpo_new_tokens, args.repeats, args.readout
         )
         rows = [result]
     elif args.command == "decode":
         result = benchmarks.bench_decode(bb, args.batch_sizes, args.prompt_tokens, args.grpo_new_tokens, args.repeats)
         rows = result["rows"]
+    elif args.command == "probe":
+        from dlr.callbacks.evaluation import DepthScore, depth_table
+
+        stage1_root = PROJECT_ROOT / "data" / "backbones" / "tiny" / "dlr_stage1"
+        result = benchmarks.probe_readouts(bb, args.per_depth, args.T, args.Dz, stage1_root)
+        rows = None
+        print(depth_table([DepthScore(**s) for s in result["scores"]]))
     else:
         result = benchmarks.bench_memory(bb, args.B, args.G, args.K, args.T, args.Dz, args.K, args.grpo_new_tokens)
         rows = [result]
@@ -71,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(f"{args.command} on {result['device']}, backbone {args.backbone}\n{table(rows)}\nwritten to {out}")
+    shown = f"\n{table(rows)}" if rows else ""
+    print(f"{args.command} on {result['device']}, backbone {args.backbone}{shown}\nwritten to {out}")
     return result
 
 

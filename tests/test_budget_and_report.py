@@ -108,6 +108,26 @@ def test_meter_stops_at_the_flops_budget():
     assert resumed.seconds == pytest.approx(meter.seconds) and len(resumed.points) == 4 and resumed.eval_fractions == []
 
 
+def test_meter_sets_stage1_batches_aside_unless_told_to_count_them():
+    """Two alignment batches (1 s, 100 FLOPs each) then RL batches (1 s, 100 FLOPs): a 300-FLOPs
+    budget ends after 3 RL batches when stage 1 is set aside, after 1 when it counts."""
+    for include, rl_batches in ((False, 3), (True, 1)):
+        clock, module = FakeClock(), fake_module()
+        meter = BudgetMeter("flops", 300.0, None, eval_fractions=(1.0,), clock=clock, include_alignment=include)
+        module.stage = "alignment"
+        trainer = fake_trainer()
+        for batch in range(2):
+            meter.on_train_batch_start(trainer, module, None, batch)
+            clock.now += 1.0
+            module.flops_spent += 100.0
+            meter.on_train_batch_end(trainer, module, None, None, batch)
+        module.stage = "rl"
+        assert drive(meter, module, clock, step_seconds=1.0, step_flops=100.0, trainer=trainer) == rl_batches
+        aside = (0.0, 0.0) if include else (2.0, 200.0)
+        assert (meter.alignment_seconds, meter.alignment_flops) == aside
+        assert meter.flops == 300.0 and meter.seconds == 3.0
+
+
 def test_meter_over_two_ranks_charges_every_rank_s_seconds_and_flops():
     clock, module = FakeClock(), fake_module()
     rank_one = lambda row: row * torch.tensor([2.0, 3.0, 3.0, 1.0, 0.0, 1.0, 1.0], dtype=torch.float64)  # noqa: E731
@@ -206,6 +226,11 @@ def test_shortened_main_job_writes_a_valid_summary_and_every_plot(tmp_path):
     assert summary["pass_at_k"] == 2
     dlr = summary["arms"]["dlr"]["forgetting"]
     assert dlr["heldout_nll_before"] == dlr["heldout_nll_after"]  # the frozen main model cannot forget
+    dlr = summary["arms"]["dlr"]
+    assert dlr["readout"] == "rationale" and set(dlr["after_alignment"]["accuracy_by_depth"]) == {"1", "2", "3"}
+    assert dlr["alignment"]["source"] == "shipped" and dlr["alignment"]["steps"] == 400 + 2
+    assert dlr["alignment"]["counted_in_budget"] is False and dlr["alignment"]["flops"] > 1e12
+    assert all(set(a["start_accuracy_by_depth"]) == {"1", "2", "3"} for a in summary["arms"].values())
     for image in ("accuracy_vs_budget.png", "accuracy_by_depth.png", "reward_curves.png", "diversity.png"):
         assert (run_dir / image).stat().st_size > 1000
         assert f"({image})" in (run_dir / "report.md").read_text()
@@ -240,8 +265,11 @@ def test_ablation_variants_merge_their_overrides_into_full_dlr(tmp_path):
     )
     assert settings["dlr_no_kl"].rl.beta == 0 and full.rl.beta > 0
     assert settings["dlr_4_modes"].latent.num_modes == 4
+    # the shipped stage 1 has one mode: four modes train their own stage 1
+    assert settings["dlr_4_modes"].alignment.init_from is None and settings["dlr_4_modes"].alignment.steps == 100
     for name, variant in settings.items():  # everything else is full DLR's
-        assert variant.alignment == full.alignment and variant.critic == full.critic, name
+        assert variant.critic == full.critic, name
+        assert name == "dlr_4_modes" or variant.alignment == full.alignment, name
 
 
 def test_report_of_a_continual_run_shows_retention_and_missing_forgetting_as_dashes(tmp_path):
@@ -330,6 +358,9 @@ def test_a_hydra_sweep_runs_one_comparison_per_value(tmp_path):
         ("budget.kind=flops", "a flops budget needs budget.amount"),
         ("method.grpo.loss_type=ppo", "method.loss_type must be one of"),
         ("method.dlr.rl.num_decoded=99", "num_decoded"),
+        ("method.dlr.readout=soft", "method.readout must be one of"),
+        ("method.dlr.max_new_tokens.rationale=2", "method.max_new_tokens.rationale must exceed"),
+        ("method.dlr.latent.steps=0", "method.latent.steps"),
     ],
 )
 def test_a_bad_comparison_setting_fails_before_any_model_loads(tmp_path, override, message):

@@ -123,7 +123,11 @@ def test_diversity_metrics_on_hand_made_chains():
         ({"rl": {"filter": "best"}}, "method.rl.filter"),
         ({"rl": {"num_samples": 4, "num_decoded": 8}}, "num_decoded"),
         ({"rl": {"num_samples": 8, "num_decoded": 4, "filter": "none"}}, "filter=none"),
-        ({"alignment": {"target": "rationale"}}, "alignment.target"),
+        ({"readout": "soft"}, "method.readout"),
+        ({"latent": {"steps": -1}}, "method.latent.steps"),
+        ({"max_new_tokens": {"rationale": 4, "answer": 4}}, "method.max_new_tokens.rationale must exceed"),
+        ({"max_new_tokens": {"rationale": 8}}, "a budget >= 1 for each readout"),
+        ({"alignment": {"pull_weight": -1.0}}, "method.alignment.pull_weight"),
         ({"latent": {"mode": "lstm"}}, "latent.mode"),
         ({"latent": {"width": 3}}, "unknown settings"),
         ({"rl": {"ppo_epochs": 2}, "accumulate_grad_batches": 2}, "ppo_epochs"),
@@ -172,7 +176,7 @@ def test_both_stages_train_exactly_the_dlr_parameters_and_never_the_main_model(
                 "ppo_epochs": ppo_epochs,
             },
             "critic": {"hidden": 16, "warmup": 1},
-            "max_new_tokens": 2,
+            "max_new_tokens": {"rationale": 3, "answer": 2},
         }
     )
     module = build_module(tiny_pair, settings)  # an untrained backbone: rewards are mostly equal, so the
@@ -284,6 +288,40 @@ def test_dlr_runs_end_to_end_from_the_command_line_and_resumes(tmp_path):
     assert "after latent alignment" not in result.stdout  # restored from the checkpoint, not re-evaluated
 
 
+def test_the_answer_readout_trains_its_own_stage1_and_gets_its_format_for_free(tmp_path):
+    """`readout=answer` has no shipped stage 1: it trains one in the run; the main answers at once
+    after `<eol> ####`, so every DLR completion is well-formed by construction."""
+    result = run_train(
+        [
+            "experiment=dlr",
+            "method.readout=answer",
+            "method.alignment.init_from=null",
+            "method.alignment.steps=2",
+            "method.rl.steps=1",
+            "data.test_per_depth=1",
+            "data.batch_size=4",
+            "method.rl.num_samples=4",
+            "method.rl.num_decoded=2",
+            "callbacks.reward_filter=null",
+            "callbacks.latent_diversity=null",
+            "trainer.enable_progress_bar=false",
+            "eval.modes=[direct]",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = json.loads((tmp_path / "eval.json").read_text())["scores"]
+    latent = [s for s in scores if s["model"].startswith("dlr/")]
+    assert {s["model"] for s in latent} == {"dlr/after_alignment", "dlr/final"}
+    assert all(s["format_rate"] == 1.0 for s in latent)
+
+
+def test_the_shipped_stage1_fails_over_other_latent_sizes_before_training(tmp_path):
+    result = run_train(["experiment=dlr", "method.latent.steps=3", f"hydra.run.dir={tmp_path}"], timeout=120)
+    assert result.returncode != 0 and "this run asks for" in result.stderr
+
+
 def test_real_scale_backbone_config_gives_the_reported_dlr_sizes():
     """The paper's reported setup (secondary source): G=64, Dz=512, T=32, 4 questions per batch."""
     from omegaconf import OmegaConf
@@ -330,7 +368,11 @@ def test_a_bf16_assistant_gives_float32_gaussians_and_evaluates(tiny_pair, mode)
     from dlr.data.synthetic_math import generate
 
     settings = DLRSettings.from_dict(
-        {"latent": {"steps": 2, "dim": 8, "mode": mode}, "critic": {"hidden": 8}, "max_new_tokens": 2}
+        {
+            "latent": {"steps": 2, "dim": 8, "mode": mode},
+            "critic": {"hidden": 8},
+            "max_new_tokens": {"rationale": 3, "answer": 2},
+        }
     )
     module = build_module(tiny_pair, settings, assistant_dtype="bfloat16")
     records = [generate(random.Random(i), 1, i, "t") for i in range(3)]
@@ -354,7 +396,7 @@ def test_an_injected_nan_skips_one_step_and_training_goes_on(tiny_pair, tmp_path
             "alignment": {"steps": 2},
             "rl": {"steps": 2, "num_samples": 4, "num_decoded": 2},
             "critic": {"hidden": 8},
-            "max_new_tokens": 2,
+            "max_new_tokens": {"rationale": 3, "answer": 2},
         }
     )
     module = build_module(tiny_pair, settings)

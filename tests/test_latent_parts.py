@@ -7,10 +7,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dlr.methods.losses import gaussian_log_prob
+from dlr.models.backbones import PromptFormat
 from dlr.models.critic import RewardCritic, select_latents
-from dlr.models.generation import greedy_complete, greedy_decode_embeds, latent_main_inputs
+from dlr.models.generation import greedy_complete, greedy_decode_embeds
 from dlr.models.latent_policy import LatentPolicy
 from dlr.models.projector import LatentProjector, mean_embedding_norm
+from dlr.models.readout import Readout, latent_main_inputs
 from dlr.models.tiny import LAT, build_tokenizer
 
 
@@ -67,17 +69,21 @@ def test_projector_outputs_sit_at_the_mean_embedding_norm(tiny_pair):
     torch.testing.assert_close(out.norm(dim=-1), torch.full((3, 4), target), rtol=1e-3, atol=1e-3)
 
 
-def test_latent_inputs_equal_token_inputs_when_latents_are_token_embeddings(tiny_pair, tokenizer):
-    """If P(z) were exactly the embeddings of a text, the main model must see that text."""
+@pytest.mark.parametrize("readout", ["rationale", "answer"])
+def test_latent_inputs_equal_token_inputs_when_latents_are_token_embeddings(tiny_pair, tokenizer, readout):
+    """If P(z) were exactly the embeddings of a text, the main model must see that text, in the
+    place each readout puts the span."""
     main = AutoModelForCausalLM.from_pretrained(tiny_pair / "main").eval()
-    prompts = ["<bos> ana has 7 pens . answer :", "<bos> kai is a dax . true or false : kai is a dax . answer :"]
+    fmt = PromptFormat(template="{question} answer :")
+    questions = ["ana has 7 pens .", "kai is a dax . true or false : kai is a dax ."]
     span = tokenizer(
         ["gets 2 : 7 + 2 =", "every dax is a wug . ."], add_special_tokens=False, return_tensors="pt"
     ).input_ids
     projected = main.get_input_embeddings()(span)  # [2, T, D]
-    embeds, mask = latent_main_inputs(main, tokenizer, prompts, projected, "<bol>", "<eol>", "####")
+    embeds, mask = latent_main_inputs(main, tokenizer, Readout(readout, fmt, 5), questions, projected)
     from_latents, ids = greedy_decode_embeds(main, embeds, mask, tokenizer, max_new_tokens=5)
-    texts = [f"{p} <bol> {tokenizer.decode(s)} <eol> ####" for p, s in zip(prompts, span, strict=True)]
+    tail = "" if readout == "rationale" else " <eol> ####"
+    texts = [f"<bos> {q} answer : <bol> {tokenizer.decode(s)}{tail}" for q, s in zip(questions, span, strict=True)]
     assert from_latents == greedy_complete(main, tokenizer, texts, max_new_tokens=5) and 1 <= ids.shape[1] <= 5
 
 

@@ -18,6 +18,7 @@ from dlr.methods.losses import (
     group_advantages,
     k3_kl,
     latent_policy_loss,
+    latent_pull_loss,
     mode_separation_loss,
 )
 
@@ -64,6 +65,36 @@ def test_latent_policy_loss_plain_and_clipped():
     old = logp - torch.tensor([[math.log(1.5), math.log(0.5)]])  # ratios 1.5 and 0.5
     # min(1.5*1, 1.2*1) = 1.2 ; min(0.5*-1, 0.8*-1) = -0.8  -> loss = -(1.2 - 0.8) / 2
     assert latent_policy_loss(logp, adv, old, clip_eps=0.2).item() == pytest.approx(-0.2)
+
+
+def test_latent_ppo_ratio_is_the_whole_chains_not_a_per_dimension_mean():
+    """T*Dz = 4 dimensions, per-dimension mean log-probs: logp - old = ln(1.1) / 4 for chain 1 and
+    ln(0.5) / 4 for chain 2, so the chains' ratios are 1.1 and 0.5 (the per-dimension means' ratios
+    would be 1.1^(1/4) = 1.024 and 0.5^(1/4) = 0.841, both inside the clip).
+    A = (+1, -1), eps 0.2: chain 1 min(1.1, 1.1) = 1.1; chain 2 min(-0.5, -0.8) = -0.8.
+    loss = -(1.1 - 0.8) / 2 / 4 = -0.0375; gradient on logp of chain 2 is 0 (clipped)."""
+    old = torch.tensor([[-3.0, -3.0]])
+    logp = (old + torch.tensor([[math.log(1.1), math.log(0.5)]]) / 4).requires_grad_(True)
+    adv = torch.tensor([[1.0, -1.0]])
+    loss = latent_policy_loss(logp, adv, old, clip_eps=0.2, num_dims=4)
+    assert loss.item() == pytest.approx(-0.0375)
+    loss.backward()
+    # d/dlogp_1 of -(ratio_1 * 1) / 2 / 4 with ratio_1 = exp(4 (logp_1 - old_1)): -4 * 1.1 / 8 = -0.55
+    torch.testing.assert_close(logp.grad, torch.tensor([[-0.55, 0.0]]))
+    # at ratio 1 the clipped form's gradient equals the plain form's: -A / (B*K)
+    at_one = old.clone().requires_grad_(True)
+    latent_policy_loss(at_one, adv, old, clip_eps=0.2, num_dims=4).backward()
+    torch.testing.assert_close(at_one.grad, torch.tensor([[-0.5, 0.5]]))
+
+
+def test_latent_pull_loss_by_hand():
+    """Row 1: T=2 steps both kept, distances^2 4 and 0 -> mean 2, / norm^2 (2^2) = 0.5.
+    Row 2: only step 1 kept, distance^2 1 + 1 = 2 -> 2 / 4 = 0.5; its masked step 2 (distance^2 100) is ignored."""
+    projected = torch.tensor([[[2.0, 0.0], [1.0, 1.0]], [[1.0, 1.0], [10.0, 0.0]]])  # [N=2, T=2, D=2]
+    targets = torch.tensor([[[0.0, 0.0], [1.0, 1.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    torch.testing.assert_close(latent_pull_loss(projected, targets, mask, norm=2.0), torch.tensor([0.5, 0.5]))
+    assert latent_pull_loss(projected, targets, torch.zeros(2, 2), norm=2.0).tolist() == [0.0, 0.0]
 
 
 def test_bidirectional_info_nce_two_questions_by_hand():

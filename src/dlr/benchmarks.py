@@ -123,7 +123,13 @@ def timed(device: torch.device, fn, repeats: int) -> float:
 
 
 def dlr_module(
-    bb: Backbone, num_samples: int, num_decoded: int, latent_steps: int, latent_dim: int, decode_tokens: int
+    bb: Backbone,
+    num_samples: int,
+    num_decoded: int,
+    latent_steps: int,
+    latent_dim: int,
+    decode_tokens: int,
+    readout: str = "rationale",
 ):
     from dlr.methods.dlr_module import DLRModule, DLRSettings
     from dlr.rewards import RewardConfig
@@ -133,7 +139,11 @@ def dlr_module(
             "latent": {"steps": latent_steps, "dim": latent_dim},
             "alignment": {"steps": 0},
             "rl": {"num_samples": num_samples, "num_decoded": num_decoded, "beta": 0.0},
-            "max_new_tokens": decode_tokens,
+            "readout": readout,
+            # the other readout's budget only has to be valid
+            "max_new_tokens": {"rationale": decode_tokens, "answer": 1}
+            if readout == "rationale"
+            else {"rationale": decode_tokens + 1, "answer": decode_tokens},
         }
     )
     return DLRModule(
@@ -158,13 +168,15 @@ def bench_rollout(
     dlr_decode_tokens: int,
     grpo_new_tokens: int,
     repeats: int,
+    readout: str = "rationale",
 ) -> dict:
-    """Device-seconds per sampled reasoning attempt, DLR vs GRPO, same main model and K."""
+    """Device-seconds per sampled reasoning attempt, DLR vs GRPO, same main model and K; both decode
+    their full budget (EOS forbidden before it), so the timing does not depend on what the weights say."""
     from dlr.models.critic import select_latents
-    from dlr.models.generation import sample_completions
+    from dlr.models.generation import greedy_decode_embeds, sample_completions
 
     records = questions(questions_per_batch)
-    module = dlr_module(bb, num_samples, num_decoded, latent_steps, latent_dim, dlr_decode_tokens)
+    module = dlr_module(bb, num_samples, num_decoded, latent_steps, latent_dim, dlr_decode_tokens, readout)
 
     @torch.no_grad()
     def dlr_rollout():  # one assistant pass, G draws, the critic's choice of K, one decode of B*K chains
@@ -172,7 +184,8 @@ def bench_rollout(
         dist = module.policy(ids, mask)
         z, _ = module.policy.sample(dist, num_samples)
         kept = select_latents(module.critic(dist.pooled, z), num_decoded, 1, "critic")
-        module.decode(records, z[torch.arange(len(records), device=z.device)[:, None], kept])
+        embeds, emask = module.main_inputs(records, z[torch.arange(len(records), device=z.device)[:, None], kept])
+        greedy_decode_embeds(module.main, embeds, emask, bb.main_tokenizer, dlr_decode_tokens, dlr_decode_tokens)
 
     dlr_seconds = timed(bb.device, dlr_rollout, repeats)
     policy = add_lora(bb.main, {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]})
@@ -187,6 +200,7 @@ def bench_rollout(
     attempts = questions_per_batch * num_decoded
     return {
         "backbone": bb.name,
+        "readout": readout,
         "questions": questions_per_batch,
         "G": num_samples,
         "K": num_decoded,
@@ -288,7 +302,9 @@ def bench_memory(
         ).fit(module, datamodule=data)
         return peak_memory_bytes(bb.device) / 2**30
 
-    dlr_peak = one_step(dlr_module(bb, num_samples, num_decoded, latent_steps, latent_dim, 16))
+    dlr_peak = one_step(
+        dlr_module(bb, num_samples, num_decoded, latent_steps, latent_dim, grpo_new_tokens)
+    )  # rationale readout
     lora = {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
     settings = GRPOSettings(
         num_generations=grpo_generations, max_new_tokens=grpo_new_tokens, micro_batch_size=8, lora=lora
@@ -306,3 +322,87 @@ def bench_memory(
         "dlr_peak_gb": dlr_peak,
         "grpo_peak_gb": grpo_peak,
     }
+
+
+def probe_readouts(bb: Backbone, per_depth: int, latent_steps: int, latent_dim: int, stage1_root: Path) -> dict:
+    """What the frozen main model can read in its latent span: greedy accuracy by task and depth of
+    the fixed test set under each readout, for spans the project can make before any RL: no latents
+    (its own text chain, or direct answering), T random vectors at the mean embedding norm, the
+    untrained policy and projector, the shipped stage 1 (where one exists for that readout) and, as
+    the ceiling, the gold chain's own tokens (its first T, or all of it; given as text, which equals
+    giving their embeddings)."""
+    from dlr.data.datamodule import ReasoningDataModule
+    from dlr.models.backbones import weights_sha256
+
+    data = ReasoningDataModule("mixed", 1, [1, 4], [1, 8], 0, 1000, per_depth, {"math": 0.5, "logic": 0.5})
+    records = data.test_records()
+    main_sha = weights_sha256(bb.main)
+    scores = []
+    for readout in ("rationale", "answer"):
+        scores += _probe_readout(bb, readout, records, latent_steps, latent_dim, stage1_root / readout, main_sha)
+    return {"per_depth": per_depth, "T": latent_steps, "scores": [s.__dict__ for s in scores]}
+
+
+@torch.no_grad()
+def _probe_readout(
+    bb: Backbone, readout: str, records: list, latent_steps: int, latent_dim: int, stage1: Path, main_sha: str
+) -> list:
+    from dlr.callbacks.evaluation import evaluate_by_depth, score_by_depth
+    from dlr.methods.stage1 import load_stage1
+    from dlr.models.generation import greedy_complete, greedy_decode_embeds
+    from dlr.models.readout import latent_main_inputs
+
+    tok, fmt, n = bb.main_tokenizer, bb.fmt, len(records)
+    module = dlr_module(bb, 4, 1, latent_steps, latent_dim, 96 if readout == "rationale" else 4, readout)
+    module.main_sha256 = main_sha
+    decode_tokens = module.readout.max_new_tokens
+
+    def text_span(label: str, span_text) -> list:
+        def complete(chunk):
+            tail = "" if readout == "rationale" else f" {fmt.eol} {fmt.answer_cue}"
+            prompts = [f"{fmt.prompt(r.question, tok)} {fmt.bol} {span_text(r)}{tail}" for r in chunk]
+            return [module.readout.scored_text(o) for o in greedy_complete(bb.main, tok, prompts, decode_tokens)]
+
+        return score_by_depth(records, complete, label=label, batch_size=n)
+
+    def latent_span(label: str, projected_of) -> list:
+        def complete(chunk):
+            questions = [r.question for r in chunk]
+            embeds, mask = latent_main_inputs(bb.main, tok, module.readout, questions, projected_of(chunk))
+            texts, _ = greedy_decode_embeds(bb.main, embeds, mask, tok, decode_tokens)
+            return [module.readout.scored_text(t) for t in texts]
+
+        return score_by_depth(records, complete, label=label, batch_size=n)
+
+    def policy_span(chunk):
+        ids, mask = module.encode_questions(chunk)
+        return module.projector(module.policy.mean_chain(ids, mask)[:, 0])
+
+    def random_span(chunk):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(len(chunk), latent_steps, bb.main.get_input_embeddings().embedding_dim, generator=g)
+        return (x / x.norm(dim=-1, keepdim=True) * module.embedding_norm).to(bb.device)
+
+    if readout == "rationale":
+        scores = evaluate_by_depth(bb.main, tok, fmt, records, label="rationale/no latents (own chain)", batch_size=n)
+        scores += text_span(
+            f"rationale/gold chain's first {latent_steps} tokens", lambda r: " ".join(r.cot.split()[:latent_steps])
+        )
+    else:
+        scores = evaluate_by_depth(
+            bb.main,
+            tok,
+            fmt,
+            records,
+            label="answer/empty span (direct)",
+            mode="direct",
+            max_new_tokens=4,
+            batch_size=n,
+        )
+        scores += text_span("answer/gold chain (c=1)", lambda r: r.cot)
+    scores += latent_span(f"{readout}/{latent_steps} random latents", random_span)
+    scores += latent_span(f"{readout}/untrained policy", policy_span)
+    if (stage1 / "stage1.json").is_file():
+        load_stage1(module, stage1, "python src/train.py experiment=dlr_stage1_tiny")
+        scores += latent_span(f"{readout}/shipped stage 1", policy_span)
+    return scores

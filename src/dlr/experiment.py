@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dlr.callbacks.evaluation import DepthScore, depth_table, evaluate_by_depth, scores_as_dicts
+from dlr.callbacks.evaluation import AlignmentEval, DepthScore, depth_table, evaluate_by_depth, scores_as_dicts
 from dlr.data.datamodule import ReasoningDataModule
 from dlr.data.schema import Record
 from dlr.methods.guard import NonFiniteTraining
@@ -285,6 +286,14 @@ def arm_fault_injection(cfg: DictConfig, module) -> None:
         )
 
 
+STAGE1_COMMAND = "python src/train.py experiment=dlr_stage1_tiny"  # regenerates the shipped tiny stage 1
+
+
+def project_path(path: str, root_dir: str) -> Path:
+    """A relative path is taken from the project root (Hydra runs in the run folder)."""
+    return Path(path) if Path(path).is_absolute() else Path(root_dir) / path
+
+
 def setup_dlr(cfg: DictConfig) -> Arm:
     """Frozen main + LoRA assistant + latent policy, projector and critic."""
     from dlr.methods.dlr_module import DLRModule, DLRSettings
@@ -308,6 +317,16 @@ def setup_dlr(cfg: DictConfig) -> Arm:
         cfg.backbone.placeholder,
         main_sha256=weights_sha256(main),
     )
+
+    if settings.alignment.init_from:
+        from dlr.methods.stage1 import load_stage1
+
+        folder = project_path(settings.alignment.init_from, cfg.paths.root_dir)
+        try:
+            module.stage1_info = load_stage1(module, folder, STAGE1_COMMAND)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
+        log.info("DLR starts from the shipped stage 1 in %s", folder)
 
     def evaluate(records: Sequence[Record], label: str) -> list[DepthScore]:
         module.to(device)
@@ -410,8 +429,6 @@ def check_protected(arm: Arm, start_hash: str, out: Path) -> bool:
 def run_dlr(cfg: DictConfig, out: Path) -> None:
     """DLR: latent alignment then latent RL against the frozen main model; evaluates the main model
     alone, the policy after alignment and after RL; fails loudly if the main model's weights changed."""
-    from dlr.callbacks.evaluation import AlignmentEval
-
     arm = setup_dlr(cfg)
     if not is_rank_zero():  # a DDP process: it trains its shard of the rollouts, rank 0 does the rest
         fit(cfg, arm)
@@ -419,10 +436,14 @@ def run_dlr(cfg: DictConfig, out: Path) -> None:
     start_hash = arm.protected_hash()
     records = arm.datamodule.test_records()
     scores = evaluate_models(cfg, {"main": arm.text_model}, prompt_format(cfg), records)  # the frozen main alone
+    started = time.process_time()
     trainer = fit(cfg, arm)
+    seconds = time.process_time() - started
     check_protected(arm, start_hash, out)
     if trainer.is_global_zero:
         aligned = next((c.scores for c in trainer.callbacks if isinstance(c, AlignmentEval) and c.scores), [])
+        if arm.module.settings.alignment.export_to:
+            export_dlr_stage1(cfg, arm, aligned, seconds)
         final = arm.evaluate(records, "dlr/final")
         write_eval(
             out,
@@ -430,6 +451,30 @@ def run_dlr(cfg: DictConfig, out: Path) -> None:
             arm.datamodule.skip_counts(),
             f"DLR on {cfg.backbone.name}: {trainer.global_step} steps ({arm.module.settings.alignment.steps} alignment + RL)",
         )
+
+
+def export_dlr_stage1(cfg: DictConfig, arm: Arm, aligned: list[DepthScore], seconds: float) -> None:
+    """Save the DLR state after stage 1 (a run with rl.steps=0), with what it cost and scored."""
+    from dlr.methods.stage1 import export_stage1
+
+    settings = arm.module.settings
+    if settings.rl.steps:
+        raise SystemExit("error: method.alignment.export_to saves stage 1 alone: set method.rl.steps=0")
+    folder = project_path(settings.alignment.export_to, cfg.paths.root_dir)
+    info = {
+        "alignment_steps": settings.alignment.steps,
+        "batch_size": cfg.data.batch_size,
+        "lr": settings.alignment.lr,
+        "pull_weight": settings.alignment.pull_weight,
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "flops": float(arm.module.flops_spent),
+        "process_seconds": seconds,  # training only, on this machine
+        "device": device_name(cfg.trainer.accelerator),
+        "accuracy_by_depth": {f"{s.task}/{s.depth}": s.accuracy for s in aligned},
+        "command": STAGE1_COMMAND,
+    }
+    export_stage1(arm.module, folder, info)
+    print(f"exported the stage-1 state to {folder}")
 
 
 def run_grpo(cfg: DictConfig, out: Path) -> None:
@@ -468,7 +513,8 @@ def arm_config(cfg: DictConfig, name: str, seed: int, out: Path) -> DictConfig:
     variants = cfg.method.get("variants") or {}
     arm_cfg = copy.deepcopy(cfg)
     with open_dict(arm_cfg):
-        arm_cfg.method = cfg.method[kind]
+        # resolved against the comparison's config: an arm's settings may read the other arm's (DLR's decode budget)
+        arm_cfg.method = OmegaConf.create(OmegaConf.to_container(cfg.method[kind], resolve=True))
         if name in variants:
             arm_cfg.method = OmegaConf.merge(arm_cfg.method, variants[name].get("overrides") or {})
         arm_cfg.seed = seed
@@ -548,7 +594,24 @@ def load_seed_result(path: Path):
     from dlr.report.report import SeedResult
 
     fields = json.loads(path.read_text())
-    return SeedResult(**{**fields, "final_scores": [DepthScore(**s) for s in fields["final_scores"]]})
+    scores = {key: [DepthScore(**s) for s in fields.get(key, [])] for key in ("final_scores", "start_scores")}
+    return SeedResult(**{**fields, **scores})
+
+
+def dlr_arm_info(arm: Arm, meter, aligner: list) -> dict:
+    """DLR's readout, what its stage 1 cost, and its greedy scores after stage 1, before any RL step."""
+    module = arm.module
+    shipped = module.stage1_info
+    alignment = {
+        "source": "shipped" if shipped else "trained in the run",
+        "shipped_from": module.settings.alignment.init_from if shipped else None,
+        "steps": (shipped["alignment_steps"] if shipped else 0) + module.settings.alignment.steps,
+        "flops": (shipped["flops"] if shipped else 0.0) + meter.alignment_flops,
+        "process_seconds": (shipped["process_seconds"] if shipped else 0.0) + meter.alignment_seconds,
+        "counted_in_budget": meter.include_alignment,
+    }
+    after = aligner[0].scores if aligner else meter.points[0].scores  # no steps in the run: the start is stage 1
+    return {"readout": module.settings.readout, "alignment": alignment, "after_alignment": scores_as_dicts(after)}
 
 
 def train_arm_seed(cfg: DictConfig, name: str, kind: str, seed: int, out: Path, fractions: list[float]):
@@ -590,7 +653,12 @@ def train_arm_seed(cfg: DictConfig, name: str, kind: str, seed: int, out: Path, 
             arm.datamodule = phase_datamodule(arm_cfg, source)
         records = arm.datamodule.test_records()
         evaluate = (lambda module, r=records: arm.evaluate(r, label)) if rank_zero else None
-        meter = BudgetMeter(cfg.budget.kind, cfg.budget.amount, evaluate, fractions)
+        meter = BudgetMeter(
+            cfg.budget.kind, cfg.budget.amount, evaluate, fractions, include_alignment=cfg.budget.include_alignment
+        )
+        shipped = getattr(arm.module, "stage1_info", None)
+        if shipped and cfg.budget.include_alignment and not meters:  # the shipped stage 1's recorded cost
+            meter.seconds, meter.flops = shipped["process_seconds"], shipped["flops"]
         meter.record(arm.module, 0.0)
         log.info(
             "%s seed %d%s: training until %g %s are spent",
@@ -600,7 +668,12 @@ def train_arm_seed(cfg: DictConfig, name: str, kind: str, seed: int, out: Path, 
             cfg.budget.amount,
             cfg.budget.kind,
         )
-        fit(arm_cfg, arm, extra_callbacks=[meter], budgeted=True)
+        aligner = (
+            [AlignmentEval(cfg.eval.batch_size)]
+            if kind == "dlr" and not meters and arm.module.settings.alignment.steps
+            else []
+        )
+        fit(arm_cfg, arm, extra_callbacks=[meter, *aligner], budgeted=True)
         meters.append(meter)
         if source is not None and rank_zero:  # every phase's task so far, after this phase
             retention[source] = {
@@ -654,6 +727,8 @@ def train_arm_seed(cfg: DictConfig, name: str, kind: str, seed: int, out: Path, 
         trace=vars(meter.trace),
         retention=retention,
         pass_at_k=pass_at_k,
+        start_scores=meters[0].points[0].scores,
+        arm_info=dlr_arm_info(arm, meters[0], aligner) if kind == "dlr" else {},
     )
     # Kept as soon as it exists: a later arm that crashes does not lose this one.
     write_json(

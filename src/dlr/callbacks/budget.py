@@ -107,6 +107,7 @@ class BudgetMeter(Callback):
         evaluate: Callable | None = None,
         eval_fractions: tuple[float, ...] = tuple(i / 10 for i in range(1, 11)),
         clock: Callable[[], float] | None = None,
+        include_alignment: bool = True,
     ) -> None:
         if kind not in BUDGET_KINDS:
             raise ValueError(f"budget.kind must be one of {BUDGET_KINDS}, got {kind!r}")
@@ -116,6 +117,10 @@ class BudgetMeter(Callback):
         self.eval_fractions = sorted(eval_fractions)
         self.clock = clock
         self.seconds, self.flops, self.generated_tokens = 0.0, 0.0, 0  # charged so far, all ranks
+        # DLR's stage-1 batches (`pl_module.stage == "alignment"`): charged, or set aside and reported
+        self.include_alignment = include_alignment
+        self.alignment_seconds, self.alignment_flops = 0.0, 0.0
+        self._batch_stage = "rl"
         self.points, self.trace = [], BudgetTrace()
         self.peak_memory = 0  # bytes, the largest of any rank
         self._batch_start: tuple[float, float, float] | None = None  # clock, FLOPs and tokens counters
@@ -141,6 +146,7 @@ class BudgetMeter(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         counters = self._read(pl_module, "flops_spent"), self._read(pl_module, "generated_tokens")
+        self._batch_stage = getattr(pl_module, "stage", "rl")
         self._batch_start = (self._now(pl_module.device), *counters)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -165,10 +171,14 @@ class BudgetMeter(Callback):
             dtype=torch.float64,
         )
         ranks = gather_ranks(trainer, local)  # [world_size, 7]
+        self.peak_memory = max(self.peak_memory, int(ranks[:, 3].max()))
+        if self._batch_stage == "alignment" and not self.include_alignment:
+            self.alignment_seconds += float(ranks[:, 0].sum())
+            self.alignment_flops += float(ranks[:, 1].sum())
+            return
         self.seconds += float(ranks[:, 0].sum())
         self.flops += float(ranks[:, 1].sum())
         self.generated_tokens += int(ranks[:, 2].sum())
-        self.peak_memory = max(self.peak_memory, int(ranks[:, 3].max()))
         fraction = self.fraction()
         for series, column in ((self.trace.reward, 4), (self.trace.grad_norm, 5), (self.trace.diversity, 6)):
             if not ranks[:, column].isnan().all():  # the batch had this value: the mean over ranks
@@ -210,6 +220,7 @@ class BudgetMeter(Callback):
             "seconds": self.seconds,
             "flops": self.flops,
             "generated_tokens": self.generated_tokens,
+            "alignment": [self.alignment_seconds, self.alignment_flops],
             "eval_fractions": self.eval_fractions,
             "peak_memory": self.peak_memory,
             "points": points,
@@ -221,6 +232,7 @@ class BudgetMeter(Callback):
 
         self.seconds, self.flops, self.generated_tokens = state["seconds"], state["flops"], state["generated_tokens"]
         self.eval_fractions, self.peak_memory = state["eval_fractions"], state["peak_memory"]
+        self.alignment_seconds, self.alignment_flops = state.get("alignment", (0.0, 0.0))
         self.points = [BudgetPoint(**{**p, "scores": [DepthScore(**s) for s in p["scores"]]}) for p in state["points"]]
         self.trace = BudgetTrace(**state["trace"])
 

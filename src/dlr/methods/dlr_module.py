@@ -27,21 +27,25 @@ from dlr.callbacks.metrics import log_now
 from dlr.data.schema import Record
 from dlr.methods.checkpointing import TrainableStateCheckpoints
 from dlr.methods.guard import NonFiniteGuard, finite_on_every_rank
-from dlr.methods.losses import LatentRLWeights, group_advantages, latent_rl_loss, mode_separation_loss
+from dlr.methods.losses import (
+    LatentRLWeights,
+    group_advantages,
+    latent_pull_loss,
+    latent_rl_loss,
+    mode_separation_loss,
+)
 from dlr.models.backbones import PromptFormat
 from dlr.models.critic import FILTERS, RewardCritic, select_latents
 from dlr.models.generation import (
     completion_mask_after_eos,
     eos_token_ids,
     greedy_decode_embeds,
-    latent_main_inputs,
     latent_target_nll,
 )
 from dlr.models.latent_policy import LATENT_MODES, LatentPolicy
 from dlr.models.projector import LatentProjector, mean_embedding_norm
+from dlr.models.readout import READOUTS, Readout, latent_main_inputs, split_gold_completion
 from dlr.rewards import RewardConfig, score_batch
-
-ALIGNMENT_TARGETS = ("answer", "cot_answer")
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,9 @@ class LatentSettings:
 class AlignmentSettings:
     steps: int = 100
     lr: float = 1e-3
-    target: str = "answer"
+    pull_weight: float = 1.0  # rationale readout: weight of the pull toward the chain's opening embeddings
+    init_from: str | None = None  # a shipped stage 1 (folder) to start from
+    export_to: str | None = None  # save the state after stage 1 here (folder), with the main's hash
 
 
 @dataclass(frozen=True)
@@ -96,7 +102,8 @@ class DLRSettings:
     alignment: AlignmentSettings = field(default_factory=AlignmentSettings)
     rl: RLSettings = field(default_factory=RLSettings)
     critic: CriticSettings = field(default_factory=CriticSettings)
-    max_new_tokens: int = 8  # single-pass decode length
+    readout: str = "rationale"  # rationale: the main writes its own chain after the latents | answer
+    max_new_tokens: dict = field(default_factory=lambda: {"rationale": 64, "answer": 4})  # decode budget by readout
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     accumulate_grad_batches: int = 1
@@ -124,9 +131,20 @@ class DLRSettings:
         rl, latent = self.rl, self.latent
         checks = [
             (latent.mode in LATENT_MODES, f"method.latent.mode must be one of {LATENT_MODES}, got {latent.mode!r}"),
+            (self.readout in READOUTS, f"method.readout must be one of {READOUTS}, got {self.readout!r}"),
             (
-                self.alignment.target in ALIGNMENT_TARGETS,
-                f"method.alignment.target must be one of {ALIGNMENT_TARGETS}, got {self.alignment.target!r}",
+                set(self.max_new_tokens) == set(READOUTS) and all(int(v) >= 1 for v in self.max_new_tokens.values()),
+                f"method.max_new_tokens needs a budget >= 1 for each readout {READOUTS}, got {self.max_new_tokens}",
+            ),
+            (
+                self.readout != "rationale"
+                or self.max_new_tokens.get("rationale", 0) > self.max_new_tokens.get("answer", 0),
+                "method.max_new_tokens.rationale must exceed method.max_new_tokens.answer: the main writes its chain "
+                f"and then the answer line, got {self.max_new_tokens}",
+            ),
+            (
+                self.alignment.pull_weight >= 0,
+                f"method.alignment.pull_weight must be >= 0, got {self.alignment.pull_weight}",
             ),
             (rl.filter in FILTERS, f"method.rl.filter must be one of {FILTERS}, got {rl.filter!r}"),
             (
@@ -147,7 +165,6 @@ class DLRSettings:
             (self.accumulate_grad_batches >= 1, "method.accumulate_grad_batches must be >= 1"),
             (self.grad_clip > 0, f"method.grad_clip must be > 0, got {self.grad_clip}"),
             (rl.tau > 0, f"method.rl.tau must be > 0, got {rl.tau}"),
-            (self.max_new_tokens >= 1, "method.max_new_tokens must be >= 1"),
             (
                 latent.steps >= 1 and latent.dim >= 1 and latent.num_modes >= 1,
                 f"method.latent.steps, dim and num_modes must be >= 1, got {latent.steps}, {latent.dim}, {latent.num_modes}",
@@ -157,6 +174,11 @@ class DLRSettings:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    @property
+    def decode_tokens(self) -> int:
+        """The main model's decode budget per kept chain under this readout."""
+        return int(self.max_new_tokens[self.readout])
 
     @property
     def total_steps(self) -> int:
@@ -223,7 +245,9 @@ class DLRModule(TrainableStateCheckpoints, LightningModule):
             lat.num_modes,
         )
         main_dim = main.get_input_embeddings().embedding_dim
-        self.projector = LatentProjector(lat.dim, main_dim, mean_embedding_norm(main))
+        self.embedding_norm = mean_embedding_norm(main)
+        self.projector = LatentProjector(lat.dim, main_dim, self.embedding_norm)
+        self.readout = Readout(settings.readout, fmt, settings.decode_tokens)
         self.critic = RewardCritic(assistant.get_input_embeddings().embedding_dim, lat.dim, settings.critic.hidden)
         # pi_ref for the KL term: a frozen copy, loaded with the policy's weights when stage 2 starts
         self.reference = copy.deepcopy(self.policy).requires_grad_(False).eval() if settings.rl.beta > 0 else None
@@ -238,6 +262,7 @@ class DLRModule(TrainableStateCheckpoints, LightningModule):
         self.lora = any("lora_" in name for name, _ in assistant.named_parameters())
         self.assistant_backward = "activations" if self.lora else "weights"  # FLOPs factor of its backward passes
         self.last_rollout: Rollout | None = None
+        self.stage1_info: dict | None = None  # what a shipped stage 1 cost and scored (methods/stage1.py)
         self._pending_backwards = 0
         self.guard = NonFiniteGuard(settings.max_consecutive_nonfinite)  # experiment.py may arm fault injection
 
@@ -324,26 +349,13 @@ class DLRModule(TrainableStateCheckpoints, LightningModule):
         enc = self.assistant_tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         return enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
 
-    @property
-    def answer_cue(self) -> str:
-        """The cue after `<eol>`: the answer line starts at once for target `answer`; with `cot_answer`
-        the main model writes a rationale and its own answer line."""
-        return self.fmt.answer_cue if self.settings.alignment.target == "answer" else ""
-
     def main_inputs(self, records: Sequence[Record], chains: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """chains: [B, K, T, Dz] -> the main model's input for each of the B*K chains (question-major)."""
+        """chains: [B, K, T, Dz] -> the main model's input for each of the B*K chains (question-major).
+        Only the questions are read: no other field of a record reaches the decode."""
         K = chains.shape[1]
-        prompts = [self.fmt.prompt(r.question, self.main_tokenizer) for r in records for _ in range(K)]
+        questions = [r.question for r in records for _ in range(K)]
         projected = self.projector(chains.flatten(0, 1))  # [B*K, T, Dmain]
-        return latent_main_inputs(
-            self.main, self.main_tokenizer, prompts, projected, self.fmt.bol, self.fmt.eol, self.answer_cue
-        )
-
-    def target_text(self, record: Record) -> str:
-        eos = self.main_tokenizer.eos_token or ""
-        if self.settings.alignment.target == "answer":
-            return f" {record.answer}{eos}"
-        return f" {record.cot} {self.fmt.answer_cue} {record.answer}{eos}"
+        return latent_main_inputs(self.main, self.main_tokenizer, self.readout, questions, projected)
 
     def charge(self, parameters: int, tokens: int, backward: str = "none") -> None:
         """Add a pass over `tokens` tokens of a model with `parameters` parameters to the FLOPs spent."""
@@ -351,16 +363,17 @@ class DLRModule(TrainableStateCheckpoints, LightningModule):
 
     @torch.no_grad()
     def decode(self, records: Sequence[Record], chains: torch.Tensor, charge: bool = False) -> list[str]:
-        """Greedy single-pass decoding of chains [B, K, T, Dz]; returns B*K completions with the answer
-        cue put back in front, so they are scored like any text completion. `charge`: count its compute."""
+        """One greedy decode of each chain [B, K, T, Dz] by the frozen main model, as the readout says
+        (its own chain and answer line, or the answer alone with the cue put back in front); returns
+        B*K completions scored like any text completion. `charge`: count its compute."""
         embeds, mask = self.main_inputs(records, chains)
-        texts, ids = greedy_decode_embeds(self.main, embeds, mask, self.main_tokenizer, self.settings.max_new_tokens)
+        texts, ids = greedy_decode_embeds(self.main, embeds, mask, self.main_tokenizer, self.readout.max_new_tokens)
         if charge:
             self.charge(self.main_parameters, embeds.shape[0] * (embeds.shape[1] + ids.shape[1]))  # prefill + decode
             self.generated_tokens += int(
                 completion_mask_after_eos(ids, eos_token_ids(self.main, self.main_tokenizer)).sum()
             )
-        return [f"{self.answer_cue} {t}".strip() if self.answer_cue else t for t in texts]
+        return [self.readout.scored_text(t) for t in texts]
 
     def decode_and_score(self, records: Sequence[Record], chains: torch.Tensor, charge: bool = False) -> torch.Tensor:
         """Rewards [B, K, 3] (correct, format, total) of the decoded chains [B, K, T, Dz]."""
@@ -383,25 +396,38 @@ class DLRModule(TrainableStateCheckpoints, LightningModule):
         self.guard.end_injection_batch(step)
 
     def alignment_step(self, records: list[Record], optimizer) -> None:
-        """Stage 1: minimise the frozen main model's NLL of the gold target given the projected mean chain."""
+        """Stage 1: the frozen main model's NLL of the gold completion given the projected mean chain
+        (rationale readout on a plain prompt: the rest of the chain after the T tokens the latents
+        stand for), plus the pull of the latents toward those tokens' own embeddings."""
         ids, mask = self.encode_questions(records)
         chains = self.policy.mean_chain(ids, mask)  # [B, M, T, Dz]
-        B, M = chains.shape[:2]
-        embeds, emask = self.main_inputs(records, chains)
-        targets = self.main_tokenizer(
-            [self.target_text(r) for r in records for _ in range(M)],
-            return_tensors="pt",
-            padding="longest",
-            padding_side="right",
-            add_special_tokens=False,
-        ).to(self.device)
-        nll = latent_target_nll(self.main, embeds, emask, targets.input_ids, targets.attention_mask)  # [B*M]
-        self.charge(self.assistant_parameters, B * M * (ids.shape[1] + self.policy.num_steps), self.assistant_backward)
-        self.charge(
-            self.main_parameters, embeds.shape[0] * (embeds.shape[1] + targets.input_ids.shape[1]), "activations"
+        B, M, T = chains.shape[:3]
+        rows = [r for r in records for _ in range(M)]
+        projected = self.projector(chains.flatten(0, 1))  # [B*M, T, Dmain]
+        embeds, emask = latent_main_inputs(
+            self.main, self.main_tokenizer, self.readout, [r.question for r in rows], projected
         )
+        eos = self.main_tokenizer.eos_token or ""
+        opening, opening_mask, target, target_mask = (
+            t.to(self.device)
+            for t in split_gold_completion(
+                self.main_tokenizer,
+                [self.readout.gold_completion(r, eos) for r in rows],
+                T,
+                self.readout.latents_open_the_chain,
+            )
+        )
+        nll = latent_target_nll(self.main, embeds, emask, target, target_mask)  # [B*M]
+        self.charge(self.assistant_parameters, B * M * (ids.shape[1] + T), self.assistant_backward)
+        self.charge(self.main_parameters, embeds.shape[0] * (embeds.shape[1] + target.shape[1]), "activations")
         loss = nll.mean()
         logs = {"train/align_nll": nll.detach().mean()}
+        if self.readout.kind == "rationale" and self.settings.alignment.pull_weight > 0:
+            with torch.no_grad():
+                opening_embeds = self.main.get_input_embeddings()(opening)  # [B*M, T, Dmain]
+            pull = latent_pull_loss(projected, opening_embeds, opening_mask, self.embedding_norm).mean()
+            loss = loss + self.settings.alignment.pull_weight * pull
+            logs["train/align_pull"] = pull.detach()
         if M > 1:
             separation = mode_separation_loss(chains, self.settings.rl.tau)
             loss = loss + self.settings.rl.lambda_modes * separation
@@ -508,17 +534,21 @@ class DLRModule(TrainableStateCheckpoints, LightningModule):
     # --- evaluation ---------------------------------------------------------------------------
 
     @torch.no_grad()
+    def greedy_completions(self, records: Sequence[Record]) -> list[str]:
+        """The noise-free chain (mode 0) of each question, decoded once by the main model. Reads
+        only each record's question."""
+        ids, mask = self.encode_questions(records)
+        return self.decode(records, self.policy.mean_chain(ids, mask)[:, :1])
+
+    @torch.no_grad()
     def evaluate_latent(self, records: Sequence[Record], label: str, batch_size: int) -> list[DepthScore]:
-        """Greedy accuracy by depth of the noise-free chain (mode 0), decoded once by the main model."""
+        """Greedy accuracy by depth of `greedy_completions`."""
         was_training = self.training
         self.eval()
         try:
-
-            def complete(chunk: Sequence[Record]) -> list[str]:
-                ids, mask = self.encode_questions(chunk)
-                return self.decode(chunk, self.policy.mean_chain(ids, mask)[:, :1])
-
-            return score_by_depth(records, complete, label=label, batch_size=batch_size, reward=self.reward)
+            return score_by_depth(
+                records, self.greedy_completions, label=label, batch_size=batch_size, reward=self.reward
+            )
         finally:
             self.train(was_training)
 

@@ -43,6 +43,22 @@ def gaussian_kl(
     return per_dim.flatten(-2).mean(-1)
 
 
+# --- stage 1 -----------------------------------------------------------------------------------
+
+
+def latent_pull_loss(projected: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, norm: float) -> torch.Tensor:
+    """Squared distance of projected latents to the main model's own embeddings of the tokens they
+    stand for, in units of the mean embedding norm: mean_t ||P(mu_t) - e_t||^2 / norm^2 over the
+    positions the mask keeps, so latents stay where the main model's inputs live.
+
+    projected, targets: [N, T, D]; mask: [N, T] (0 where a completion is shorter than T). Returns [N]
+    (0 for a row with no target).
+    """
+    per_step = (projected.float() - targets.float()).pow(2).sum(-1) / norm**2  # [N, T]
+    weights = mask.to(per_step.dtype)
+    return (per_step * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
 # --- advantages ---------------------------------------------------------------------------------
 
 
@@ -76,17 +92,22 @@ def latent_policy_loss(
     advantages: torch.Tensor,
     old_logp: torch.Tensor | None = None,
     clip_eps: float = 0.2,
+    num_dims: int = 1,
 ) -> torch.Tensor:
     """-mean A * log pi(z|q); with `old_logp` (ppo_epochs > 1) the clipped-ratio form.
 
-    logp, advantages, old_logp: [B, K] (log-probs per-dimension averaged). Returns a scalar.
+    logp, old_logp, advantages: [B, K]; logp is log pi(z|q) averaged over the chain's `num_dims`
+    (T*Dz) dimensions. The PPO ratio is that of whole chains, exp(num_dims * (logp - old_logp)) =
+    pi(z|q) / pi_old(z|q), so the clip bounds the policy ratio (a ratio of per-dimension means would
+    be its num_dims-th root: no trust region at all at T*Dz = 32*512). The clipped surrogate is
+    divided by num_dims, so at ratio 1 its gradient equals the plain form's. Returns a scalar.
     """
     if old_logp is None:
         return -(advantages * logp).mean()
-    ratio = torch.exp(logp - old_logp)  # [B, K]
+    ratio = torch.exp(num_dims * (logp - old_logp))  # [B, K] pi(z|q) / pi_old(z|q)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages
-    return -torch.minimum(unclipped, clipped).mean()
+    return -torch.minimum(unclipped, clipped).mean() / num_dims
 
 
 # --- bidirectional contrastive objective -------------------------------------------------------
@@ -172,7 +193,7 @@ def latent_rl_loss(
     Returns (scalar loss, detached terms for logging).
     """
     logp = gaussian_log_prob(z.detach(), mu, log_sigma)  # [B, K]
-    pg = latent_policy_loss(logp, advantages, old_logp, weights.clip_eps)
+    pg = latent_policy_loss(logp, advantages, old_logp, weights.clip_eps, num_dims=z.shape[-2] * z.shape[-1])
     con, skipped = bidirectional_info_nce(anchors, z, advantages, weights.tau)
     entropy = gaussian_entropy(log_sigma).mean()
     loss = pg + weights.lambda_con * con - weights.lambda_ent * entropy

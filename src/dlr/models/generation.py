@@ -35,35 +35,6 @@ def greedy_complete(
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
 
-def latent_main_inputs(
-    main: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
-    projected: torch.Tensor,
-    bol: str,
-    eol: str,
-    answer_cue: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The main model's input for single-pass decoding: `prompt <bol> P(z_1)..P(z_T) <eol> cue`
-    (an empty cue lets the main model write a rationale before its own answer line).
-
-    prompts: N prompt texts (already in the main model's own format, chat template included);
-    projected: [N, T, Dmain] latents already in the main model's embedding space.
-    Returns left-padded (inputs_embeds [N, L, Dmain], attention_mask [N, L]).
-    """
-    device = projected.device
-    embed = main.get_input_embeddings()
-    prefix = tokenizer([f"{p}{bol}" for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False).to(
-        device
-    )
-    suffix_ids = tokenizer(f"{eol} {answer_cue}", return_tensors="pt", add_special_tokens=False).input_ids.to(device)
-    N, T = projected.shape[:2]
-    suffix = embed(suffix_ids).expand(N, -1, -1)  # [N, Ls, D]
-    embeds = torch.cat([embed(prefix.input_ids), projected.to(suffix.dtype), suffix], dim=1)  # [N, Lp + T + Ls, D]
-    mask = torch.cat([prefix.attention_mask, prefix.attention_mask.new_ones(N, T + suffix_ids.shape[1])], dim=1)
-    return embeds, mask
-
-
 @torch.no_grad()
 def greedy_decode_embeds(
     main: torch.nn.Module,
@@ -71,16 +42,19 @@ def greedy_decode_embeds(
     attention_mask: torch.Tensor,
     tokenizer: PreTrainedTokenizerBase,
     max_new_tokens: int,
+    min_new_tokens: int = 0,
 ) -> tuple[list[str], torch.Tensor]:
     """One greedy decode of the frozen main model from input embeddings.
 
     Returns the new texts and the generated ids [N, steps] (rows that ended early are padded).
+    `min_new_tokens` forbids EOS before that many tokens (benchmarks time full-length attempts).
     """
     out = main.generate(
         inputs_embeds=inputs_embeds,
         attention_mask=attention_mask,
         do_sample=False,
         max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
         repetition_penalty=1.0,
     )  # [N, <= max_new_tokens]: with inputs_embeds only the new tokens come back

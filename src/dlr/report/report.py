@@ -67,11 +67,20 @@ class SeedResult:
     trace: dict = field(default_factory=dict)  # {"reward", "grad_norm", "diversity"}: [budget fraction, value] pairs
     retention: dict = field(default_factory=dict)  # continual: {after phase: {task: accuracy}}
     pass_at_k: float | None = None  # final pass@k over the test set (None: not measured)
+    start_scores: list[DepthScore] = field(default_factory=list)  # at budget 0, before any RL step
+    arm_info: dict = field(default_factory=dict)  # DLR: readout, stage 1's cost and its scores (after_alignment)
 
 
 def mean_or_none(values: Sequence[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return statistics.fmean(present) if present else None
+
+
+def mean_accuracy_by_depth(runs: Sequence[Sequence[DepthScore]]) -> dict[str, float]:
+    """Accuracy by depth (all tasks pooled), averaged over runs: {"1": 0.95, ...}; {} without scores."""
+    runs = [r for r in runs if r]
+    depths = sorted({s.depth for r in runs for s in r})
+    return {str(d): statistics.fmean(accuracy_by_depth(r).get(d, 0.0) for r in runs) for d in depths}
 
 
 def arm_summary(results: Sequence[SeedResult]) -> dict:
@@ -95,7 +104,17 @@ def arm_summary(results: Sequence[SeedResult]) -> dict:
         )
         for d in depths
     }
+    dlr_info = {}
+    if results[0].arm_info:  # a DLR arm
+        aligned = [[DepthScore(**s) for s in r.arm_info["after_alignment"]] for r in results]
+        dlr_info = {
+            "readout": results[0].arm_info["readout"],
+            "alignment": results[0].arm_info["alignment"],
+            "after_alignment": {"accuracy_by_depth": mean_accuracy_by_depth(aligned)},
+        }
     return {
+        **dlr_info,
+        "start_accuracy_by_depth": mean_accuracy_by_depth([r.start_scores for r in results]),
         "seeds": [r.seed for r in results],
         "spent": {
             "seconds": [r.spent["seconds"] for r in results],
@@ -222,6 +241,22 @@ def write_report(summary: dict, results: dict[str, Sequence[SeedResult]], out: P
             f"{statistics.fmean(s['spent']['flops']) / 1e12:.2f} | {statistics.fmean(s['spent']['generated_tokens']):.0f} | "
             f"{'yes' if s['main_weights_unchanged'] else 'NO'} |"
         )
+    for arm, s in summary["arms"].items():
+        if "readout" in s:  # a DLR arm: where it started and what getting there cost
+            a = s["alignment"]
+            start = ", ".join(f"d{d} {percent(v)}" for d, v in s["after_alignment"]["accuracy_by_depth"].items())
+            lines += [
+                "",
+                f"{arm}: readout `{s['readout']}`"
+                + (
+                    " (the answer cue `####` is given, so its format rate is 1 by construction)"
+                    if s["readout"] == "answer"
+                    else ""
+                )
+                + f"; stage 1 {a['source']}, {a['steps']} steps, {a['flops'] / 1e12:.2f} TFLOPs, "
+                f"{a['process_seconds']:.0f} s, {'counted in' if a['counted_in_budget'] else 'not counted in'} the budget "
+                f"(`budget.include_alignment`); greedy accuracy after stage 1, before RL: {start}.",
+            ]
     depths = sorted({d for s in summary["arms"].values() for d in s["accuracy_by_depth"]}, key=int)
     lines += [
         "",
