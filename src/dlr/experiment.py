@@ -24,16 +24,18 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dlr.callbacks.evaluation import AlignmentEval, DepthScore, depth_table, evaluate_by_depth, scores_as_dicts
+from dlr.callbacks.progress import StepProgressBar
 from dlr.data.datamodule import ReasoningDataModule
 from dlr.data.schema import Record
 from dlr.methods.guard import NonFiniteTraining
 from dlr.models import tiny
 from dlr.models.backbones import ModelSpec, PromptFormat, load_assistant, load_main, load_tokenizer, resolve_path
+from dlr.resume import resolve_ckpt_path
 from dlr.rewards import RewardConfig
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,8 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None, **overri
     callbacks = list(extra_callbacks or []) + instantiate_list(cfg.get("callbacks"))
     if not loggers:  # Lightning refuses a learning-rate monitor without a logger
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    if cfg.trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+        callbacks.append(StepProgressBar())  # Lightning's default would count epochs, which a stream never ends
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
 
 
@@ -805,6 +809,14 @@ def run(cfg: DictConfig) -> None:
     if cfg.method.name not in METHODS:
         raise SystemExit(f"error: method.name must be one of {sorted(METHODS)}, got {cfg.method.name!r}")
     reward_config(cfg), prompt_format(cfg)  # a bad reward or prompt setting fails before any model loads
+    # A missing checkpoint fails here too; `last` becomes the newest of this task's.
+    typed = cfg.get("ckpt_path")
+    with open_dict(cfg):
+        cfg.ckpt_path = resolve_ckpt_path(
+            typed, Path(cfg.paths.log_dir) / cfg.task_name, comparison=cfg.method.name == "dlr_vs_grpo"
+        )
+    if cfg.ckpt_path != typed and is_rank_zero():
+        print(f"ckpt_path={typed}: resuming from {cfg.ckpt_path}")
     out = output_dir(cfg)
     check_writable(out)
     if is_rank_zero():
