@@ -4,6 +4,7 @@ python src/bench.py rollout                      # DLR vs GRPO seconds per attem
 python src/bench.py decode --batch-sizes 16 64 256 --backbone qwen2.5-0.5b+1.5b --device cuda
 python src/bench.py memory --backbone qwen2.5-0.5b+7b --device cuda --G 64 --K 16 --T 32
 python src/bench.py probe --T 4                  # what the frozen tiny main reads in its latent span, by readout
+python src/bench.py explore --G 8                # reward spread and accuracy of noisy latents, by sigma and depth
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["rollout", "decode", "memory", "probe"])
+    parser.add_argument("command", choices=["rollout", "decode", "memory", "probe", "explore"])
     parser.add_argument("--backbone", default="tiny", help="a configs/backbone name; real ones get random weights")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--out", default=None, help="JSON path (default logs/bench/<timestamp>/<command>.json)")
@@ -51,7 +52,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--grpo-new-tokens", type=int, default=64, help="GRPO completion length")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64], help="decode: batch sizes")
     parser.add_argument("--prompt-tokens", type=int, default=64, help="decode: prompt length")
-    parser.add_argument("--per-depth", type=int, default=20, help="probe: test problems per task and depth")
+    parser.add_argument("--per-depth", type=int, default=20, help="probe, explore: test problems per task and depth")
+    parser.add_argument("--sigmas", type=float, nargs="+", default=[0.37, 1.0, 2.0, 4.0], help="explore: latent noise")
+    parser.add_argument("--depths", type=int, nargs="+", default=[1, 4, 5, 6], help="explore: math depths")
     args = parser.parse_args(argv)
 
     import torch
@@ -68,6 +71,10 @@ def main(argv: list[str] | None = None) -> dict:
         rows = [result]
     elif args.command == "decode":
         result = benchmarks.bench_decode(bb, args.batch_sizes, args.prompt_tokens, args.grpo_new_tokens, args.repeats)
+        rows = result["rows"]
+    elif args.command == "explore":
+        stage1_root = PROJECT_ROOT / "data" / "backbones" / "tiny" / "dlr_stage1"
+        result = benchmarks.probe_exploration(bb, stage1_root, args.sigmas, args.per_depth, args.G, args.depths)
         rows = result["rows"]
     elif args.command == "probe":
         from dlr.callbacks.evaluation import DepthScore, depth_table

@@ -78,3 +78,29 @@ def test_a_real_shape_builds_with_random_weights_and_loads_in_nf4(tmp_path):
     folder = random_weights_folder("qwen2", shape, tmp_path / "main")
     main = load_main(ModelSpec(folder, quantization="nf4"))
     assert main.config.num_key_value_heads == 2 and getattr(main, "is_loaded_in_4bit", False)
+
+
+def test_probe_reads_the_shipped_stage1_as_well_as_the_main_s_own_chain(tmp_path):
+    """One problem per task and depth: at math depth 1 the shipped main solves its own chain, and the
+    shipped stage 1's latents in place of the chain's opening keep that; random latents are scored too."""
+    result = bench.main(["probe", "--device", "cpu", "--T", "4", "--per-depth", "1", "--out", str(tmp_path / "p.json")])
+    by = {(s["model"], s["task"], s["depth"]): s["accuracy"] for s in result["scores"]}
+    assert by[("rationale/no latents (own chain)", "math", 1)] == 1.0
+    assert by[("rationale/shipped stage 1", "math", 1)] == 1.0
+    assert by[("answer/gold chain (c=1)", "math", 1)] == 1.0
+    models = {m for m, _, _ in by}
+    assert {"rationale/4 random latents", "rationale/untrained policy", "answer/empty span (direct)"} <= models
+    assert {d for _, _, d in by} == set(range(1, 9))
+
+
+def test_explore_reports_spread_and_accuracy_by_sigma(tmp_path):
+    result = bench.main(
+        ["explore", "--device", "cpu", "--G", "2", "--per-depth", "2", "--sigmas", "1.0", "--depths", "1", "5",
+         "--out", str(tmp_path / "e.json")]
+    )  # fmt: skip
+    rows = {(r["sigma"], r["depth"]): r for r in result["rows"]}
+    assert set(rows) == {(0.0, 1), (0.0, 5), (1.0, 1), (1.0, 5)}
+    for depth in (1, 5):  # the mean chain is decoded once: no spread, no movement
+        assert rows[(0.0, depth)]["groups_with_spread"] == 0.0 and rows[(0.0, depth)]["latent_moved"] == 0.0
+        assert rows[(1.0, depth)]["latent_moved"] > 0.0
+    assert rows[(0.0, 1)]["accuracy"] == 1.0  # the shipped stage 1 at math depth 1

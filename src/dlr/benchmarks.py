@@ -9,6 +9,8 @@ CUDA-synchronised wall seconds on a GPU and wall seconds on the CPU; compare rat
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import random
 import tempfile
 import time
@@ -402,7 +404,60 @@ def _probe_readout(
         scores += text_span("answer/gold chain (c=1)", lambda r: r.cot)
     scores += latent_span(f"{readout}/{latent_steps} random latents", random_span)
     scores += latent_span(f"{readout}/untrained policy", policy_span)
-    if (stage1 / "stage1.json").is_file():
+    if (stage1 / "stage1.json").is_file():  # a module of the shipped stage 1's own latent sizes
+        shipped = json.loads((stage1 / "stage1.json").read_text())["latent"]
+        module = dlr_module(bb, 4, 1, shipped["steps"], shipped["dim"], decode_tokens, readout)
+        module.main_sha256 = main_sha
         load_stage1(module, stage1, "python src/train.py experiment=dlr_stage1_tiny")
         scores += latent_span(f"{readout}/shipped stage 1", policy_span)
     return scores
+
+
+@torch.no_grad()
+def probe_exploration(
+    bb: Backbone, stage1: Path, sigmas: list[float], per_depth: int, samples: int, depths: list[int]
+) -> dict:
+    """How much reward spread latent noise buys, and what it costs in accuracy: for each sigma (in the
+    latent space the policy samples), `samples` chains z = mu + sigma * eps per math question of the
+    fixed test set, each decoded greedily by the frozen main (rationale readout, shipped stage 1).
+    By depth: accuracy of the mean chain, of the sampled chains, the share of questions whose samples
+    disagree in reward (the groups RL can learn from), and how far the noise moves the projected
+    latents (||P(z) - P(mu)|| / ||P(mu)||)."""
+    from dlr.data.datamodule import ReasoningDataModule
+    from dlr.methods.stage1 import load_stage1
+    from dlr.models.backbones import weights_sha256
+    from dlr.rewards import RewardConfig, score_batch
+
+    info = json.loads((stage1 / "rationale" / "stage1.json").read_text())
+    module = dlr_module(bb, samples, 1, info["latent"]["steps"], info["latent"]["dim"], 64, "rationale")
+    module.main_sha256 = weights_sha256(bb.main)
+    load_stage1(module, stage1, "python src/train.py experiment=dlr_stage1_tiny")
+    data = ReasoningDataModule("synthetic_math", 1, [1, 4], [min(depths), max(depths)], 0, 1000, per_depth)
+    records = [r for r in data.test_records() if r.depth in depths]
+    ids, mask = module.encode_questions(records)
+    mu = module.policy.mean_chain(ids, mask)[:, :1]  # [N, 1, T, Dz]
+    rows = []
+    generator = torch.Generator(device=mu.device).manual_seed(0)
+    for sigma in [0.0, *sigmas]:
+        z = mu + sigma * torch.randn((mu.shape[0], samples, *mu.shape[2:]), generator=generator, device=mu.device)
+        if sigma == 0.0:
+            z = mu
+        k = z.shape[1]
+        texts = module.decode(records, z)  # question-major
+        golds = [r.answer for r in records for _ in range(k)]
+        tasks = [r.task for r in records for _ in range(k)]
+        correct = score_batch(texts, golds, tasks, **dataclasses.asdict(RewardConfig()))[:, 0].reshape(-1, k)
+        moved = (module.projector(z) - module.projector(mu)).norm(dim=-1) / module.projector(mu).norm(dim=-1)
+        for depth in depths:
+            rows_at = [i for i, r in enumerate(records) if r.depth == depth]
+            c = correct[rows_at]
+            rows.append(
+                {
+                    "sigma": sigma,
+                    "depth": depth,
+                    "accuracy": float(c.mean()),
+                    "groups_with_spread": float(((c.max(1).values - c.min(1).values) > 0).float().mean()),
+                    "latent_moved": float(moved[rows_at].mean()),
+                }
+            )
+    return {"samples": samples, "per_depth": per_depth, "rows": rows}
