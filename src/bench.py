@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
         result = benchmarks.bench_decode(bb, args.batch_sizes, args.prompt_tokens, args.grpo_new_tokens, args.repeats)
         rows = result["rows"]
     elif args.command == "probe":
-        from dlr.callbacks.evaluation import DepthScore, depth_table
+        from dlr.scoring import DepthScore, depth_table
 
         stage1_root = PROJECT_ROOT / "data" / "backbones" / "tiny" / "dlr_stage1"
         result = benchmarks.probe_readouts(bb, args.per_depth, args.T, args.Dz, stage1_root)

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from conftest import run_train
-from dlr.callbacks.budget import BudgetMeter, compute_parameters, forward_flops
-from dlr.callbacks.evaluation import DepthScore
-from dlr.callbacks.metrics import log_now
+from dlr.accounting import compute_parameters, forward_flops
+from dlr.callbacks.budget import BudgetMeter
+from dlr.ranks import log_now
 from dlr.report.report import bootstrap_ci, count_collapses, overall_accuracy
+from dlr.scoring import DepthScore
 
 
 class FakeClock:
@@ -312,8 +313,8 @@ def test_report_of_a_continual_run_shows_retention_and_missing_forgetting_as_das
 
 
 def test_pass_at_k_counts_a_problem_solved_by_any_attempt():
-    from dlr.callbacks.evaluation import pass_at_k_by_depth
     from dlr.data.schema import Record
+    from dlr.scoring import pass_at_k_by_depth
 
     records = [Record(f"q{i}", "math", f"question {i}", "cot", str(i), 1, "test") for i in range(3)]
     attempts = {"0": ["#### 5", "#### 0"], "1": ["#### 7", "####"], "2": ["#### 9", "#### 8"]}

@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dlr.callbacks.evaluation import AlignmentEval, DepthScore, depth_table, evaluate_by_depth, scores_as_dicts
+from dlr.callbacks.evaluation import AlignmentEval
 from dlr.callbacks.progress import StepProgressBar
 from dlr.data.datamodule import ReasoningDataModule
 from dlr.data.schema import Record
@@ -37,6 +37,7 @@ from dlr.models import tiny
 from dlr.models.backbones import ModelSpec, PromptFormat, load_assistant, load_main, load_tokenizer, resolve_path
 from dlr.resume import resolve_ckpt_path
 from dlr.rewards import RewardConfig
+from dlr.scoring import DepthScore, depth_table, evaluate_by_depth, scores_as_dicts
 
 log = logging.getLogger(__name__)
 
@@ -626,7 +627,8 @@ def train_arm_seed(cfg: DictConfig, name: str, kind: str, seed: int, out: Path, 
     budget meter, data position and random state (continual runs restart the interrupted arm instead).
     Under DDP the other ranks only train (and return None); rank 0 evaluates and writes.
     """
-    from dlr.callbacks.budget import BudgetMeter, reset_peak_memory
+    from dlr.accounting import reset_peak_memory
+    from dlr.callbacks.budget import BudgetMeter
     from dlr.report.report import SeedResult, overall_accuracy
 
     arm_cfg = arm_config(cfg, name, seed, out)
@@ -689,7 +691,7 @@ def train_arm_seed(cfg: DictConfig, name: str, kind: str, seed: int, out: Path, 
     unchanged = check_protected(arm, start_hash, Path(arm_cfg.paths.output_dir))
     pass_at_k = None
     if cfg.method.pass_at_k:
-        from dlr.callbacks.evaluation import pass_at_k_by_depth
+        from dlr.scoring import pass_at_k_by_depth
 
         pass_at_k = overall_accuracy(
             pass_at_k_by_depth(
@@ -756,7 +758,7 @@ def run_dlr_vs_grpo(cfg: DictConfig, out: Path) -> None:
     if not 0 < cfg.method.eval_every <= 1:
         raise SystemExit(f"error: method.eval_every must be in (0, 1], got {cfg.method.eval_every}")
     kinds = {name: arm_kind(cfg, name) for name in cfg.method.arms}  # fails now on an unknown arm
-    from dlr.callbacks.budget import BUDGET_KINDS
+    from dlr.accounting import BUDGET_KINDS
 
     if cfg.budget.kind not in BUDGET_KINDS:
         raise SystemExit(f"error: budget.kind must be one of {BUDGET_KINDS}, got {cfg.budget.kind!r}")

@@ -15,59 +15,18 @@ Every rank then holds the same totals, so all of them stop at the same batch.
 from __future__ import annotations
 
 import dataclasses
-import resource
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from lightning import Callback
 
-from dlr.callbacks.metrics import gather_ranks, log_rank_zero, on_rank_zero
-
-BUDGET_KINDS = ("seconds", "flops")
-
-
-def forward_flops(parameters: int, tokens: int, backward: str = "none") -> float:
-    """2 N FLOPs per token forward; x2 when gradients flow back only through activations (a frozen or
-    adapter-trained model), x3 when they reach all weights."""
-    factor = {"none": 1.0, "activations": 2.0, "weights": 3.0}[backward]
-    return 2.0 * parameters * tokens * factor
-
-
-def compute_parameters(model: torch.nn.Module) -> int:
-    """Parameters that do per-token compute: input embeddings excluded (a lookup), the output head
-    included even when tied to them (a matmul), 4-bit packed weights counted unpacked."""
-    embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    total = 0
-    for p in model.parameters():
-        if id(p) in embeddings:
-            continue
-        packed = type(p).__name__ == "Params4bit"  # bitsandbytes stores two 4-bit values per byte
-        total += p.numel() * (2 if packed else 1)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None and id(head.weight) in embeddings:  # tied: skipped above, but it does compute
-        total += head.weight.numel()
-    return total
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Free what earlier runs left and restart CUDA's peak counter (the CPU's peak RSS cannot be reset)."""
-    import gc
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak allocated device memory on CUDA since the last reset; on the CPU the process's peak
-    resident set size so far (a lifetime peak: it includes earlier arms run in the same process)."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+from dlr.accounting import BUDGET_KINDS, peak_memory_bytes
+from dlr.callbacks.latent_diversity import mean_pairwise_cosine_distance
+from dlr.ranks import gather_ranks, log_rank_zero, on_rank_zero
+from dlr.scoring import DepthScore, scores_as_dicts
 
 
 @dataclass
@@ -78,7 +37,7 @@ class BudgetPoint:
     seconds: float
     flops: float
     generated_tokens: int
-    scores: list  # DepthScore list
+    scores: list[DepthScore]
 
 
 @dataclass
@@ -155,8 +114,6 @@ class BudgetMeter(Callback):
         rollout = getattr(pl_module, "last_rollout", None)
         diversity = float("nan")
         if rollout is not None:
-            from dlr.callbacks.latent_diversity import mean_pairwise_cosine_distance
-
             diversity = float(mean_pairwise_cosine_distance(rollout.z))
         optional = [getattr(pl_module, f"last_{key}", None) for key in ("reward", "grad_norm")]
         local = torch.tensor(
@@ -211,10 +168,6 @@ class BudgetMeter(Callback):
 
     def state_dict(self) -> dict:
         """Spent seconds, pending evaluations and records survive a resume."""
-        from dataclasses import asdict
-
-        from dlr.callbacks.evaluation import scores_as_dicts
-
         points = [{**asdict(p), "scores": scores_as_dicts(p.scores)} for p in self.points]
         return {
             "seconds": self.seconds,
@@ -228,8 +181,6 @@ class BudgetMeter(Callback):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        from dlr.callbacks.evaluation import DepthScore
-
         self.seconds, self.flops, self.generated_tokens = state["seconds"], state["flops"], state["generated_tokens"]
         self.eval_fractions, self.peak_memory = state["eval_fractions"], state["peak_memory"]
         self.alignment_seconds, self.alignment_flops = state.get("alignment", (0.0, 0.0))

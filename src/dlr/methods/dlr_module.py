@@ -21,9 +21,7 @@ import torch.nn.functional as F
 from lightning import LightningModule
 from transformers import PreTrainedTokenizerBase
 
-from dlr.callbacks.budget import compute_parameters, forward_flops
-from dlr.callbacks.evaluation import DepthScore, score_by_depth
-from dlr.callbacks.metrics import log_now
+from dlr.accounting import compute_parameters, forward_flops
 from dlr.data.schema import Record
 from dlr.methods.checkpointing import TrainableStateCheckpoints
 from dlr.methods.guard import NonFiniteGuard, finite_on_every_rank
@@ -45,7 +43,9 @@ from dlr.models.generation import (
 from dlr.models.latent_policy import LATENT_MODES, LatentPolicy
 from dlr.models.projector import LatentProjector, mean_embedding_norm
 from dlr.models.readout import READOUTS, Readout, latent_main_inputs, split_gold_completion
+from dlr.ranks import log_now
 from dlr.rewards import RewardConfig, score_batch
+from dlr.scoring import DepthScore, score_by_depth
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,7 @@ import torch
 from lightning import LightningModule
 from transformers import PreTrainedTokenizerBase
 
-from dlr.callbacks.budget import compute_parameters, forward_flops
-from dlr.callbacks.metrics import gather_ranks, log_now
+from dlr.accounting import compute_parameters, forward_flops
 from dlr.data.schema import Record
 from dlr.methods.checkpointing import TrainableStateCheckpoints
 from dlr.methods.guard import NonFiniteGuard, finite_on_every_rank
@@ -32,6 +31,7 @@ from dlr.methods.losses import (
 )
 from dlr.models.backbones import PromptFormat
 from dlr.models.generation import completion_log_probs, eos_token_ids, sample_completions
+from dlr.ranks import gather_ranks, log_now
 from dlr.rewards import RewardConfig, score_batch
 
 CACHES = ("static", "dynamic")
