@@ -74,8 +74,15 @@ def drive(
 
 
 def fake_module() -> SimpleNamespace:
+    """A `BudgetedModule` without latents, in stage 2."""
     return SimpleNamespace(
-        device=torch.device("cpu"), flops_spent=0.0, generated_tokens=0, last_reward=0.5, last_grad_norm=1.0
+        device=torch.device("cpu"),
+        flops_spent=0.0,
+        generated_tokens=0,
+        last_reward=0.5,
+        last_grad_norm=1.0,
+        last_rollout=None,
+        stage="rl",
     )
 
 

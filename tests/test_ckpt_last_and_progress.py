@@ -142,9 +142,15 @@ class EndlessStream(IterableDataset):
 
 
 class TinyRegression(L.LightningModule):
+    """A `BudgetedModule` that counts nothing: the fake clock alone spends the budget."""
+
+    stage = "rl"
+
     def __init__(self):
         super().__init__()
         self.layer = torch.nn.Linear(2, 1)
+        self.flops_spent, self.generated_tokens = 0.0, 0
+        self.last_reward = self.last_grad_norm = self.last_rollout = None
 
     def training_step(self, batch, batch_idx):
         return self.layer(batch).pow(2).mean()

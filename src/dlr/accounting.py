@@ -1,10 +1,12 @@
 """What an arm's compute is measured in (DESIGN §9): estimated FLOPs of forward and backward passes,
-the parameters that do per-token compute, peak memory. Lightning-free: the methods count, the budget meter (callbacks/budget.py) adds up."""
+the parameters that do per-token compute, peak memory; and what a module exposes for the budget meter (callbacks/budget.py) to charge it.
+Lightning-free: the methods count, the meter adds up."""
 
 from __future__ import annotations
 
 import gc
 import resource
+from typing import Protocol
 
 import torch
 
@@ -48,3 +50,36 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+class LatentRollout(Protocol):
+    """A rollout of sampled latent chains (DLR's stage-2 `Rollout`), as the meter reads it."""
+
+    @property
+    def z(self) -> torch.Tensor: ...  # [B, G, T, Dz]
+
+
+class BudgetedModule(Protocol):
+    """What the budget meter reads from the module it charges, before and after each batch; both RL
+    modules satisfy it. The counters only grow: the meter charges what they grow by during a batch."""
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def flops_spent(self) -> torch.Tensor | float: ...  # estimated FLOPs so far, this rank's
+
+    @property
+    def generated_tokens(self) -> torch.Tensor | int: ...  # sampled tokens so far, this rank's
+
+    @property
+    def last_reward(self) -> float | None: ...  # the last batch's mean reward; None: it had no reward
+
+    @property
+    def last_grad_norm(self) -> float | None: ...  # None: the last batch took no optimizer step
+
+    @property
+    def last_rollout(self) -> LatentRollout | None: ...  # its chains' diversity is traced; None: no latents
+
+    @property
+    def stage(self) -> str: ...  # "alignment" (DLR's stage 1: charged or set aside) or "rl"

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from lightning import Callback
 
-from dlr.accounting import BUDGET_KINDS, peak_memory_bytes
+from dlr.accounting import BUDGET_KINDS, BudgetedModule, peak_memory_bytes
 from dlr.callbacks.latent_diversity import mean_pairwise_cosine_distance
 from dlr.ranks import gather_ranks, log_rank_zero, on_rank_zero
 from dlr.scoring import DepthScore, scores_as_dicts
@@ -53,10 +53,10 @@ class BudgetTrace:
 class BudgetMeter(Callback):
     """Charges each training batch to the budget; evaluates at `eval_fractions`; stops at 100%.
 
-    `pl_module` may expose `flops_spent` and `generated_tokens` (tensors or numbers it accumulates;
-    the meter charges what they grow by during a batch), `last_reward`, `last_grad_norm` and
-    `last_rollout`; the meter reads them after each batch. `evaluate(pl_module)` returns the scores to
-    record (its time is not charged; under DDP it runs on rank 0 and the other ranks record no scores).
+    `pl_module` is a `BudgetedModule` (accounting.py): the meter reads its counters before and after
+    each batch and its last reward, gradient norm and rollout after it. `evaluate(pl_module)` returns the
+    scores to record (its time is not charged; under DDP it runs on rank 0 and the other ranks record no
+    scores).
     """
 
     def __init__(
@@ -92,35 +92,30 @@ class BudgetMeter(Callback):
             return time.perf_counter()
         return time.process_time()  # CPU: process time, all threads, unaffected by other processes
 
-    @staticmethod
-    def _read(pl_module, name: str) -> float:
-        value = getattr(pl_module, name, 0.0)
-        return float(value) if value is not None else 0.0
-
     def spent(self) -> float:
         return self.seconds if self.kind == "seconds" else self.flops
 
     def fraction(self) -> float:
         return self.spent() / self.amount
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        counters = self._read(pl_module, "flops_spent"), self._read(pl_module, "generated_tokens")
-        self._batch_stage = getattr(pl_module, "stage", "rl")
+    def on_train_batch_start(self, trainer, pl_module: BudgetedModule, batch, batch_idx) -> None:
+        counters = float(pl_module.flops_spent), float(pl_module.generated_tokens)
+        self._batch_stage = pl_module.stage
         self._batch_start = (self._now(pl_module.device), *counters)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(self, trainer, pl_module: BudgetedModule, outputs, batch, batch_idx) -> None:
         clock, flops, tokens = self._batch_start
         elapsed = self._now(pl_module.device) - clock  # first: what follows is not charged
-        rollout = getattr(pl_module, "last_rollout", None)
+        rollout = pl_module.last_rollout
         diversity = float("nan")
         if rollout is not None:
             diversity = float(mean_pairwise_cosine_distance(rollout.z))
-        optional = [getattr(pl_module, f"last_{key}", None) for key in ("reward", "grad_norm")]
+        optional = [pl_module.last_reward, pl_module.last_grad_norm]
         local = torch.tensor(
             [
                 elapsed,
-                self._read(pl_module, "flops_spent") - flops,
-                self._read(pl_module, "generated_tokens") - tokens,
+                float(pl_module.flops_spent) - flops,
+                float(pl_module.generated_tokens) - tokens,
                 peak_memory_bytes(pl_module.device),
                 *[float("nan") if value is None else float(value) for value in optional],
                 diversity,
@@ -159,7 +154,7 @@ class BudgetMeter(Callback):
         if fraction >= 1.0:
             trainer.should_stop = True
 
-    def record(self, pl_module, fraction: float, trainer=None) -> None:
+    def record(self, pl_module: BudgetedModule, fraction: float, trainer=None) -> None:
         """Evaluate now (uncharged) and keep the scores with what has been spent. With a trainer, on
         rank 0 only (other ranks wait, then record no scores)."""
         evaluate = (lambda: self.evaluate(pl_module)) if self.evaluate is not None else list

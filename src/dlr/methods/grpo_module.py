@@ -106,6 +106,7 @@ class GRPOSettings:
 
 class GRPOModule(TrainableStateCheckpoints, LightningModule):
     ddp_unused_parameters = False  # every step trains every adapter
+    stage = "rl"  # one stage (a budget meter reads it: DLR's stage 1 may be set aside)
 
     def __init__(
         self,
@@ -126,6 +127,7 @@ class GRPOModule(TrainableStateCheckpoints, LightningModule):
         self.parameter_count = compute_parameters(policy)
         self.last_reward: float | None = None  # the meter reads these after each batch
         self.last_grad_norm: float | None = None
+        self.last_rollout = None  # no latent chains: the meter traces no diversity
         self.register_buffer("eos_ids", torch.tensor(eos_token_ids(policy, tokenizer)), persistent=False)
         self._pending_backwards = 0
         self.guard = NonFiniteGuard(settings.max_consecutive_nonfinite)  # experiment.py may arm fault injection
