@@ -99,7 +99,7 @@ def _cuda() -> bool:
 
 
 def _cpu_name() -> str:
-    from dlr.experiment import device_name
+    from dlr.runner.common import device_name
 
     return device_name("cpu")
 

@@ -255,8 +255,8 @@ def test_ablation_variants_merge_their_overrides_into_full_dlr(tmp_path):
     from omegaconf import OmegaConf
 
     from conftest import compose_config
-    from dlr.experiment import arm_config
     from dlr.methods.dlr_module import DLRSettings
+    from dlr.runner.compare import arm_config
 
     cfg = compose_config(["experiment=dlr_ablations", f"paths.output_dir={tmp_path}"])
     settings = {

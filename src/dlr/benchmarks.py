@@ -70,7 +70,7 @@ def random_weights_folder(model_type: str, shape: dict, folder: Path) -> str:
 def load_backbone(name: str, device: str) -> Backbone:
     """The named backbone's main (frozen, quantized as configured) and assistant (LoRA) on `device`.
     A real backbone gets random weights of its configured shapes and the tiny tokenizer and prompt."""
-    from dlr.experiment import model_spec, prompt_format
+    from dlr.runner.common import model_spec, prompt_format
 
     cfg = backbone_config(name)
     main_spec, assistant_spec = model_spec(cfg.backbone.main, str(ROOT)), model_spec(cfg.backbone.assistant, str(ROOT))

@@ -264,7 +264,7 @@ class DLRModule(TrainableStateCheckpoints, LightningModule):
         self.last_rollout: Rollout | None = None
         self.stage1_info: dict | None = None  # what a shipped stage 1 cost and scored (methods/stage1.py)
         self._pending_backwards = 0
-        self.guard = NonFiniteGuard(settings.max_consecutive_nonfinite)  # experiment.py may arm fault injection
+        self.guard = NonFiniteGuard(settings.max_consecutive_nonfinite)  # runner/arms.py may arm fault injection
 
     # --- stages and optimizers ---------------------------------------------------------------
 
