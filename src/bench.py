@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
         result = benchmarks.probe_exploration(bb, stage1_root, args.sigmas, args.per_depth, args.G, args.depths)
         rows = result["rows"]
     elif args.command == "probe":
-        from dlr.callbacks.evaluation import DepthScore, depth_table
+        from dlr.scoring import DepthScore, depth_table
 
         stage1_root = PROJECT_ROOT / "data" / "backbones" / "tiny" / "dlr_stage1"
         result = benchmarks.probe_readouts(bb, args.per_depth, args.T, args.Dz, stage1_root)
@@ -106,7 +106,7 @@ def _cuda() -> bool:
 
 
 def _cpu_name() -> str:
-    from dlr.experiment import device_name
+    from dlr.runner.common import device_name
 
     return device_name("cpu")
 

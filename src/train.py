@@ -22,7 +22,7 @@ from dlr.cli import normalize_cli_args  # noqa: E402
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> None:
-    from dlr.experiment import run
+    from dlr.runner import run
 
     run(cfg)
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from conftest import run_train
-from dlr.callbacks.budget import BudgetMeter, compute_parameters, forward_flops
-from dlr.callbacks.evaluation import DepthScore
-from dlr.callbacks.metrics import log_now
+from dlr.accounting import compute_parameters, forward_flops
+from dlr.callbacks.budget import BudgetMeter
+from dlr.ranks import log_now
 from dlr.report.report import bootstrap_ci, count_collapses, overall_accuracy
+from dlr.scoring import DepthScore
 
 
 class FakeClock:
@@ -73,8 +74,15 @@ def drive(
 
 
 def fake_module() -> SimpleNamespace:
+    """A `BudgetedModule` without latents, in stage 2."""
     return SimpleNamespace(
-        device=torch.device("cpu"), flops_spent=0.0, generated_tokens=0, last_reward=0.5, last_grad_norm=1.0
+        device=torch.device("cpu"),
+        flops_spent=0.0,
+        generated_tokens=0,
+        last_reward=0.5,
+        last_grad_norm=1.0,
+        last_rollout=None,
+        stage="rl",
     )
 
 
@@ -247,8 +255,8 @@ def test_ablation_variants_merge_their_overrides_into_full_dlr(tmp_path):
     from omegaconf import OmegaConf
 
     from conftest import compose_config
-    from dlr.experiment import arm_config
     from dlr.methods.dlr_module import DLRSettings
+    from dlr.runner.compare import arm_config
 
     cfg = compose_config(["experiment=dlr_ablations", f"paths.output_dir={tmp_path}"])
     settings = {
@@ -312,8 +320,8 @@ def test_report_of_a_continual_run_shows_retention_and_missing_forgetting_as_das
 
 
 def test_pass_at_k_counts_a_problem_solved_by_any_attempt():
-    from dlr.callbacks.evaluation import pass_at_k_by_depth
     from dlr.data.schema import Record
+    from dlr.scoring import pass_at_k_by_depth
 
     records = [Record(f"q{i}", "math", f"question {i}", "cot", str(i), 1, "test") for i in range(3)]
     attempts = {"0": ["#### 5", "#### 0"], "1": ["#### 7", "####"], "2": ["#### 9", "#### 8"]}

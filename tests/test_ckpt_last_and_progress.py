@@ -68,11 +68,11 @@ def test_a_comparison_names_the_folder_of_its_newest_unfinished_run(tmp_path):
 
 
 def test_run_resumes_the_newest_checkpoint_and_says_which(tmp_path, monkeypatch, capsys):
-    from dlr import experiment
+    from dlr import runner
 
     newest = fake_checkpoint(tmp_path / "logs" / "grpo" / "2025-01-01_00-00-00-000000", mtime=1000)
     seen = {}
-    monkeypatch.setitem(experiment.METHODS, "grpo", lambda cfg, out: seen.setdefault("ckpt_path", cfg.ckpt_path))
+    monkeypatch.setitem(runner.METHODS, "grpo", lambda cfg, out: seen.setdefault("ckpt_path", cfg.ckpt_path))
     cfg = compose_config(
         [
             "experiment=grpo",
@@ -81,22 +81,22 @@ def test_run_resumes_the_newest_checkpoint_and_says_which(tmp_path, monkeypatch,
             f"paths.output_dir={tmp_path / 'run'}",
         ]
     )
-    experiment.run(cfg)
+    runner.run(cfg)
     assert seen["ckpt_path"] == str(newest)
     assert capsys.readouterr().out.splitlines() == [f"ckpt_path=last: resuming from {newest}"]
 
 
 def test_a_missing_checkpoint_fails_before_any_model_loads(tmp_path, monkeypatch):
-    from dlr import experiment
+    from dlr import runner
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the checkpoint was checked")
 
-    monkeypatch.setattr(experiment, "load_main", no_model)
+    monkeypatch.setattr("dlr.runner.arms.load_main", no_model)
     missing = tmp_path / "nowhere" / "last.ckpt"
     cfg = compose_config(["experiment=grpo", f"ckpt_path={missing}", f"paths.output_dir={tmp_path / 'run'}"])
     with pytest.raises(SystemExit) as exit_info:
-        experiment.run(cfg)
+        runner.run(cfg)
     assert str(exit_info.value) == f"error: ckpt_path={missing}: no such checkpoint file"
 
 
@@ -142,9 +142,15 @@ class EndlessStream(IterableDataset):
 
 
 class TinyRegression(L.LightningModule):
+    """A `BudgetedModule` that counts nothing: the fake clock alone spends the budget."""
+
+    stage = "rl"
+
     def __init__(self):
         super().__init__()
         self.layer = torch.nn.Linear(2, 1)
+        self.flops_spent, self.generated_tokens = 0.0, 0
+        self.last_reward = self.last_grad_norm = self.last_rollout = None
 
     def training_step(self, batch, batch_idx):
         return self.layer(batch).pow(2).mean()

@@ -33,7 +33,7 @@ def test_every_config_group_exists():
 def test_every_experiment_composes_and_resolves(experiment, tmp_path):
     cfg = compose_config([f"experiment={experiment}", f"paths.output_dir={tmp_path}"])
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    from dlr.experiment import METHODS
+    from dlr.runner import METHODS
 
     assert resolved["method"]["name"] in METHODS
     assert resolved["trainer"]["default_root_dir"] == str(tmp_path)

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_train
-from dlr.callbacks.evaluation import evaluate_by_depth
 from dlr.data.datamodule import ProceduralSpec, fixed_test_set
 from dlr.models.backbones import ModelSpec, PromptFormat, load_main, load_tokenizer
 from dlr.models.tiny import build_tokenizer
+from dlr.scoring import evaluate_by_depth
 
 TINY = ROOT / "data" / "backbones" / "tiny"
 

@@ -9,12 +9,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import run_train
-from dlr.callbacks.evaluation import DepthScore, completion_prefix, depth_table
 from dlr.data.schema import Record
 from dlr.methods.warmstart_module import encode_sft_batch, sft_completion
 from dlr.models.backbones import PromptFormat
 from dlr.models.generation import greedy_complete
 from dlr.models.tiny import build_tokenizer
+from dlr.scoring import DepthScore, completion_prefix, depth_table
 
 RECORD = Record(
     "r1",

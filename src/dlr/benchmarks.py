@@ -72,7 +72,7 @@ def random_weights_folder(model_type: str, shape: dict, folder: Path) -> str:
 def load_backbone(name: str, device: str) -> Backbone:
     """The named backbone's main (frozen, quantized as configured) and assistant (LoRA) on `device`.
     A real backbone gets random weights of its configured shapes and the tiny tokenizer and prompt."""
-    from dlr.experiment import model_spec, prompt_format
+    from dlr.runner.common import model_spec, prompt_format
 
     cfg = backbone_config(name)
     main_spec, assistant_spec = model_spec(cfg.backbone.main, str(ROOT)), model_spec(cfg.backbone.assistant, str(ROOT))
@@ -274,7 +274,7 @@ def bench_memory(
     """Peak device memory of one full RL step of each arm (training step with backward and update)."""
     from lightning import Trainer
 
-    from dlr.callbacks.budget import peak_memory_bytes, reset_peak_memory
+    from dlr.accounting import peak_memory_bytes, reset_peak_memory
     from dlr.data.datamodule import ReasoningDataModule
     from dlr.methods.grpo_module import GRPOModule, GRPOSettings
     from dlr.rewards import RewardConfig
@@ -349,10 +349,10 @@ def probe_readouts(bb: Backbone, per_depth: int, latent_steps: int, latent_dim: 
 def _probe_readout(
     bb: Backbone, readout: str, records: list, latent_steps: int, latent_dim: int, stage1: Path, main_sha: str
 ) -> list:
-    from dlr.callbacks.evaluation import evaluate_by_depth, score_by_depth
     from dlr.methods.stage1 import load_stage1
     from dlr.models.generation import greedy_complete, greedy_decode_embeds
     from dlr.models.readout import latent_main_inputs
+    from dlr.scoring import evaluate_by_depth, score_by_depth
 
     tok, fmt, n = bb.main_tokenizer, bb.fmt, len(records)
     module = dlr_module(bb, 4, 1, latent_steps, latent_dim, 96 if readout == "rationale" else 4, readout)

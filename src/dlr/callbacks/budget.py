@@ -15,59 +15,18 @@ Every rank then holds the same totals, so all of them stop at the same batch.
 from __future__ import annotations
 
 import dataclasses
-import resource
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from lightning import Callback
 
-from dlr.callbacks.metrics import gather_ranks, log_rank_zero, on_rank_zero
-
-BUDGET_KINDS = ("seconds", "flops")
-
-
-def forward_flops(parameters: int, tokens: int, backward: str = "none") -> float:
-    """2 N FLOPs per token forward; x2 when gradients flow back only through activations (a frozen or
-    adapter-trained model), x3 when they reach all weights."""
-    factor = {"none": 1.0, "activations": 2.0, "weights": 3.0}[backward]
-    return 2.0 * parameters * tokens * factor
-
-
-def compute_parameters(model: torch.nn.Module) -> int:
-    """Parameters that do per-token compute: input embeddings excluded (a lookup), the output head
-    included even when tied to them (a matmul), 4-bit packed weights counted unpacked."""
-    embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    total = 0
-    for p in model.parameters():
-        if id(p) in embeddings:
-            continue
-        packed = type(p).__name__ == "Params4bit"  # bitsandbytes stores two 4-bit values per byte
-        total += p.numel() * (2 if packed else 1)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None and id(head.weight) in embeddings:  # tied: skipped above, but it does compute
-        total += head.weight.numel()
-    return total
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Free what earlier runs left and restart CUDA's peak counter (the CPU's peak RSS cannot be reset)."""
-    import gc
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak allocated device memory on CUDA since the last reset; on the CPU the process's peak
-    resident set size so far (a lifetime peak: it includes earlier arms run in the same process)."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+from dlr.accounting import BUDGET_KINDS, BudgetedModule, peak_memory_bytes
+from dlr.callbacks.latent_diversity import mean_pairwise_cosine_distance
+from dlr.ranks import gather_ranks, log_rank_zero, on_rank_zero
+from dlr.scoring import DepthScore, scores_as_dicts
 
 
 @dataclass
@@ -78,7 +37,7 @@ class BudgetPoint:
     seconds: float
     flops: float
     generated_tokens: int
-    scores: list  # DepthScore list
+    scores: list[DepthScore]
 
 
 @dataclass
@@ -94,10 +53,10 @@ class BudgetTrace:
 class BudgetMeter(Callback):
     """Charges each training batch to the budget; evaluates at `eval_fractions`; stops at 100%.
 
-    `pl_module` may expose `flops_spent` and `generated_tokens` (tensors or numbers it accumulates;
-    the meter charges what they grow by during a batch), `last_reward`, `last_grad_norm` and
-    `last_rollout`; the meter reads them after each batch. `evaluate(pl_module)` returns the scores to
-    record (its time is not charged; under DDP it runs on rank 0 and the other ranks record no scores).
+    `pl_module` is a `BudgetedModule` (accounting.py): the meter reads its counters before and after
+    each batch and its last reward, gradient norm and rollout after it. `evaluate(pl_module)` returns the
+    scores to record (its time is not charged; under DDP it runs on rank 0 and the other ranks record no
+    scores).
     """
 
     def __init__(
@@ -133,37 +92,30 @@ class BudgetMeter(Callback):
             return time.perf_counter()
         return time.process_time()  # CPU: process time, all threads, unaffected by other processes
 
-    @staticmethod
-    def _read(pl_module, name: str) -> float:
-        value = getattr(pl_module, name, 0.0)
-        return float(value) if value is not None else 0.0
-
     def spent(self) -> float:
         return self.seconds if self.kind == "seconds" else self.flops
 
     def fraction(self) -> float:
         return self.spent() / self.amount
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        counters = self._read(pl_module, "flops_spent"), self._read(pl_module, "generated_tokens")
-        self._batch_stage = getattr(pl_module, "stage", "rl")
+    def on_train_batch_start(self, trainer, pl_module: BudgetedModule, batch, batch_idx) -> None:
+        counters = float(pl_module.flops_spent), float(pl_module.generated_tokens)
+        self._batch_stage = pl_module.stage
         self._batch_start = (self._now(pl_module.device), *counters)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(self, trainer, pl_module: BudgetedModule, outputs, batch, batch_idx) -> None:
         clock, flops, tokens = self._batch_start
         elapsed = self._now(pl_module.device) - clock  # first: what follows is not charged
-        rollout = getattr(pl_module, "last_rollout", None)
+        rollout = pl_module.last_rollout
         diversity = float("nan")
         if rollout is not None:
-            from dlr.callbacks.latent_diversity import mean_pairwise_cosine_distance
-
             diversity = float(mean_pairwise_cosine_distance(rollout.z))
-        optional = [getattr(pl_module, f"last_{key}", None) for key in ("reward", "grad_norm")]
+        optional = [pl_module.last_reward, pl_module.last_grad_norm]
         local = torch.tensor(
             [
                 elapsed,
-                self._read(pl_module, "flops_spent") - flops,
-                self._read(pl_module, "generated_tokens") - tokens,
+                float(pl_module.flops_spent) - flops,
+                float(pl_module.generated_tokens) - tokens,
                 peak_memory_bytes(pl_module.device),
                 *[float("nan") if value is None else float(value) for value in optional],
                 diversity,
@@ -202,7 +154,7 @@ class BudgetMeter(Callback):
         if fraction >= 1.0:
             trainer.should_stop = True
 
-    def record(self, pl_module, fraction: float, trainer=None) -> None:
+    def record(self, pl_module: BudgetedModule, fraction: float, trainer=None) -> None:
         """Evaluate now (uncharged) and keep the scores with what has been spent. With a trainer, on
         rank 0 only (other ranks wait, then record no scores)."""
         evaluate = (lambda: self.evaluate(pl_module)) if self.evaluate is not None else list
@@ -211,10 +163,6 @@ class BudgetMeter(Callback):
 
     def state_dict(self) -> dict:
         """Spent seconds, pending evaluations and records survive a resume."""
-        from dataclasses import asdict
-
-        from dlr.callbacks.evaluation import scores_as_dicts
-
         points = [{**asdict(p), "scores": scores_as_dicts(p.scores)} for p in self.points]
         return {
             "seconds": self.seconds,
@@ -228,8 +176,6 @@ class BudgetMeter(Callback):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        from dlr.callbacks.evaluation import DepthScore
-
         self.seconds, self.flops, self.generated_tokens = state["seconds"], state["flops"], state["generated_tokens"]
         self.eval_fractions, self.peak_memory = state["eval_fractions"], state["peak_memory"]
         self.alignment_seconds, self.alignment_flops = state.get("alignment", (0.0, 0.0))

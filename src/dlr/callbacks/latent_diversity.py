@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from dlr.callbacks.metrics import RolloutDiagnostic, log_now
+from dlr.callbacks.rollout_diagnostic import RolloutDiagnostic
+from dlr.ranks import log_now
 
 
 def mean_pairwise_cosine_distance(z: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from dlr.callbacks.metrics import RolloutDiagnostic, log_now
+from dlr.callbacks.rollout_diagnostic import RolloutDiagnostic
+from dlr.ranks import log_now
 
 
 def filter_quality(predicted: torch.Tensor, rewards: torch.Tensor, keep: int) -> dict[str, torch.Tensor]:

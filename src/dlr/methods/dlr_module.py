@@ -21,9 +21,7 @@ import torch.nn.functional as F
 from lightning import LightningModule
 from transformers import PreTrainedTokenizerBase
 
-from dlr.callbacks.budget import compute_parameters, forward_flops
-from dlr.callbacks.evaluation import DepthScore, score_by_depth
-from dlr.callbacks.metrics import log_now
+from dlr.accounting import compute_parameters, forward_flops
 from dlr.data.schema import Record
 from dlr.methods.checkpointing import TrainableStateCheckpoints
 from dlr.methods.guard import NonFiniteGuard, finite_on_every_rank
@@ -45,7 +43,9 @@ from dlr.models.generation import (
 from dlr.models.latent_policy import LATENT_MODES, LatentPolicy
 from dlr.models.projector import LatentProjector, mean_embedding_norm
 from dlr.models.readout import READOUTS, Readout, latent_main_inputs, split_gold_completion
+from dlr.ranks import log_now
 from dlr.rewards import RewardConfig, score_batch
+from dlr.scoring import DepthScore, score_by_depth
 
 
 @dataclass(frozen=True)
@@ -264,7 +264,7 @@ class DLRModule(TrainableStateCheckpoints, LightningModule):
         self.last_rollout: Rollout | None = None
         self.stage1_info: dict | None = None  # what a shipped stage 1 cost and scored (methods/stage1.py)
         self._pending_backwards = 0
-        self.guard = NonFiniteGuard(settings.max_consecutive_nonfinite)  # experiment.py may arm fault injection
+        self.guard = NonFiniteGuard(settings.max_consecutive_nonfinite)  # runner/arms.py may arm fault injection
 
     # --- stages and optimizers ---------------------------------------------------------------
 

@@ -16,8 +16,7 @@ import torch
 from lightning import LightningModule
 from transformers import PreTrainedTokenizerBase
 
-from dlr.callbacks.budget import compute_parameters, forward_flops
-from dlr.callbacks.metrics import gather_ranks, log_now
+from dlr.accounting import compute_parameters, forward_flops
 from dlr.data.schema import Record
 from dlr.methods.checkpointing import TrainableStateCheckpoints
 from dlr.methods.guard import NonFiniteGuard, finite_on_every_rank
@@ -32,6 +31,7 @@ from dlr.methods.losses import (
 )
 from dlr.models.backbones import PromptFormat
 from dlr.models.generation import completion_log_probs, eos_token_ids, sample_completions
+from dlr.ranks import gather_ranks, log_now
 from dlr.rewards import RewardConfig, score_batch
 
 CACHES = ("static", "dynamic")
@@ -106,6 +106,7 @@ class GRPOSettings:
 
 class GRPOModule(TrainableStateCheckpoints, LightningModule):
     ddp_unused_parameters = False  # every step trains every adapter
+    stage = "rl"  # one stage (a budget meter reads it: DLR's stage 1 may be set aside)
 
     def __init__(
         self,
@@ -126,9 +127,10 @@ class GRPOModule(TrainableStateCheckpoints, LightningModule):
         self.parameter_count = compute_parameters(policy)
         self.last_reward: float | None = None  # the meter reads these after each batch
         self.last_grad_norm: float | None = None
+        self.last_rollout = None  # no latent chains: the meter traces no diversity
         self.register_buffer("eos_ids", torch.tensor(eos_token_ids(policy, tokenizer)), persistent=False)
         self._pending_backwards = 0
-        self.guard = NonFiniteGuard(settings.max_consecutive_nonfinite)  # experiment.py may arm fault injection
+        self.guard = NonFiniteGuard(settings.max_consecutive_nonfinite)  # runner/arms.py may arm fault injection
 
     def adapter_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.policy.parameters() if p.requires_grad]

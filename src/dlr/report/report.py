@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dlr.callbacks.evaluation import DepthScore
+from dlr.scoring import DepthScore
 
 
 def overall_accuracy(scores: Sequence[DepthScore]) -> float:

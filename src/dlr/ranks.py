@@ -1,18 +1,24 @@
-"""Logging metrics that are not produced at every step, and running rank-0-only work under DDP.
+"""Collectives and logging across DDP ranks, for any code that holds a trainer: gathering per-rank
+values, logging scalars at the current step, running rank-0-only work.
 
 Lightning's `self.log` re-emits the last value of every metric at each later logging step of the same
 epoch; training streams here have one endless epoch, so a metric logged only sometimes (one stage's
 losses, periodic diagnostics) would repeat a stale value for the rest of the run. These functions send
 scalars straight to the loggers at the current global step instead.
+
+They read a trainer's `world_size`, `strategy`, `is_global_zero`, `loggers` and `global_step` only, so
+they run on a Lightning Trainer or on a stand-in; Lightning is imported for type checking alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
-from lightning import Callback, Trainer
+
+if TYPE_CHECKING:
+    from lightning import Trainer
 
 T = TypeVar("T")
 
@@ -50,22 +56,3 @@ def on_rank_zero(trainer: Trainer, work: Callable[[], T]) -> T | None:
     result = work() if trainer.is_global_zero else None
     trainer.strategy.barrier()  # a no-op on one device
     return result
-
-
-class RolloutDiagnostic(Callback):
-    """Base of callbacks that measure a DLR module's last stage-2 rollout every `every_n_steps` steps."""
-
-    def __init__(self, every_n_steps: int) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"{type(self).__name__}.every_n_steps must be >= 1, got {every_n_steps}")
-        self.every_n_steps = every_n_steps
-        self.measured_step = -1  # with gradient accumulation several batches share a step: measure once
-
-    def due_rollout(self, trainer: Trainer, pl_module):
-        """The rollout to measure now, or None (no stage-2 rollout yet, not a measuring step, or measured)."""
-        rollout = getattr(pl_module, "last_rollout", None)
-        step = trainer.global_step
-        if rollout is None or pl_module.stage != "rl" or step % self.every_n_steps or step == self.measured_step:
-            return None
-        self.measured_step = step
-        return rollout

@@ -1,0 +1,85 @@
+"""What an arm's compute is measured in (DESIGN §9): estimated FLOPs of forward and backward passes,
+the parameters that do per-token compute, peak memory; and what a module exposes for the budget meter (callbacks/budget.py) to charge it.
+Lightning-free: the methods count, the meter adds up."""
+
+from __future__ import annotations
+
+import gc
+import resource
+from typing import Protocol
+
+import torch
+
+BUDGET_KINDS = ("seconds", "flops")
+
+
+def forward_flops(parameters: int, tokens: int, backward: str = "none") -> float:
+    """2 N FLOPs per token forward; x2 when gradients flow back only through activations (a frozen or
+    adapter-trained model), x3 when they reach all weights."""
+    factor = {"none": 1.0, "activations": 2.0, "weights": 3.0}[backward]
+    return 2.0 * parameters * tokens * factor
+
+
+def compute_parameters(model: torch.nn.Module) -> int:
+    """Parameters that do per-token compute: input embeddings excluded (a lookup), the output head
+    included even when tied to them (a matmul), 4-bit packed weights counted unpacked."""
+    embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    total = 0
+    for p in model.parameters():
+        if id(p) in embeddings:
+            continue
+        packed = type(p).__name__ == "Params4bit"  # bitsandbytes stores two 4-bit values per byte
+        total += p.numel() * (2 if packed else 1)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and id(head.weight) in embeddings:  # tied: skipped above, but it does compute
+        total += head.weight.numel()
+    return total
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Free what earlier runs left and restart CUDA's peak counter (the CPU's peak RSS cannot be reset)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated device memory on CUDA since the last reset; on the CPU the process's peak
+    resident set size so far (a lifetime peak: it includes earlier arms run in the same process)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+class LatentRollout(Protocol):
+    """A rollout of sampled latent chains (DLR's stage-2 `Rollout`), as the meter reads it."""
+
+    @property
+    def z(self) -> torch.Tensor: ...  # [B, G, T, Dz]
+
+
+class BudgetedModule(Protocol):
+    """What the budget meter reads from the module it charges, before and after each batch; both RL
+    modules satisfy it. The counters only grow: the meter charges what they grow by during a batch."""
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def flops_spent(self) -> torch.Tensor | float: ...  # estimated FLOPs so far, this rank's
+
+    @property
+    def generated_tokens(self) -> torch.Tensor | int: ...  # sampled tokens so far, this rank's
+
+    @property
+    def last_reward(self) -> float | None: ...  # the last batch's mean reward; None: it had no reward
+
+    @property
+    def last_grad_norm(self) -> float | None: ...  # None: the last batch took no optimizer step
+
+    @property
+    def last_rollout(self) -> LatentRollout | None: ...  # its chains' diversity is traced; None: no latents
+
+    @property
+    def stage(self) -> str: ...  # "alignment" (DLR's stage 1: charged or set aside) or "rl"

@@ -1,0 +1,373 @@
+"""The comparison: every arm x seed from the same start, each trained until the same budget is spent and
+evaluated on the way, with the forgetting and retention checks; then the report over all of them."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from dlr.accounting import BUDGET_KINDS, reset_peak_memory
+from dlr.callbacks.budget import BudgetMeter
+from dlr.callbacks.evaluation import AlignmentEval
+from dlr.data.datamodule import ReasoningDataModule
+from dlr.data.schema import Record
+from dlr.methods.dlr_module import DLRSettings
+from dlr.methods.grpo_module import GRPOSettings
+from dlr.methods.warmstart_module import encode_sft_batch, sft_completion
+from dlr.models.backbones import PromptFormat
+from dlr.report.report import SeedResult, arm_summary, overall_accuracy, write_report
+from dlr.runner.arms import ARMS, Arm, check_protected, fit, method_settings
+from dlr.runner.common import device_name, evaluation_device, is_rank_zero, prompt_format, reward_config, write_json
+from dlr.scoring import DepthScore, pass_at_k_by_depth, scores_as_dicts
+
+log = logging.getLogger(__name__)
+
+
+def arm_kind(cfg: DictConfig, name: str) -> str:
+    """`dlr` or `grpo` for an arm name: itself, or the base arm of a variant in `method.variants`."""
+    variants = cfg.method.get("variants") or {}
+    kind = variants[name].arm if name in variants else name
+    if kind not in ARMS:
+        raise SystemExit(f"error: arm {name!r} is neither one of {sorted(ARMS)} nor a variant in method.variants")
+    return kind
+
+
+def arm_config(cfg: DictConfig, name: str, seed: int, out: Path) -> DictConfig:
+    """The single-arm config of one (arm, seed) run of a comparison, writing under `out/name/seed_N`.
+    A variant's `overrides` are merged into its base arm's settings."""
+    kind = arm_kind(cfg, name)
+    variants = cfg.method.get("variants") or {}
+    arm_cfg = copy.deepcopy(cfg)
+    with open_dict(arm_cfg):
+        # resolved against the comparison's config: an arm's settings may read the other arm's (DLR's decode budget)
+        arm_cfg.method = OmegaConf.create(OmegaConf.to_container(cfg.method[kind], resolve=True))
+        if name in variants:
+            arm_cfg.method = OmegaConf.merge(arm_cfg.method, variants[name].get("overrides") or {})
+        arm_cfg.seed = seed
+        arm_cfg.paths.output_dir = str(out / name / f"seed_{seed}")
+        arm_cfg.data.batch_size = cfg.backbone[f"{kind}_scale"].questions_per_batch
+        arm_cfg.ckpt_path = None
+        if arm_cfg.get("logger") and arm_cfg.logger.get("tensorboard"):  # all arms, all seeds side by side
+            arm_cfg.logger.tensorboard.save_dir = str(out / "tensorboard")
+            arm_cfg.logger.tensorboard.version = f"{name}_seed_{seed}"
+    return arm_cfg
+
+
+def other_task_records(cfg: DictConfig, source: str) -> list[Record]:
+    """The fixed test set of data source `source` with the same depths and sizes: the forgetting check."""
+    other = copy.deepcopy(cfg.data)
+    with open_dict(other):  # that source's own splits and no local file
+        other.source, other.mix_weights, other.train_split, other.test_split, other.local_path = (
+            source,
+            None,
+            None,
+            None,
+            None,
+        )
+    return instantiate(other).test_records()
+
+
+def heldout_nll(model_and_tokenizer: tuple, fmt: PromptFormat, records: Sequence[Record], batch_size: int) -> float:
+    """Mean NLL per token of the gold completions (`<bol> reasoning <eol> #### answer`) of `records`."""
+    model, tokenizer = model_and_tokenizer
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(records), batch_size):
+            chunk = records[start : start + batch_size]
+            prompts = [fmt.prompt(r.question, tokenizer) for r in chunk]
+            completions = [sft_completion(r, fmt, tokenizer.eos_token or "", with_reasoning=True) for r in chunk]
+            ids, mask, labels = encode_sft_batch(prompts, completions, tokenizer, max_length=4096)
+            count = int((labels[:, 1:] != -100).sum())
+            loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
+            total, tokens = total + float(loss) * count, tokens + count
+    return total / max(tokens, 1)
+
+
+def phase_datamodule(cfg: DictConfig, source: str) -> ReasoningDataModule:
+    """The configured data settings with another source (its own splits, no local file)."""
+    data = copy.deepcopy(cfg.data)
+    with open_dict(data):
+        data.source, data.mix_weights, data.train_split, data.test_split, data.local_path = (
+            source,
+            None,
+            None,
+            None,
+            None,
+        )
+    datamodule = instantiate(data)
+    datamodule.check_source()
+    return datamodule
+
+
+def load_seed_result(path: Path):
+    """A finished (arm, seed)'s `result.json`, as the report reads it."""
+    fields = json.loads(path.read_text())
+    scores = {key: [DepthScore(**s) for s in fields.get(key, [])] for key in ("final_scores", "start_scores")}
+    return SeedResult(**{**fields, **scores})
+
+
+def dlr_arm_info(arm: Arm, meter, aligner: list) -> dict:
+    """DLR's readout, what its stage 1 cost, and its greedy scores after stage 1, before any RL step."""
+    module = arm.module
+    shipped = module.stage1_info
+    alignment = {
+        "source": "shipped" if shipped else "trained in the run",
+        "shipped_from": module.settings.alignment.init_from if shipped else None,
+        "steps": (shipped["alignment_steps"] if shipped else 0) + module.settings.alignment.steps,
+        "flops": (shipped["flops"] if shipped else 0.0) + meter.alignment_flops,
+        "process_seconds": (shipped["process_seconds"] if shipped else 0.0) + meter.alignment_seconds,
+        "counted_in_budget": meter.include_alignment,
+    }
+    after = aligner[0].scores if aligner else meter.points[0].scores  # no steps in the run: the start is stage 1
+    return {"readout": module.settings.readout, "alignment": alignment, "after_alignment": scores_as_dicts(after)}
+
+
+def train_arm_seed(cfg: DictConfig, name: str, kind: str, seed: int, out: Path, fractions: list[float]):
+    """One (arm, seed) of a comparison: train each phase until its budget is spent, evaluating on the way.
+
+    Rerun in the same folder (`hydra.run.dir=` a killed run's folder), a finished (arm, seed) is read
+    from its `result.json` and an interrupted one resumes from its `checkpoints/last.ckpt` with its
+    budget meter, data position and random state (continual runs restart the interrupted arm instead).
+    Under DDP the other ranks only train (and return None); rank 0 evaluates and writes.
+    """
+    arm_cfg = arm_config(cfg, name, seed, out)
+    seed_dir = Path(arm_cfg.paths.output_dir)
+    if (seed_dir / "result.json").exists():
+        log.info("%s seed %d: finished earlier, reading %s", name, seed, seed_dir / "result.json")
+        return load_seed_result(seed_dir / "result.json")
+    last = seed_dir / "checkpoints" / "last.ckpt"
+    phases = list(cfg.method.get("phases") or [])  # data sources trained one after the other
+    if last.exists() and not phases:
+        log.info("%s seed %d: resuming from %s", name, seed, last)
+        with open_dict(arm_cfg):
+            arm_cfg.ckpt_path = str(last)
+    reset_peak_memory(torch.device(evaluation_device(cfg.trainer.accelerator)))  # the previous arm is gone
+    L.seed_everything(seed, workers=True)
+    arm = ARMS[kind](arm_cfg)
+    rank_zero = is_rank_zero()
+    fmt = prompt_format(cfg)
+    start_hash = arm.protected_hash() if rank_zero else ""
+    label = seed_label(name, seed)
+    others = other_task_records(arm_cfg, cfg.method.other_task) if cfg.method.other_task and rank_zero else []
+    before = other_task_probe(arm, fmt, others, label, cfg.eval.batch_size)
+    training = train_phases(cfg, arm_cfg, arm, kind, name, seed, phases, fractions)
+    if not rank_zero:
+        return None
+    unchanged = check_protected(arm, start_hash, Path(arm_cfg.paths.output_dir))
+    pass_at_k = arm_pass_at_k(cfg, arm, training.records, label) if cfg.method.pass_at_k else None
+    meter = training.meters[-1]  # curves and final scores: the last phase's
+    final = meter.points[-1].scores if meter.points[-1].fraction >= 1.0 else arm.evaluate(training.records, label)
+    after = other_task_probe(arm, fmt, others, label, cfg.eval.batch_size)
+    arm_info = dlr_arm_info(arm, training.meters[0], training.aligner) if kind == "dlr" else {}
+    result = seed_result(seed, training, final, before, after, unchanged, pass_at_k, arm_info)
+    # Kept as soon as it exists: a later arm that crashes does not lose this one.
+    write_json(
+        Path(arm_cfg.paths.output_dir) / "result.json",
+        {**dataclasses.asdict(result), "final_scores": scores_as_dicts(result.final_scores)},
+    )
+    return result
+
+
+@dataclass
+class ArmTraining:
+    """What training one (arm, seed) through its phases leaves for its result."""
+
+    meters: list[BudgetMeter]  # one per phase
+    aligner: list[AlignmentEval]  # the last phase's evaluation after stage 1, when it ran one
+    records: Sequence[Record]  # the last phase's test set
+    retention: dict[str, dict[str, float]]  # after phase -> {task source: accuracy}
+
+
+def seed_label(name: str, seed: int) -> str:
+    """The model label of an (arm, seed)'s scores."""
+    return f"{name}/seed_{seed}"
+
+
+def train_phases(
+    cfg: DictConfig,
+    arm_cfg: DictConfig,
+    arm: Arm,
+    kind: str,
+    name: str,
+    seed: int,
+    phases: list[str],
+    fractions: list[float],
+) -> ArmTraining:
+    """Train the arm on each phase's data source in turn (the configured data without phases); after each
+    phase, rank 0 measures the accuracy on every phase's task so far."""
+    label = seed_label(name, seed)
+    training = ArmTraining([], [], [], {})
+    for source in phases or [None]:
+        if source is not None:
+            arm.datamodule = phase_datamodule(arm_cfg, source)
+        training.records = arm.datamodule.test_records()
+        meter = phase_meter(cfg, arm, label, training.records, fractions, first=not training.meters)
+        log.info(
+            "%s seed %d%s: training until %g %s are spent",
+            name,
+            seed,
+            f" on {source}" if source else "",
+            cfg.budget.amount,
+            cfg.budget.kind,
+        )
+        training.aligner = (
+            [AlignmentEval(cfg.eval.batch_size)]
+            if kind == "dlr" and not training.meters and arm.module.settings.alignment.steps
+            else []
+        )
+        fit(arm_cfg, arm, extra_callbacks=[meter, *training.aligner], budgeted=True)
+        training.meters.append(meter)
+        if source is not None and is_rank_zero():  # every phase's task so far, after this phase
+            training.retention[source] = {
+                task: overall_accuracy(arm.evaluate(phase_datamodule(arm_cfg, task).test_records(), label))
+                for task in phases[: phases.index(source) + 1]
+            }
+    return training
+
+
+def phase_meter(
+    cfg: DictConfig, arm: Arm, label: str, records: Sequence[Record], fractions: list[float], first: bool
+) -> BudgetMeter:
+    """The budget meter of one phase, with its start evaluated (rank 0) and, in the first phase, the
+    recorded cost of a shipped stage 1 already charged when stage 1 counts."""
+    evaluate = (lambda module, r=records: arm.evaluate(r, label)) if is_rank_zero() else None
+    meter = BudgetMeter(
+        cfg.budget.kind, cfg.budget.amount, evaluate, fractions, include_alignment=cfg.budget.include_alignment
+    )
+    shipped = getattr(arm.module, "stage1_info", None)
+    if shipped and cfg.budget.include_alignment and first:  # the shipped stage 1's recorded cost
+        meter.seconds, meter.flops = shipped["process_seconds"], shipped["flops"]
+    meter.record(arm.module, 0.0)
+    return meter
+
+
+def other_task_probe(
+    arm: Arm, fmt: PromptFormat, others: Sequence[Record], label: str, batch_size: int
+) -> tuple[float | None, float | None]:
+    """Accuracy on the other task's test set and the held-out NLL of its gold completions; None without one."""
+    if not others:
+        return None, None
+    return overall_accuracy(arm.evaluate(others, label)), heldout_nll(arm.text_model, fmt, others, batch_size)
+
+
+def arm_pass_at_k(cfg: DictConfig, arm: Arm, records: Sequence[Record], label: str) -> float:
+    """pass@`method.pass_at_k` of the arm's sampled attempts on the test set."""
+    return overall_accuracy(
+        pass_at_k_by_depth(
+            records,
+            arm.sample_attempts,
+            cfg.method.pass_at_k,
+            label=label,
+            batch_size=cfg.eval.batch_size,
+            reward=reward_config(cfg),
+        )
+    )
+
+
+def seed_result(
+    seed: int,
+    training: ArmTraining,
+    final: list[DepthScore],
+    before: tuple[float | None, float | None],
+    after: tuple[float | None, float | None],
+    unchanged: bool,
+    pass_at_k: float | None,
+    arm_info: dict,
+) -> SeedResult:
+    """The (arm, seed)'s result: the last phase's curve, what all phases spent, the forgetting probes
+    (`before`, `after`: other-task accuracy and held-out NLL) and the stability measures."""
+    meters, meter = training.meters, training.meters[-1]
+    return SeedResult(
+        seed=seed,
+        curve=[
+            {
+                "budget_fraction": p.fraction,
+                "seconds": p.seconds,
+                "flops": p.flops,
+                "generated_tokens": p.generated_tokens,
+                "accuracy": overall_accuracy(p.scores),
+            }
+            for p in meter.points
+        ],
+        final_scores=final,
+        spent={
+            "seconds": sum(m.seconds for m in meters),
+            "flops": sum(m.flops for m in meters),
+            "generated_tokens": sum(m.generated_tokens for m in meters),
+            "peak_memory_gb": max(m.peak_memory for m in meters) / 2**30,
+        },
+        other_task_before=before[0],
+        other_task_after=after[0],
+        heldout_nll_before=before[1],
+        heldout_nll_after=after[1],
+        grad_norm_cv=meter.grad_norm_cv(),
+        protected_unchanged=unchanged,
+        trace=vars(meter.trace),
+        retention=training.retention,
+        pass_at_k=pass_at_k,
+        start_scores=meters[0].points[0].scores,
+        arm_info=arm_info,
+    )
+
+
+def run_dlr_vs_grpo(cfg: DictConfig, out: Path) -> None:
+    """Every arm x seed from the same starting backbone, each stopped by the budget meter; then the report."""
+    seeds = (
+        cfg.method.seeds
+        if cfg.method.seeds is not None
+        else ([0, 1, 2] if evaluation_device(cfg.trainer.accelerator) == "cuda" else [0, 1])
+    )
+    kinds = check_comparison(cfg, seeds, out)
+    fractions = [round(cfg.method.eval_every * i, 6) for i in range(1, int(round(1 / cfg.method.eval_every)) + 1)]
+    results = {
+        name: [train_arm_seed(cfg, name, kinds[name], seed, out, fractions) for seed in seeds]
+        for name in cfg.method.arms
+    }
+    if not is_rank_zero():
+        return
+    summary = {
+        "experiment": cfg.task_name,
+        "device": device_name(cfg.trainer.accelerator),
+        "budget": {"kind": cfg.budget.kind, "amount": float(cfg.budget.amount)},
+        "pass_at_k": cfg.method.pass_at_k,
+        "arms": {name: arm_summary(seed_results) for name, seed_results in results.items()},
+    }
+    short = write_report(summary, results, out)
+    print("\n".join([*short, f"report: {out / 'report.md'}"]))
+
+
+def check_comparison(cfg: DictConfig, seeds: Sequence[int], out: Path) -> dict[str, str]:
+    """Every setting of the comparison, checked now, not when its arm's turn comes after hours of the
+    others; a null budget.amount becomes the device's default. Returns each arm's kind."""
+    if not cfg.method.arms or not seeds:
+        raise SystemExit("error: method.arms and method.seeds must each name at least one")
+    if not 0 < cfg.method.eval_every <= 1:
+        raise SystemExit(f"error: method.eval_every must be in (0, 1], got {cfg.method.eval_every}")
+    kinds = {name: arm_kind(cfg, name) for name in cfg.method.arms}  # fails now on an unknown arm
+    if cfg.budget.kind not in BUDGET_KINDS:
+        raise SystemExit(f"error: budget.kind must be one of {BUDGET_KINDS}, got {cfg.budget.kind!r}")
+    if cfg.budget.amount is None:  # the device's default: a GPU does the CPU's work in far fewer seconds
+        if cfg.budget.kind != "seconds":
+            raise SystemExit(f"error: a {cfg.budget.kind} budget needs budget.amount")
+        with open_dict(cfg):
+            cfg.budget.amount = (
+                cfg.budget.amount_gpu if evaluation_device(cfg.trainer.accelerator) == "cuda" else cfg.budget.amount_cpu
+            )
+    try:
+        BudgetMeter(cfg.budget.kind, cfg.budget.amount)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    for name, kind in kinds.items():
+        method_settings({"dlr": DLRSettings, "grpo": GRPOSettings}[kind], arm_config(cfg, name, seeds[0], out))
+    return kinds
