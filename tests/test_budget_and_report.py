@@ -82,6 +82,7 @@ def fake_module() -> SimpleNamespace:
         last_reward=0.5,
         last_grad_norm=1.0,
         last_rollout=None,
+        last_scores=None,
         stage="rl",
     )
 
@@ -102,6 +103,17 @@ def test_meter_stops_at_the_seconds_budget_and_does_not_charge_evaluation():
     assert [p.fraction for p in meter.points] == [0.5, 1.0]
     assert [p.seconds for p in meter.points] == pytest.approx([1.2, 2.1])  # after batch 4 (1.2 >= 1.0) and 7
     assert len(evaluations) == 2 and meter.trace.reward[-1] == pytest.approx([1.05, 0.5])
+
+
+def test_meter_traces_the_share_of_groups_without_reward_spread():
+    """Rewards [B=4, K=2]: groups 0 and 3 have equal rewards, so half the groups give no advantage."""
+    clock, module = FakeClock(), fake_module()
+    scores = torch.zeros(4, 2, 3)
+    scores[..., 2] = torch.tensor([[1.0, 1.0], [0.0, 1.1], [0.1, 0.0], [0.0, 0.0]])
+    module.last_scores = scores
+    meter = BudgetMeter("flops", 100.0, None, eval_fractions=(1.0,), clock=clock)
+    drive(meter, module, clock, step_seconds=1.0, step_flops=50.0)
+    assert meter.trace.frac_reward_zero_std == [[0.5, 0.5], [1.0, 0.5]]
 
 
 def test_meter_stops_at_the_flops_budget():
@@ -138,7 +150,7 @@ def test_meter_sets_stage1_batches_aside_unless_told_to_count_them():
 
 def test_meter_over_two_ranks_charges_every_rank_s_seconds_and_flops():
     clock, module = FakeClock(), fake_module()
-    rank_one = lambda row: row * torch.tensor([2.0, 3.0, 3.0, 1.0, 0.0, 1.0, 1.0], dtype=torch.float64)  # noqa: E731
+    rank_one = lambda row: row * torch.tensor([2.0, 3.0, 3.0, 1.0, 0.0, 1.0, 1.0, 1.0], dtype=torch.float64)  # noqa: E731
     meter = BudgetMeter("flops", 1000.0, None, eval_fractions=(1.0,), clock=clock)
     # Per batch: rank 0 spends 0.1 s and 100 FLOPs, rank 1 0.2 s and 300 FLOPs; 400 a batch in all.
     assert drive(meter, module, clock, 0.1, 100.0, trainer=fake_trainer(2, rank_one)) == 3  # 1200 >= 1000 > 800

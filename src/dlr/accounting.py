@@ -82,4 +82,7 @@ class BudgetedModule(Protocol):
     def last_rollout(self) -> LatentRollout | None: ...  # its chains' diversity is traced; None: no latents
 
     @property
+    def last_scores(self) -> torch.Tensor | None: ...  # [B, K, 3] (correct, format, reward) of the last RL batch
+
+    @property
     def stage(self) -> str: ...  # "alignment" (DLR's stage 1: charged or set aside) or "rl"

@@ -48,6 +48,8 @@ class BudgetTrace:
     reward: list[list[float]] = field(default_factory=list)
     grad_norm: list[list[float]] = field(default_factory=list)
     diversity: list[list[float]] = field(default_factory=list)  # DLR: mean pairwise cosine distance of the G latents
+    # share of the batch's groups (one per question) whose K rewards are all equal: zero advantage
+    frac_reward_zero_std: list[list[float]] = field(default_factory=list)
 
 
 class BudgetMeter(Callback):
@@ -110,6 +112,11 @@ class BudgetMeter(Callback):
         diversity = float("nan")
         if rollout is not None:
             diversity = float(mean_pairwise_cosine_distance(rollout.z))
+        zero_spread = float("nan")
+        scores = pl_module.last_scores if self._batch_stage == "rl" else None
+        if scores is not None:  # [B, K, 3]: a group has no spread when its largest reward is its smallest
+            rewards = scores[..., 2]
+            zero_spread = float((rewards.amax(1) == rewards.amin(1)).double().mean())
         optional = [pl_module.last_reward, pl_module.last_grad_norm]
         local = torch.tensor(
             [
@@ -119,10 +126,11 @@ class BudgetMeter(Callback):
                 peak_memory_bytes(pl_module.device),
                 *[float("nan") if value is None else float(value) for value in optional],
                 diversity,
+                zero_spread,
             ],
             dtype=torch.float64,
         )
-        ranks = gather_ranks(trainer, local)  # [world_size, 7]
+        ranks = gather_ranks(trainer, local)  # [world_size, 8]
         self.peak_memory = max(self.peak_memory, int(ranks[:, 3].max()))
         if self._batch_stage == "alignment" and not self.include_alignment:
             self.alignment_seconds += float(ranks[:, 0].sum())
@@ -132,7 +140,13 @@ class BudgetMeter(Callback):
         self.flops += float(ranks[:, 1].sum())
         self.generated_tokens += int(ranks[:, 2].sum())
         fraction = self.fraction()
-        for series, column in ((self.trace.reward, 4), (self.trace.grad_norm, 5), (self.trace.diversity, 6)):
+        series_columns = (
+            (self.trace.reward, 4),
+            (self.trace.grad_norm, 5),
+            (self.trace.diversity, 6),
+            (self.trace.frac_reward_zero_std, 7),
+        )
+        for series, column in series_columns:
             if not ranks[:, column].isnan().all():  # the batch had this value: the mean over ranks
                 series.append([fraction, float(ranks[:, column].nanmean())])
         log_rank_zero(
@@ -180,7 +194,7 @@ class BudgetMeter(Callback):
         self.eval_fractions, self.peak_memory = state["eval_fractions"], state["peak_memory"]
         self.alignment_seconds, self.alignment_flops = state.get("alignment", (0.0, 0.0))
         self.points = [BudgetPoint(**{**p, "scores": [DepthScore(**s) for s in p["scores"]]}) for p in state["points"]]
-        self.trace = BudgetTrace(**state["trace"])
+        self.trace = BudgetTrace(**state["trace"])  # a checkpoint from before a series existed starts it empty
 
     def grad_norm_cv(self) -> float:
         """Coefficient of variation of the gradient norm over the arm's steps (0 when too few)."""

@@ -20,6 +20,7 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 
 from dlr.data import synthetic_logic, synthetic_math
+from dlr.data.frontier import DepthFrontier
 from dlr.data.schema import Record, SkipCounter
 
 GENERATORS: dict[str, Callable[[random.Random, int, int, str], Record]] = {
@@ -48,12 +49,18 @@ class ProceduralSpec:
             raise ValueError(f"data depths need 1 <= min_depth <= max_depth, got {self.min_depth}..{self.max_depth}")
 
 
-def procedural_record(spec: ProceduralSpec, seed: int, rank: int, index: int) -> Record:
-    """Record `index` of the stream `(seed, rank)`; a pure function of its arguments."""
+def procedural_record(
+    spec: ProceduralSpec, seed: int, rank: int, index: int, frontier: DepthFrontier | None = None
+) -> Record:
+    """Record `index` of the stream `(seed, rank)`; a pure function of its arguments (the frontier's
+    depth weights included): depths uniform, or drawn by the frontier's weights."""
     rng = random.Random(f"{seed}:{rank}:{index}")
     tasks = sorted(spec.task_weights)
     task = rng.choices(tasks, weights=[spec.task_weights[t] for t in tasks])[0]
-    depth = rng.randint(spec.min_depth, spec.max_depth)
+    if frontier is None:
+        depth = rng.randint(spec.min_depth, spec.max_depth)
+    else:
+        depth = rng.choices(list(frontier.depths), weights=frontier.weights(task))[0]
     return GENERATORS[task](rng, depth, index, f"{task}-s{seed}-r{rank}")
 
 
@@ -68,17 +75,25 @@ def fixed_test_set(spec: ProceduralSpec, seed: int, per_depth: int) -> list[Reco
 
 
 class ProceduralStream(IterableDataset):
-    """Infinite seeded stream of procedural records, skipping any question that is in the test set."""
+    """Infinite seeded stream of procedural records, skipping any question that is in the test set;
+    with a frontier, each record's depth is drawn by the frontier's weights at the time it is drawn."""
 
-    def __init__(self, spec: ProceduralSpec, seed: int, rank: int, exclude_questions: frozenset[str]) -> None:
-        self.spec, self.seed, self.rank = spec, seed, rank
+    def __init__(
+        self,
+        spec: ProceduralSpec,
+        seed: int,
+        rank: int,
+        exclude_questions: frozenset[str],
+        frontier: DepthFrontier | None = None,
+    ) -> None:
+        self.spec, self.seed, self.rank, self.frontier = spec, seed, rank, frontier
         self.exclude_questions = exclude_questions
         self.next_index = 0  # position in the stream; saved and restored on resume
         self.skipped = SkipCounter()
 
     def __iter__(self) -> Iterator[Record]:
         while True:
-            record = procedural_record(self.spec, self.seed, self.rank, self.next_index)
+            record = procedural_record(self.spec, self.seed, self.rank, self.next_index, self.frontier)
             self.next_index += 1
             if record.question in self.exclude_questions:
                 self.skipped.skip("question is in the test set")
@@ -125,7 +140,9 @@ class HubStream(IterableDataset):
 class ReasoningDataModule(LightningDataModule):
     """Train stream and fixed test set for one data source.
 
-    `source`: synthetic_math | synthetic_logic | mixed | gsm8k | math500 | prontoqa.
+    `source`: synthetic_math | synthetic_logic | mixed | gsm8k | math500 | prontoqa. `frontier`
+    (procedural sources): `{enabled, floor, decay}` of the depth frontier (frontier.py); the arm's
+    rollouts update it through `callbacks/frontier.py`.
     """
 
     def __init__(
@@ -142,6 +159,7 @@ class ReasoningDataModule(LightningDataModule):
         test_split: str | None = None,
         local_path: str | None = None,
         test_size: int = 200,
+        frontier: dict | None = None,
     ) -> None:
         super().__init__()
         if source not in (*SYNTHETIC_SOURCES, "mixed", *HUB_SOURCES):
@@ -166,6 +184,7 @@ class ReasoningDataModule(LightningDataModule):
         weights = dict(mix_weights or {}) if source == "mixed" else SYNTHETIC_SOURCES.get(source, {})
         self.train_spec = ProceduralSpec(weights, *train_depths) if weights else None
         self.eval_spec = ProceduralSpec(weights, *eval_depths) if weights else None
+        self.frontier = self._frontier(dict(frontier or {}))
         self._test_set: list[Record] | None = None
         self._test_skipped = SkipCounter()
         self.train_stream: IterableDataset | None = None
@@ -173,6 +192,17 @@ class ReasoningDataModule(LightningDataModule):
         # batch carries the position after it, and only batches actually used advance `_consumed`.
         self._batch_ends: deque[int] = deque()
         self._consumed = 0
+
+    def _frontier(self, settings: dict) -> DepthFrontier | None:
+        unknown = set(settings) - {"enabled", "floor", "decay"}
+        if unknown:
+            raise ValueError(f"data.frontier has unknown keys {sorted(unknown)} (known: enabled, floor, decay)")
+        if not settings.pop("enabled", False):
+            return None
+        if self.train_spec is None:
+            raise ValueError(f"data.frontier.enabled needs a procedural source (depths to draw), got {self.source!r}")
+        tasks = tuple(sorted(t for t, w in self.train_spec.task_weights.items() if w > 0))
+        return DepthFrontier(tasks, self.train_spec.min_depth, self.train_spec.max_depth, **settings)
 
     @property
     def is_procedural(self) -> bool:
@@ -205,7 +235,7 @@ class ReasoningDataModule(LightningDataModule):
         world = self.trainer.world_size if self.trainer is not None else 1
         exclude = frozenset(r.question for r in self.test_records())
         if self.train_spec is not None:
-            self.train_stream = ProceduralStream(self.train_spec, self.train_seed, rank, exclude)
+            self.train_stream = ProceduralStream(self.train_spec, self.train_seed, rank, exclude, self.frontier)
         else:
             self.train_stream = HubStream(self.source, self.train_split, self.local_path, rank, world, exclude)
 
@@ -235,10 +265,19 @@ class ReasoningDataModule(LightningDataModule):
         return batch
 
     def state_dict(self) -> dict:
-        return {"next_index": self._consumed} if isinstance(self.train_stream, ProceduralStream) else {}
+        """The stream position and the frontier's estimate. On resume the one batch Lightning had
+        fetched ahead is drawn again, by the restored estimate (which has seen one batch more)."""
+        if not isinstance(self.train_stream, ProceduralStream):
+            return {}
+        state = {"next_index": self._consumed}
+        if self.frontier is not None:
+            state["frontier"] = self.frontier.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.setup()
         if isinstance(self.train_stream, ProceduralStream) and "next_index" in state:
             self.train_stream.next_index = self._consumed = state["next_index"]
             self._batch_ends.clear()
+        if self.frontier is not None and "frontier" in state:
+            self.frontier.load_state_dict(state["frontier"])

@@ -262,6 +262,7 @@ class DLRModule(TrainableStateCheckpoints, LightningModule):
         self.lora = any("lora_" in name for name, _ in assistant.named_parameters())
         self.assistant_backward = "activations" if self.lora else "weights"  # FLOPs factor of its backward passes
         self.last_rollout: Rollout | None = None
+        self.last_scores: torch.Tensor | None = None  # [B, K, 3] of the last RL batch (the depth frontier reads it)
         self.stage1_info: dict | None = None  # what a shipped stage 1 cost and scored (methods/stage1.py)
         self._pending_backwards = 0
         self.guard = NonFiniteGuard(settings.max_consecutive_nonfinite)  # runner/arms.py may arm fault injection
@@ -461,6 +462,7 @@ class DLRModule(TrainableStateCheckpoints, LightningModule):
         z = gather_samples(z_all, kept)  # [B, K, T, Dz]
 
         scores = self.decode_and_score(records, z, charge=True)  # [B, K, 3]
+        self.last_scores = scores
         rewards = scores[..., 2]
         critic_loss = F.mse_loss(gather_samples(predicted, kept), rewards)
         advantages, zero_spread = group_advantages(rewards, s.scale)  # [B, K], [B]

@@ -128,6 +128,7 @@ class GRPOModule(TrainableStateCheckpoints, LightningModule):
         self.last_reward: float | None = None  # the meter reads these after each batch
         self.last_grad_norm: float | None = None
         self.last_rollout = None  # no latent chains: the meter traces no diversity
+        self.last_scores: torch.Tensor | None = None  # [B, K, 3] of the last batch (the depth frontier reads it)
         self.register_buffer("eos_ids", torch.tensor(eos_token_ids(policy, tokenizer)), persistent=False)
         self._pending_backwards = 0
         self.guard = NonFiniteGuard(settings.max_consecutive_nonfinite)  # runner/arms.py may arm fault injection
@@ -184,6 +185,7 @@ class GRPOModule(TrainableStateCheckpoints, LightningModule):
         optimizer = self.optimizers()
         step = self.trainer.global_step
         prompt_ids, prompt_mask, completion_ids, completion_mask, scores, gen_seconds = self.rollout(batch)
+        self.last_scores = scores
         rewards = scores[..., 2]  # [B, K]
         advantages, zero_spread = group_advantages(rewards, s.scale_rewards)
         advantages = advantages.flatten()  # [N], question-major like the completions

@@ -64,7 +64,8 @@ class SeedResult:
     heldout_nll_after: float | None
     grad_norm_cv: float
     protected_unchanged: bool  # DLR: main weights; GRPO: base weights under the adapters
-    trace: dict = field(default_factory=dict)  # {"reward", "grad_norm", "diversity"}: [budget fraction, value] pairs
+    # {"reward", "grad_norm", "diversity", "frac_reward_zero_std"}: [budget fraction, value] pairs per batch
+    trace: dict = field(default_factory=dict)
     retention: dict = field(default_factory=dict)  # continual: {after phase: {task: accuracy}}
     pass_at_k: float | None = None  # final pass@k over the test set (None: not measured)
     start_scores: list[DepthScore] = field(default_factory=list)  # at budget 0, before any RL step
@@ -112,8 +113,10 @@ def arm_summary(results: Sequence[SeedResult]) -> dict:
             "alignment": results[0].arm_info["alignment"],
             "after_alignment": {"accuracy_by_depth": mean_accuracy_by_depth(aligned)},
         }
+    zero_std = [v for r in results for _, v in r.trace.get("frac_reward_zero_std", [])]
     return {
         **dlr_info,
+        "train": {"frac_reward_zero_std": statistics.fmean(zero_std) if zero_std else None},  # over RL batches, seeds
         "start_accuracy_by_depth": mean_accuracy_by_depth([r.start_scores for r in results]),
         "seeds": [r.seed for r in results],
         "spent": {
@@ -214,6 +217,15 @@ def number(x: float | None) -> str:
     return "–" if x is None else f"{x:.3f}"
 
 
+def claims_markdown(rows: Sequence[dict]) -> list[str]:
+    """The claims table (report/claims.py makes its rows) that opens the report; nothing without rows."""
+    if not rows:
+        return []
+    lines = ["## Claims", "", "| claim | arm | verdict | evidence |", "|---|---|---|---|"]
+    lines += [f"| {r['claim']} | {r['arm']} | **{r['verdict']}** | {r['evidence']} |" for r in rows]
+    return [*lines, "", "## Results", ""]
+
+
 def write_report(summary: dict, results: dict[str, Sequence[SeedResult]], out: Path) -> list[str]:
     """Write summary.json, the plots and report.md into `out`; return a short summary (5 lines)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -222,12 +234,13 @@ def write_report(summary: dict, results: dict[str, Sequence[SeedResult]], out: P
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     images = plot(summary, results, out)
     budget = summary["budget"]
+    amount = f"{budget['amount'] / 1e12:g} TFLOPs" if budget["kind"] == "flops" else f"{budget['amount']:g} seconds"
     lines = [
         f"# {summary['experiment']}",
         "",
-        f"Device: {summary['device']}. Budget per arm and seed: {budget['amount']:g} {budget['kind']}"
-        " (training only; evaluation is not charged).",
+        f"Device: {summary['device']}. Budget per arm and seed: {amount} (training only; evaluation is not charged).",
         "",
+        *claims_markdown(summary.get("claims", [])),
         f"| rank | arm | final accuracy (mean) | 95% CI over seeds | per seed | pass@{summary.get('pass_at_k') or 'k'} | seconds | TFLOPs | generated tokens | weights kept |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -302,7 +315,7 @@ def write_report(summary: dict, results: dict[str, Sequence[SeedResult]], out: P
                 lines.append(f"| {arm} | {phase} | " + " | ".join(percent(accuracies.get(t)) for t in tasks) + " |")
     lines += ["", *[f"![{name}]({name})" for name in images], ""]
     (out / "report.md").write_text("\n".join(lines))
-    short = [f"{summary['experiment']} on {summary['device']}, {budget['amount']:g} {budget['kind']} per arm and seed:"]
+    short = [f"{summary['experiment']} on {summary['device']}, {amount} per arm and seed:"]
     for arm in ranked:
         s = summary["arms"][arm]
         fa = s["final_accuracy"]

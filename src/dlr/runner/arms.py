@@ -13,6 +13,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from dlr.callbacks.frontier import FrontierUpdate
 from dlr.data.datamodule import ReasoningDataModule
 from dlr.data.schema import Record
 from dlr.methods.dlr_module import DLRModule, DLRSettings
@@ -172,6 +173,9 @@ def fit(cfg: DictConfig, arm: Arm, extra_callbacks: list | None = None, budgeted
     else:
         max_steps = -1 if budgeted else arm.default_steps
     overrides = {"strategy": rl_ddp_strategy(arm.module)} if cfg.trainer.strategy == "ddp" else {}
+    extra_callbacks = list(extra_callbacks or [])  # the budget meter, when given, stays first
+    if arm.datamodule.frontier is not None:  # the arm's rollouts steer its training depths
+        extra_callbacks.append(FrontierUpdate(arm.datamodule.frontier, cfg.trainer.log_every_n_steps))
     trainer = build_trainer(cfg, max_steps=max_steps, extra_callbacks=extra_callbacks, **overrides)
     try:
         trainer.fit(arm.module, datamodule=arm.datamodule, ckpt_path=cfg.get("ckpt_path"))

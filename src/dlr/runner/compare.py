@@ -25,10 +25,11 @@ from dlr.methods.dlr_module import DLRSettings
 from dlr.methods.grpo_module import GRPOSettings
 from dlr.methods.warmstart_module import encode_sft_batch, sft_completion
 from dlr.models.backbones import PromptFormat
+from dlr.report.claims import claims_table
 from dlr.report.report import SeedResult, arm_summary, overall_accuracy, write_report
 from dlr.runner.arms import ARMS, Arm, check_protected, fit, method_settings
 from dlr.runner.common import device_name, evaluation_device, is_rank_zero, prompt_format, reward_config, write_json
-from dlr.scoring import DepthScore, pass_at_k_by_depth, scores_as_dicts
+from dlr.scoring import DepthScore, evaluate_by_depth, pass_at_k_by_depth, scores_as_dicts
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ def train_arm_seed(cfg: DictConfig, name: str, kind: str, seed: int, out: Path, 
     start_hash = arm.protected_hash() if rank_zero else ""
     label = seed_label(name, seed)
     others = other_task_records(arm_cfg, cfg.method.other_task) if cfg.method.other_task and rank_zero else []
-    before = other_task_probe(arm, fmt, others, label, cfg.eval.batch_size)
+    before = main_text_chain_probe(cfg, arm, fmt, others, label)
     training = train_phases(cfg, arm_cfg, arm, kind, name, seed, phases, fractions)
     if not rank_zero:
         return None
@@ -250,6 +251,29 @@ def phase_meter(
         meter.seconds, meter.flops = shipped["process_seconds"], shipped["flops"]
     meter.record(arm.module, 0.0)
     return meter
+
+
+def main_text_chain_probe(
+    cfg: DictConfig, arm: Arm, fmt: PromptFormat, others: Sequence[Record], label: str
+) -> tuple[float | None, float | None]:
+    """The forgetting check's common start for every arm: the frozen main writing its own chain on the
+    other task (GRPO's adapters start at zero, so its policy is that main), and the held-out NLL. An
+    untrained DLR pipeline (random projector and heads) would measure the projector, not forgetting."""
+    if not others:
+        return None, None
+    model, tokenizer = arm.text_model
+    scores = evaluate_by_depth(
+        model,
+        tokenizer,
+        fmt,
+        others,
+        label=label,
+        mode="cot",
+        max_new_tokens=cfg.eval.max_new_tokens,
+        batch_size=cfg.eval.batch_size,
+        reward=reward_config(cfg),
+    )
+    return overall_accuracy(scores), heldout_nll(arm.text_model, fmt, others, cfg.eval.batch_size)
 
 
 def other_task_probe(
@@ -343,6 +367,7 @@ def run_dlr_vs_grpo(cfg: DictConfig, out: Path) -> None:
         "pass_at_k": cfg.method.pass_at_k,
         "arms": {name: arm_summary(seed_results) for name, seed_results in results.items()},
     }
+    summary["claims"] = claims_table(summary, results, list(cfg.data.train_depths), cfg.method.other_task)
     short = write_report(summary, results, out)
     print("\n".join([*short, f"report: {out / 'report.md'}"]))
 
