@@ -10,7 +10,6 @@ from dlr.report.claims import claims_table, first_fraction_reaching, interval_ve
 from dlr.report.report import SeedResult, arm_summary, write_report
 from dlr.scoring import DepthScore
 
-
 DLR_INFO = {
     "readout": "rationale",
     "alignment": {"source": "shipped", "steps": 400, "flops": 2e13, "process_seconds": 900, "counted_in_budget": False},

@@ -13,6 +13,7 @@ optimizer. Gradients are accumulated and clipped by hand (manual optimization).
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 
@@ -84,6 +85,7 @@ class RLSettings:
     beta: float = 0.0
     lambda_ent: float = 0.0
     lambda_modes: float = 0.1
+    sigma_start: float | None = None  # latent sigma stage 2 starts from; None: the log-sigma head's own
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,12 @@ class DLRSettings:
             ),
             (self.alignment.steps >= 0 and rl.steps >= 0, "method.alignment.steps and method.rl.steps must be >= 0"),
             (rl.ppo_epochs >= 1, f"method.rl.ppo_epochs must be >= 1, got {rl.ppo_epochs}"),
+            (
+                rl.sigma_start is None
+                or math.exp(latent.log_sigma_min) <= rl.sigma_start <= math.exp(latent.log_sigma_max),
+                f"method.rl.sigma_start must lie within exp(method.latent.log_sigma_min..log_sigma_max), "
+                f"got {rl.sigma_start}",
+            ),
             (
                 rl.ppo_epochs == 1 or self.accumulate_grad_batches == 1,
                 "method.rl.ppo_epochs > 1 updates on each batch several times: use accumulate_grad_batches=1",
@@ -441,6 +449,8 @@ class DLRModule(TrainableStateCheckpoints, LightningModule):
     def rl_step(self, records: list[Record], optimizer) -> None:
         """Stage 2: sample G chains, decode the K the filter keeps, reward, and update (DESIGN §7)."""
         s = self.settings.rl
+        if s.sigma_start is not None and int(self.rl_batches) == 0:  # the exploration noise stage 2 starts from
+            self.policy.set_sigma(s.sigma_start)
         if self.reference is not None and not self.reference_synced:
             self.reference.load_state_dict(self.policy.state_dict())  # pi_ref = the policy after stage 1
             self.reference_synced.fill_(True)

@@ -9,6 +9,7 @@ start embeddings are added to the placeholders, giving M Gaussian modes per ques
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,12 @@ class LatentPolicy(nn.Module):
     @property
     def latent_dim(self) -> int:
         return self.mu_head.out_features
+
+    @torch.no_grad()
+    def set_sigma(self, sigma: float) -> None:
+        """One sigma for every question and position: the log-sigma head's output becomes log(sigma)."""
+        self.log_sigma_head.weight.zero_()
+        self.log_sigma_head.bias.fill_(math.log(sigma))
 
     def _heads(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """mu and log sigma in float32 even under bf16 autocast: log-probs of small sigmas need the precision."""

@@ -374,7 +374,7 @@ def run_dlr_vs_grpo(cfg: DictConfig, out: Path) -> None:
 
 def check_comparison(cfg: DictConfig, seeds: Sequence[int], out: Path) -> dict[str, str]:
     """Every setting of the comparison, checked now, not when its arm's turn comes after hours of the
-    others; a null budget.amount becomes the device's default. Returns each arm's kind."""
+    others; a null budget.amount becomes the kind's default. Returns each arm's kind."""
     if not cfg.method.arms or not seeds:
         raise SystemExit("error: method.arms and method.seeds must each name at least one")
     if not 0 < cfg.method.eval_every <= 1:
@@ -382,13 +382,13 @@ def check_comparison(cfg: DictConfig, seeds: Sequence[int], out: Path) -> dict[s
     kinds = {name: arm_kind(cfg, name) for name in cfg.method.arms}  # fails now on an unknown arm
     if cfg.budget.kind not in BUDGET_KINDS:
         raise SystemExit(f"error: budget.kind must be one of {BUDGET_KINDS}, got {cfg.budget.kind!r}")
-    if cfg.budget.amount is None:  # the device's default: a GPU does the CPU's work in far fewer seconds
-        if cfg.budget.kind != "seconds":
-            raise SystemExit(f"error: a {cfg.budget.kind} budget needs budget.amount")
+    if cfg.budget.amount is None:  # the kind's default; seconds by device: a GPU does the CPU's work in far fewer
         with open_dict(cfg):
-            cfg.budget.amount = (
-                cfg.budget.amount_gpu if evaluation_device(cfg.trainer.accelerator) == "cuda" else cfg.budget.amount_cpu
-            )
+            if cfg.budget.kind == "flops":
+                cfg.budget.amount = cfg.budget.amount_flops
+            else:
+                gpu = evaluation_device(cfg.trainer.accelerator) == "cuda"
+                cfg.budget.amount = cfg.budget.amount_gpu if gpu else cfg.budget.amount_cpu
     try:
         BudgetMeter(cfg.budget.kind, cfg.budget.amount)
     except ValueError as err:
