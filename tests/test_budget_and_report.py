@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import run_train
-from dlr.accounting import compute_parameters, forward_flops
+from dlr.accounting import compute_parameters, forward_flops, generation_flops, model_cost, pass_flops
 from dlr.callbacks.budget import BudgetMeter
 from dlr.ranks import log_now
 from dlr.report.report import bootstrap_ci, count_collapses, overall_accuracy
@@ -181,6 +181,28 @@ def test_flops_and_parameter_counts():
     assert forward_flops(1000, 10, "activations") == 40_000 and forward_flops(1000, 10, "weights") == 60_000
     model = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 4))
     assert compute_parameters(model) == 8 * 4 + 4  # the embedding does no per-token matmul
+
+
+class ToyLM(torch.nn.Module):
+    """Embedding 10 x 4 (a lookup), body Linear 4 -> 4 (20 parameters), untied head 4 -> 10 (40)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.body = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4)
+        self.lm_head = torch.nn.Linear(4, 10, bias=False)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+
+def test_the_head_is_charged_only_where_logits_are_computed():
+    cost = model_cost(ToyLM())
+    assert (cost.body, cost.head, cost.total) == (20, 40, 60)
+    assert pass_flops(cost, tokens=5, logit_tokens=1) == 2 * 20 * 5 + 2 * 40 * 1  # 280
+    assert pass_flops(cost, 5, 3, "activations") == 2 * (2 * 20 * 5 + 2 * 40 * 3)  # 880
+    # 2 rows, prompt 3, 4 new tokens: the body reads 3 + 4 - 1 = 6 positions a row, the head makes 4 logits
+    assert generation_flops(cost, 2, 3, 4) == 2 * 20 * 12 + 2 * 40 * 8  # 1120
+    assert generation_flops(cost, 2, 3, 0) == 0.0
 
 
 def test_bootstrap_interval_of_hand_made_seeds():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import resource
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -34,6 +35,46 @@ def compute_parameters(model: torch.nn.Module) -> int:
     if head is not None and id(head.weight) in embeddings:  # tied: skipped above, but it does compute
         total += head.weight.numel()
     return total
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """A model's per-token compute, split by where it runs: the body at every position it reads, the
+    output head only where logits are computed (`generate` and an assistant pass compute few: the head
+    is 136M of Qwen2.5-0.5B's 494M parameters, so charging it everywhere overcounts by about a third)."""
+
+    body: int  # parameters applied at every position (input embeddings excluded: a lookup)
+    head: int  # output-head parameters, applied at positions that produce logits
+
+    @property
+    def total(self) -> int:
+        return self.body + self.head
+
+
+def model_cost(model: torch.nn.Module) -> ModelCost:
+    """`compute_parameters(model)` split into body and output head."""
+    total = compute_parameters(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_parameters = (
+        0
+        if head is None
+        else sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in head.parameters())
+    )
+    return ModelCost(total - head_parameters, head_parameters)
+
+
+def pass_flops(cost: ModelCost, tokens: int, logit_tokens: int, backward: str = "none") -> float:
+    """One pass over `tokens` positions that computes logits at `logit_tokens` of them."""
+    return forward_flops(cost.body, tokens, backward) + forward_flops(cost.head, logit_tokens, backward)
+
+
+def generation_flops(cost: ModelCost, rows: int, prompt_tokens: int, new_tokens: int) -> float:
+    """`rows` sequences of `prompt_tokens` positions (tokens or input embeddings) extended by
+    `new_tokens` with a KV cache: the prefill reads the prompt and the decode steps each new token but
+    the last; logits are computed once per new token."""
+    if new_tokens <= 0:
+        return 0.0
+    return pass_flops(cost, rows * (prompt_tokens + new_tokens - 1), rows * new_tokens)
 
 
 def reset_peak_memory(device: torch.device) -> None:
