@@ -12,6 +12,7 @@ from dlr.scoring import DepthScore
 
 DLR_INFO = {
     "readout": "rationale",
+    "filter": "critic",
     "alignment": {"source": "shipped", "steps": 400, "flops": 2e13, "process_seconds": 900, "counted_in_budget": False},
     "after_alignment": [],
 }
@@ -75,6 +76,7 @@ def test_claims_of_a_dlr_arm_that_wins_against_grpo(tmp_path):
     write_report({**summary, "claims": rows}, results, tmp_path)
     report = (tmp_path / "report.md").read_text()
     assert report.index("## Claims") < report.index("| rank | arm |") and "2 TFLOPs" in report
+    assert "the unbiased variant" in report  # the critic filter's bias is stated
     assert json.loads((tmp_path / "summary.json").read_text())["claims"] == rows
 
 

@@ -110,6 +110,7 @@ def arm_summary(results: Sequence[SeedResult]) -> dict:
         aligned = [[DepthScore(**s) for s in r.arm_info["after_alignment"]] for r in results]
         dlr_info = {
             "readout": results[0].arm_info["readout"],
+            "filter": results[0].arm_info.get("filter"),
             "alignment": results[0].arm_info["alignment"],
             "after_alignment": {"accuracy_by_depth": mean_accuracy_by_depth(aligned)},
         }
@@ -270,6 +271,12 @@ def write_report(summary: dict, results: dict[str, Sequence[SeedResult]], out: P
                 f"{a['process_seconds']:.0f} s, {'counted in' if a['counted_in_budget'] else 'not counted in'} the budget "
                 f"(`budget.include_alignment`); greedy accuracy after stage 1, before RL: {start}.",
             ]
+            if s.get("filter") == "critic":
+                lines.append(
+                    f"{arm}'s policy gradient uses the K chains its critic kept, not K independent draws from the "
+                    "policy, so the estimator leans toward the critic's choices; `method.rl.filter=random` is the "
+                    "unbiased variant (experiment=dlr_ablations runs both)."
+                )
     depths = sorted({d for s in summary["arms"].values() for d in s["accuracy_by_depth"]}, key=int)
     lines += [
         "",

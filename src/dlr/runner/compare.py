@@ -131,7 +131,12 @@ def dlr_arm_info(arm: Arm, meter, aligner: list) -> dict:
         "counted_in_budget": meter.include_alignment,
     }
     after = aligner[0].scores if aligner else meter.points[0].scores  # no steps in the run: the start is stage 1
-    return {"readout": module.settings.readout, "alignment": alignment, "after_alignment": scores_as_dicts(after)}
+    return {
+        "readout": module.settings.readout,
+        "filter": module.settings.rl.filter,
+        "alignment": alignment,
+        "after_alignment": scores_as_dicts(after),
+    }
 
 
 def train_arm_seed(cfg: DictConfig, name: str, kind: str, seed: int, out: Path, fractions: list[float]):
