@@ -5,6 +5,7 @@ python src/bench.py decode --batch-sizes 16 64 256 --backbone qwen2.5-0.5b+1.5b 
 python src/bench.py memory --backbone qwen2.5-0.5b+7b --device cuda --G 64 --K 16 --T 32
 python src/bench.py probe --T 4                  # what the frozen tiny main reads in its latent span, by readout
 python src/bench.py explore --G 8                # reward spread and accuracy of noisy latents, by sigma and depth
+python src/bench.py compress --ratios 1 2 4      # answer readout: the gold chain's embeddings, c tokens per latent
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["rollout", "decode", "memory", "probe", "explore"])
+    parser.add_argument("command", choices=["rollout", "decode", "memory", "probe", "explore", "compress"])
     parser.add_argument("--backbone", default="tiny", help="a configs/backbone name; real ones get random weights")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    parser.add_argument("--out", default=None, help="JSON path (default logs/bench/<timestamp>/<command>.json)")
+    parser.add_argument(
+        "--out", "--json", dest="out", default=None, help="JSON path (default logs/bench/<timestamp>/<command>.json)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (median reported)")
     parser.add_argument("--B", type=int, default=4, help="questions per batch")
     parser.add_argument("--G", type=int, default=16, help="DLR latents sampled per question")
@@ -52,8 +55,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--grpo-new-tokens", type=int, default=64, help="GRPO completion length")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64], help="decode: batch sizes")
     parser.add_argument("--prompt-tokens", type=int, default=64, help="decode: prompt length")
-    parser.add_argument("--per-depth", type=int, default=20, help="probe, explore: test problems per task and depth")
+    parser.add_argument(
+        "--per-depth", type=int, default=20, help="probe, explore, compress: test problems per task and depth"
+    )
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0.37, 1.0, 2.0, 4.0], help="explore: latent noise")
+    parser.add_argument(
+        "--ratios", type=int, nargs="+", default=[1, 2, 4], help="compress: chain tokens averaged into one latent"
+    )
     parser.add_argument("--depths", type=int, nargs="+", default=[1, 4, 5, 6], help="explore: math depths")
     args = parser.parse_args(argv)
 
@@ -61,6 +69,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     from dlr import benchmarks
 
+    if args.command == "compress":  # a bad --ratios fails before the backbone loads
+        for ratio in args.ratios:
+            benchmarks.compress_chain(torch.zeros(1, 1), ratio, 1.0)
     torch.manual_seed(0)
     bb = benchmarks.load_backbone(args.backbone, args.device)
     if args.command == "rollout":
@@ -83,6 +94,10 @@ def main(argv: list[str] | None = None) -> dict:
         result = benchmarks.probe_readouts(bb, args.per_depth, args.T, args.Dz, stage1_root)
         rows = None
         print(depth_table([DepthScore(**s) for s in result["scores"]]))
+    elif args.command == "compress":
+        result = benchmarks.probe_compression(bb, args.per_depth, args.ratios)
+        rows = None
+        print(benchmarks.compression_tables(result))
     else:
         result = benchmarks.bench_memory(bb, args.B, args.G, args.K, args.T, args.Dz, args.K, args.grpo_new_tokens)
         rows = [result]

@@ -132,17 +132,7 @@ def setup_grpo(cfg: DictConfig) -> Arm:
     module = GRPOModule(policy, tokenizer, fmt, settings, reward_config(cfg), base_sha256=base_hash)
 
     def evaluate(records: Sequence[Record], label: str) -> list[DepthScore]:
-        return evaluate_by_depth(
-            module.policy.to(device),
-            tokenizer,
-            fmt,
-            records,
-            label=label,
-            mode="cot",
-            max_new_tokens=cfg.eval.max_new_tokens,
-            batch_size=cfg.eval.batch_size,
-            reward=reward_config(cfg),
-        )
+        return own_chain_scores(cfg, module.policy.to(device), tokenizer, records, label)
 
     def sample_attempts(records: Sequence[Record], k: int) -> list[list[str]]:
         return module.sample_attempts(list(records), k, cfg.eval.max_new_tokens)
@@ -161,6 +151,22 @@ def setup_grpo(cfg: DictConfig) -> Arm:
 
 
 ARMS = {"dlr": setup_dlr, "grpo": setup_grpo}
+
+
+def own_chain_scores(cfg: DictConfig, model, tokenizer, records: Sequence[Record], label: str) -> list[DepthScore]:
+    """Greedy accuracy by depth of `model` writing its own text chain: GRPO's evaluation, and the
+    forgetting check's common start for every arm."""
+    return evaluate_by_depth(
+        model,
+        tokenizer,
+        prompt_format(cfg),
+        records,
+        label=label,
+        mode="cot",
+        max_new_tokens=cfg.eval.max_new_tokens,
+        batch_size=cfg.eval.batch_size,
+        reward=reward_config(cfg),
+    )
 
 
 def fit(cfg: DictConfig, arm: Arm, extra_callbacks: list | None = None, budgeted: bool = False) -> L.Trainer:

@@ -27,9 +27,9 @@ from dlr.methods.warmstart_module import encode_sft_batch, sft_completion
 from dlr.models.backbones import PromptFormat
 from dlr.report.claims import claims_table
 from dlr.report.report import SeedResult, arm_summary, overall_accuracy, write_report
-from dlr.runner.arms import ARMS, Arm, check_protected, fit, method_settings
+from dlr.runner.arms import ARMS, Arm, check_protected, fit, method_settings, own_chain_scores
 from dlr.runner.common import device_name, evaluation_device, is_rank_zero, prompt_format, reward_config, write_json
-from dlr.scoring import DepthScore, evaluate_by_depth, pass_at_k_by_depth, scores_as_dicts
+from dlr.scoring import DepthScore, pass_at_k_by_depth, scores_as_dicts
 
 log = logging.getLogger(__name__)
 
@@ -266,18 +266,7 @@ def main_text_chain_probe(
     untrained DLR pipeline (random projector and heads) would measure the projector, not forgetting."""
     if not others:
         return None, None
-    model, tokenizer = arm.text_model
-    scores = evaluate_by_depth(
-        model,
-        tokenizer,
-        fmt,
-        others,
-        label=label,
-        mode="cot",
-        max_new_tokens=cfg.eval.max_new_tokens,
-        batch_size=cfg.eval.batch_size,
-        reward=reward_config(cfg),
-    )
+    scores = own_chain_scores(cfg, *arm.text_model, others, label)
     return overall_accuracy(scores), heldout_nll(arm.text_model, fmt, others, cfg.eval.batch_size)
 
 
