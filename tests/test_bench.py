@@ -104,3 +104,56 @@ def test_explore_reports_spread_and_accuracy_by_sigma(tmp_path):
         assert rows[(0.0, depth)]["groups_with_spread"] == 0.0 and rows[(0.0, depth)]["latent_moved"] == 0.0
         assert rows[(1.0, depth)]["latent_moved"] > 0.0
     assert rows[(0.0, 1)]["accuracy"] == 1.0  # the shipped stage 1 at math depth 1
+
+
+def test_compress_chain_averages_runs_of_c_tokens_and_rescales_each_mean():
+    import torch
+
+    from dlr.benchmarks import compress_chain
+
+    chain = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [0.0, 4.0], [3.0, 4.0]])  # 5 tokens, D=2
+    # means of (1,2), (3,4), (5): [2, 0], [0, 3], [3, 4]; norms 2, 3, 5; rescaled to norm 10
+    expected = torch.tensor([[10.0, 0.0], [0.0, 10.0], [6.0, 8.0]])
+    assert torch.allclose(compress_chain(chain, 2, 10.0), expected)
+    # c=4: means of (1-4) = [1, 1.5] (norm sqrt(3.25)) and of (5) = [3, 4] (norm 5); rescaled to norm 5
+    assert torch.allclose(compress_chain(chain, 4, 5.0), torch.tensor([[5 / 3.25**0.5, 7.5 / 3.25**0.5], [3.0, 4.0]]))
+    assert torch.equal(compress_chain(chain, 1, 10.0), chain)  # c=1: the embeddings as they are, not rescaled
+
+
+def test_compress_rejects_a_ratio_below_one_naming_the_flag():
+    import torch
+
+    from dlr.benchmarks import compress_chain
+
+    with pytest.raises(ValueError, match="--ratios"):
+        compress_chain(torch.zeros(3, 2), 0, 1.0)
+    with pytest.raises(ValueError, match="--ratios"):  # before the backbone loads
+        bench.main(["compress", "--device", "cpu", "--ratios", "1", "0", "--out", "/nonexistent/c.json"])
+
+
+def test_compress_reads_the_gold_embeddings_as_the_gold_text(tmp_path):
+    """One problem per task and depth: the uncompressed chain's embeddings (c=1) decode the same
+    answers as the chain given as text, in one left-padded batch of spans of different lengths."""
+    result = bench.main(["compress", "--device", "cpu", "--per-depth", "1", "--json", str(tmp_path / "c.json")])
+    assert json.loads((tmp_path / "c.json").read_text()) == json.loads(json.dumps(result))
+    by = {(s["model"], s["task"], s["depth"]): s["accuracy"] for s in result["scores"]}
+    models = {m for m, _, _ in by}
+    assert models == {
+        "gold chain as text (ceiling)",
+        "gold embeddings, c=1 (as is)",
+        "gold embeddings, c=2 (means)",
+        "gold embeddings, c=4 (means)",
+        "random span (c=1 length)",
+        "empty span (direct)",
+    }
+    cells = {(t, d) for _, t, d in by}
+    assert cells == {(t, d) for t in ("logic", "math") for d in range(1, 9)}
+    assert result["c1_matches_text"] == 1.0
+    for task, depth in cells:
+        assert by[("gold embeddings, c=1 (as is)", task, depth)] == by[("gold chain as text (ceiling)", task, depth)]
+    assert by[("gold chain as text (ceiling)", "math", 1)] == 1.0
+    lengths = {(r["task"], r["depth"]): r for r in result["lengths"]}
+    assert set(lengths) == cells
+    assert set(lengths[("math", 1)]) == {"task", "depth", "chain_tokens", "span_c2", "span_c4"}
+    for row in lengths.values():  # one problem per cell: the latents are ceil(tokens / c)
+        assert row["span_c2"] == -(-row["chain_tokens"] // 2) and row["span_c4"] == -(-row["chain_tokens"] // 4)
