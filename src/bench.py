@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.command == "compress":  # a bad --ratios fails before the backbone loads
         for ratio in args.ratios:
-            benchmarks.compress_chain(torch.zeros(1, 1), ratio, 1.0)
+            benchmarks.check_ratio(ratio)
     torch.manual_seed(0)
     bb = benchmarks.load_backbone(args.backbone, args.device)
     if args.command == "rollout":

@@ -21,16 +21,16 @@ def forward_flops(parameters: int, tokens: int, backward: str = "none") -> float
     return 2.0 * parameters * tokens * factor
 
 
+def unpacked_numel(parameter: torch.nn.Parameter) -> int:
+    """Weights a parameter holds, 4-bit packed ones counted unpacked (bitsandbytes stores two per byte)."""
+    return parameter.numel() * (2 if type(parameter).__name__ == "Params4bit" else 1)
+
+
 def compute_parameters(model: torch.nn.Module) -> int:
     """Parameters that do per-token compute: input embeddings excluded (a lookup), the output head
     included even when tied to them (a matmul), 4-bit packed weights counted unpacked."""
     embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    total = 0
-    for p in model.parameters():
-        if id(p) in embeddings:
-            continue
-        packed = type(p).__name__ == "Params4bit"  # bitsandbytes stores two 4-bit values per byte
-        total += p.numel() * (2 if packed else 1)
+    total = sum(unpacked_numel(p) for p in model.parameters() if id(p) not in embeddings)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and id(head.weight) in embeddings:  # tied: skipped above, but it does compute
         total += head.weight.numel()
@@ -55,11 +55,7 @@ def model_cost(model: torch.nn.Module) -> ModelCost:
     """`compute_parameters(model)` split into body and output head."""
     total = compute_parameters(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    head_parameters = (
-        0
-        if head is None
-        else sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in head.parameters())
-    )
+    head_parameters = 0 if head is None else sum(unpacked_numel(p) for p in head.parameters())
     return ModelCost(total - head_parameters, head_parameters)
 
 

@@ -464,12 +464,17 @@ def probe_exploration(
     return {"samples": samples, "per_depth": per_depth, "rows": rows}
 
 
+def check_ratio(ratio: int) -> None:
+    """A compression ratio is a whole number of chain tokens per latent, at least 1."""
+    if not isinstance(ratio, int) or ratio < 1:
+        raise ValueError(f"--ratios: a compression ratio is a whole number of tokens per latent >= 1, got {ratio!r}")
+
+
 def compress_chain(embeds: torch.Tensor, ratio: int, norm: float) -> torch.Tensor:
     """A chain of token embeddings [L, D] compressed `ratio` to one: the mean of each run of `ratio`
     consecutive rows (the last run may be shorter), rescaled to L2 norm `norm`; [ceil(L / ratio), D].
     At ratio 1 the embeddings come back as they are (not rescaled), so the span equals the text."""
-    if not isinstance(ratio, int) or ratio < 1:
-        raise ValueError(f"--ratios: a compression ratio is a whole number of tokens per latent >= 1, got {ratio!r}")
+    check_ratio(ratio)
     if ratio == 1:
         return embeds
     means = torch.stack([group.mean(0) for group in embeds.split(ratio)])  # [ceil(L / ratio), D]
@@ -519,8 +524,8 @@ def probe_compression(bb: Backbone, per_depth: int, ratios: list[int], batch_siz
     from dlr.models.readout import Readout
     from dlr.scoring import evaluate_by_depth, score_by_depth
 
-    for ratio in ratios:
-        compress_chain(torch.zeros(1, 1), ratio, 1.0)  # fail on a bad ratio before any decoding
+    for ratio in ratios:  # fail on a bad ratio before any decoding
+        check_ratio(ratio)
     data = ReasoningDataModule("mixed", 1, [1, 4], [1, 8], 0, 1000, per_depth, {"math": 0.5, "logic": 0.5})
     records = data.test_records()
     tok, fmt, main = bb.main_tokenizer, bb.fmt, bb.main
