@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 from dlr.data.schema import Record
 from dlr.models.backbones import PromptFormat
 from dlr.models.generation import greedy_complete
-from dlr.rewards import RewardConfig, score
+from dlr.rewards import RewardConfig
 
 MODES = ("cot", "direct")  # reason in text first | answer at once after an empty latent span
 
@@ -50,7 +50,7 @@ def score_by_depth(
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
         for record, completion in zip(chunk, complete(chunk), strict=True):
-            s = score(completion, record.answer, record.task, **asdict(reward))
+            s = reward.score(completion, record.answer, record.task)
             scored[(record.task, record.depth)].append((s.correct, s.format))
     return [
         DepthScore(label, task, depth, len(v), sum(c for c, _ in v) / len(v), sum(f for _, f in v) / len(v))
@@ -73,7 +73,7 @@ def pass_at_k_by_depth(
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
         for record, attempts in zip(chunk, sample(chunk, k), strict=True):
-            verdicts = [score(c, record.answer, record.task, **asdict(reward)) for c in attempts]
+            verdicts = [reward.score(c, record.answer, record.task) for c in attempts]
             passed = float(any(v.correct for v in verdicts))
             scored[(record.task, record.depth)].append((passed, sum(v.format for v in verdicts) / len(verdicts)))
     return [

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -31,6 +31,11 @@ def format_ok(completion: str, pattern: str = DEFAULT_FORMAT_PATTERN) -> bool:
     return _compiled(pattern).fullmatch(completion) is not None
 
 
+# Columns of the score tensors (`score_batch`'s [N, 3], the arms' [B, K, 3]), in `RewardBreakdown`'s order.
+CORRECT, FORMAT, TOTAL = 0, 1, 2
+SCORE_COLUMNS = ("correct", "format", "total")
+
+
 @dataclass(frozen=True)
 class RewardBreakdown:
     correct: float  # 0.0 or 1.0
@@ -40,13 +45,14 @@ class RewardBreakdown:
 
 @dataclass(frozen=True)
 class RewardConfig:
-    """Reward settings, built from the Hydra `reward` group: `RewardConfig(**cfg.reward)`.
-    Field names match `score`'s keyword arguments, so `score(..., **dataclasses.asdict(cfg))` works."""
+    """Reward settings, built from the Hydra `reward` group (configs/reward/default.yaml, the one source
+    of their values). Field names match `score`'s keyword arguments; `format_pattern` left out of the
+    config (null there) is the default template."""
 
     w_correct: float = 1.0
     w_format: float = 0.2
-    format_pattern: str = DEFAULT_FORMAT_PATTERN
     math_verify_timeout_s: float = DEFAULT_TIMEOUT_S
+    format_pattern: str = DEFAULT_FORMAT_PATTERN
 
     def __post_init__(self) -> None:
         for key in ("w_correct", "w_format", "math_verify_timeout_s"):
@@ -63,6 +69,14 @@ class RewardConfig:
             _compiled(self.format_pattern)
         except re.error as error:
             raise ValueError(f"reward.format_pattern does not compile: {error}") from error
+
+    def score(self, completion: str, gold_answer: str, task: str) -> RewardBreakdown:
+        """`score` under these settings."""
+        return score(completion, gold_answer, task, **asdict(self))
+
+    def score_batch(self, completions: list[str], gold_answers: list[str], tasks: list[str]) -> torch.Tensor:
+        """`score_batch` under these settings: [N, 3] (correct, format, total)."""
+        return score_batch(completions, gold_answers, tasks, **asdict(self))
 
 
 def score(
