@@ -9,7 +9,6 @@ CUDA-synchronised wall seconds on a GPU and wall seconds on the CPU; compare rat
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 import tempfile
@@ -133,10 +132,12 @@ def dlr_module(
     decode_tokens: int,
     readout: str = "rationale",
 ):
+    from dlr.config import reward_from_yaml, settings_from_yaml
     from dlr.methods.dlr_module import DLRModule, DLRSettings
-    from dlr.rewards import RewardConfig
 
-    settings = DLRSettings.from_dict(
+    settings = settings_from_yaml(
+        DLRSettings,
+        "dlr",
         {
             "latent": {"steps": latent_steps, "dim": latent_dim},
             "alignment": {"steps": 0},
@@ -146,7 +147,7 @@ def dlr_module(
             "max_new_tokens": {"rationale": decode_tokens, "answer": 1}
             if readout == "rationale"
             else {"rationale": decode_tokens + 1, "answer": decode_tokens},
-        }
+        },
     )
     return DLRModule(
         bb.main,
@@ -155,7 +156,7 @@ def dlr_module(
         bb.assistant_tokenizer,
         bb.fmt,
         settings,
-        RewardConfig(),
+        reward_from_yaml(),
         bb.placeholder,
     ).to(bb.device)
 
@@ -275,9 +276,9 @@ def bench_memory(
     from lightning import Trainer
 
     from dlr.accounting import peak_memory_bytes, reset_peak_memory
+    from dlr.config import reward_from_yaml, settings_from_yaml
     from dlr.data.datamodule import ReasoningDataModule
     from dlr.methods.grpo_module import GRPOModule, GRPOSettings
-    from dlr.rewards import RewardConfig
 
     def one_step(module) -> float:
         reset_peak_memory(bb.device)
@@ -308,10 +309,12 @@ def bench_memory(
         dlr_module(bb, num_samples, num_decoded, latent_steps, latent_dim, grpo_new_tokens)
     )  # rationale readout
     lora = {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
-    settings = GRPOSettings(
-        num_generations=grpo_generations, max_new_tokens=grpo_new_tokens, micro_batch_size=8, lora=lora
+    settings = settings_from_yaml(
+        GRPOSettings,
+        "grpo",
+        {"num_generations": grpo_generations, "max_new_tokens": grpo_new_tokens, "micro_batch_size": 8, "lora": lora},
     )
-    grpo_peak = one_step(GRPOModule(add_lora(bb.main, lora), bb.main_tokenizer, bb.fmt, settings, RewardConfig()))
+    grpo_peak = one_step(GRPOModule(add_lora(bb.main, lora), bb.main_tokenizer, bb.fmt, settings, reward_from_yaml()))
     return {
         "backbone": bb.name,
         "questions": questions_per_batch,
@@ -349,12 +352,14 @@ def probe_readouts(bb: Backbone, per_depth: int, latent_steps: int, latent_dim: 
 def _probe_readout(
     bb: Backbone, readout: str, records: list, latent_steps: int, latent_dim: int, stage1: Path, main_sha: str
 ) -> list:
+    from dlr.config import reward_from_yaml
     from dlr.methods.stage1 import load_stage1
     from dlr.models.generation import greedy_complete, greedy_decode_embeds
     from dlr.models.readout import latent_main_inputs
     from dlr.scoring import evaluate_by_depth, score_by_depth
 
     tok, fmt, n = bb.main_tokenizer, bb.fmt, len(records)
+    reward = reward_from_yaml()
     module = dlr_module(bb, 4, 1, latent_steps, latent_dim, 96 if readout == "rationale" else 4, readout)
     module.main_sha256 = main_sha
     decode_tokens = module.readout.max_new_tokens
@@ -365,7 +370,7 @@ def _probe_readout(
             prompts = [f"{fmt.prompt(r.question, tok)} {fmt.bol} {span_text(r)}{tail}" for r in chunk]
             return [module.readout.scored_text(o) for o in greedy_complete(bb.main, tok, prompts, decode_tokens)]
 
-        return score_by_depth(records, complete, label=label, batch_size=n)
+        return score_by_depth(records, complete, label=label, batch_size=n, reward=reward)
 
     def latent_span(label: str, projected_of) -> list:
         def complete(chunk):
@@ -374,7 +379,7 @@ def _probe_readout(
             texts, _ = greedy_decode_embeds(bb.main, embeds, mask, tok, decode_tokens)
             return [module.readout.scored_text(t) for t in texts]
 
-        return score_by_depth(records, complete, label=label, batch_size=n)
+        return score_by_depth(records, complete, label=label, batch_size=n, reward=reward)
 
     def policy_span(chunk):
         ids, mask = module.encode_questions(chunk)
@@ -386,7 +391,9 @@ def _probe_readout(
         return (x / x.norm(dim=-1, keepdim=True) * module.embedding_norm).to(bb.device)
 
     if readout == "rationale":
-        scores = evaluate_by_depth(bb.main, tok, fmt, records, label="rationale/no latents (own chain)", batch_size=n)
+        scores = evaluate_by_depth(
+            bb.main, tok, fmt, records, label="rationale/no latents (own chain)", batch_size=n, reward=reward
+        )
         scores += text_span(
             f"rationale/gold chain's first {latent_steps} tokens", lambda r: " ".join(r.cot.split()[:latent_steps])
         )
@@ -400,6 +407,7 @@ def _probe_readout(
             mode="direct",
             max_new_tokens=4,
             batch_size=n,
+            reward=reward,
         )
         scores += text_span("answer/gold chain (c=1)", lambda r: r.cot)
     scores += latent_span(f"{readout}/{latent_steps} random latents", random_span)
@@ -423,10 +431,11 @@ def probe_exploration(
     By depth: accuracy of the mean chain, of the sampled chains, the share of questions whose samples
     disagree in reward (the groups RL can learn from), and how far the noise moves the projected
     latents (||P(z) - P(mu)|| / ||P(mu)||)."""
+    from dlr.config import reward_from_yaml
     from dlr.data.datamodule import ReasoningDataModule
     from dlr.methods.stage1 import load_stage1
     from dlr.models.backbones import weights_sha256
-    from dlr.rewards import RewardConfig, score_batch
+    from dlr.rewards import CORRECT
 
     info = json.loads((stage1 / "rationale" / "stage1.json").read_text())
     module = dlr_module(bb, samples, 1, info["latent"]["steps"], info["latent"]["dim"], 64, "rationale")
@@ -446,7 +455,7 @@ def probe_exploration(
         texts = module.decode(records, z)  # question-major
         golds = [r.answer for r in records for _ in range(k)]
         tasks = [r.task for r in records for _ in range(k)]
-        correct = score_batch(texts, golds, tasks, **dataclasses.asdict(RewardConfig()))[:, 0].reshape(-1, k)
+        correct = reward_from_yaml().score_batch(texts, golds, tasks)[:, CORRECT].reshape(-1, k)
         moved = (module.projector(z) - module.projector(mu)).norm(dim=-1) / module.projector(mu).norm(dim=-1)
         for depth in depths:
             rows_at = [i for i, r in enumerate(records) if r.depth == depth]

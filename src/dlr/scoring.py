@@ -42,7 +42,7 @@ def score_by_depth(
     *,
     label: str,
     batch_size: int,
-    reward: RewardConfig = RewardConfig(),
+    reward: RewardConfig,
 ) -> list[DepthScore]:
     """Score `complete(chunk)` (one completion per record, answer line included) with the reward's
     strict checker, batch by batch, grouped by (task, depth)."""
@@ -65,7 +65,7 @@ def pass_at_k_by_depth(
     *,
     label: str,
     batch_size: int,
-    reward: RewardConfig = RewardConfig(),
+    reward: RewardConfig,
 ) -> list[DepthScore]:
     """pass@k by (task, depth): a problem passes when any of its k sampled completions is correct.
     `sample(chunk, k)` returns k completions per record; `format_rate` is that of all samples."""
@@ -93,7 +93,7 @@ def evaluate_by_depth(
     mode: str = "cot",
     max_new_tokens: int = 96,
     batch_size: int = 64,
-    reward: RewardConfig = RewardConfig(),
+    reward: RewardConfig,
 ) -> list[DepthScore]:
     """Greedy text completions of a model, scored by (task, depth)."""
     prefix = completion_prefix(fmt, mode)

@@ -1,9 +1,13 @@
 """The settings of both RL arms, `cfg.method` of `method=dlr` and `method=grpo`, validated once at start
-so that a bad value fails before any training, with a message naming its config key."""
+so that a bad value fails before any training, with a message naming its config key.
+
+No field has a default: configs/method/dlr.yaml and grpo.yaml are the one source of the values and
+say what each means (docs/design.md §3). Tests and benchmarks build them with `dlr.config.settings_from_yaml`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
+from typing import ClassVar
 
 from dlr.methods.losses import ADVANTAGE_SCALES, LOSS_TYPES
 from dlr.models.critic import FILTERS
@@ -11,84 +15,96 @@ from dlr.models.latent_policy import LATENT_MODES
 from dlr.models.readout import READOUTS
 
 
+def from_values(cls, values: dict, key: str):
+    """`cls(**values)` for the config node `key`; an unknown or a missing setting fails naming it."""
+    known = {f.name for f in fields(cls)}
+    unknown, missing = set(values) - known, known - set(values)
+    if unknown:
+        raise ValueError(f"{key} has unknown settings {sorted(unknown)}; known: {sorted(known)}")
+    if missing:
+        raise ValueError(f"{key} lacks the settings {sorted(missing)}: configs/method/ sets every one")
+    return cls(**values)
+
+
+def raise_first_failed(checks: list[tuple[bool, str]]) -> None:
+    """Raise ValueError with the message of the first check that fails."""
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
 @dataclass(frozen=True)
 class LatentSettings:
-    steps: int = 8  # T
-    dim: int = 64  # Dz
-    mode: str = "parallel"
-    num_modes: int = 1
-    log_sigma_min: float = -5.0
-    log_sigma_max: float = 0.5
-    log_sigma_init: float = -1.0
+    steps: int  # T
+    dim: int  # Dz
+    mode: str
+    num_modes: int
+    log_sigma_min: float
+    log_sigma_max: float
+    log_sigma_init: float
 
 
 @dataclass(frozen=True)
 class AlignmentSettings:
-    steps: int = 100
-    lr: float = 1e-3
-    pull_weight: float = 1.0  # rationale readout: weight of the pull toward the chain's opening embeddings
-    init_from: str | None = None  # a shipped stage 1 (folder) to start from
-    export_to: str | None = None  # save the state after stage 1 here (folder), with the main's hash
+    steps: int
+    lr: float
+    pull_weight: float  # rationale readout: weight of the pull toward the chain's opening embeddings
+    init_from: str | None  # a shipped stage 1 (folder) to start from
+    export_to: str | None  # save the state after stage 1 here (folder), with the main's hash
 
 
 @dataclass(frozen=True)
 class RLSettings:
-    steps: int = 100
-    lr: float = 1e-4
-    num_samples: int = 16  # G
-    num_decoded: int = 4  # K
-    filter: str = "critic"
-    k_explore: int = 1
-    scale: str = "group"
-    ppo_epochs: int = 1
-    clip_eps: float = 0.2
-    lambda_con: float = 0.1
-    tau: float = 0.1
-    beta: float = 0.0
-    lambda_ent: float = 0.0
-    lambda_modes: float = 0.1
+    steps: int
+    lr: float
+    num_samples: int  # G
+    num_decoded: int  # K
+    filter: str
+    k_explore: int
+    scale: str
+    ppo_epochs: int
+    clip_eps: float
+    lambda_con: float
+    tau: float
+    beta: float
+    lambda_ent: float
+    lambda_modes: float
 
 
 @dataclass(frozen=True)
 class CriticSettings:
-    hidden: int = 256
-    lr: float = 1e-3
-    warmup: int = 10  # RL batches with a random filter before the critic chooses
-    weight: float = 1.0  # of L_critic in the stage-2 loss
+    hidden: int
+    lr: float
+    warmup: int  # RL batches with a random filter before the critic chooses
+    weight: float  # of L_critic in the stage-2 loss
 
 
 @dataclass(frozen=True)
 class DLRSettings:
     """`cfg.method` of `method=dlr`, validated once at start so a bad value fails before any training."""
 
-    latent: LatentSettings = field(default_factory=LatentSettings)
-    alignment: AlignmentSettings = field(default_factory=AlignmentSettings)
-    rl: RLSettings = field(default_factory=RLSettings)
-    critic: CriticSettings = field(default_factory=CriticSettings)
-    readout: str = "rationale"  # rationale: the main writes its own chain after the latents | answer
-    max_new_tokens: dict = field(default_factory=lambda: {"rationale": 64, "answer": 4})  # decode budget by readout
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    accumulate_grad_batches: int = 1
-    max_consecutive_nonfinite: int = 5  # skipped steps in a row before the run stops
+    GROUPS: ClassVar[tuple[str, ...]] = ("latent", "alignment", "rl", "critic")  # nested groups of settings
+
+    latent: LatentSettings
+    alignment: AlignmentSettings
+    rl: RLSettings
+    critic: CriticSettings
+    readout: str  # rationale: the main writes its own chain after the latents | answer
+    max_new_tokens: dict  # decode budget by readout
+    weight_decay: float
+    grad_clip: float
+    accumulate_grad_batches: int
+    max_consecutive_nonfinite: int  # skipped steps in a row before the run stops
 
     @classmethod
     def from_dict(cls, values: dict) -> DLRSettings:
-        groups = {"latent": LatentSettings, "alignment": AlignmentSettings, "rl": RLSettings, "critic": CriticSettings}
-        kwargs = {}
-        for key, value in values.items():
-            if key == "name":
-                continue
-            if key not in {f.name for f in fields(cls)}:
-                raise ValueError(f"method.{key} is not a DLR setting")
-            if key in groups:
-                known = {f.name for f in fields(groups[key])}
-                unknown = set(value) - known
-                if unknown:
-                    raise ValueError(f"method.{key} has unknown settings {sorted(unknown)}; known: {sorted(known)}")
-                value = groups[key](**value)
-            kwargs[key] = value
-        return cls(**kwargs)
+        """From the resolved `cfg.method` (its `name`, the dispatch key, is not a setting)."""
+        groups = dict(zip(cls.GROUPS, (LatentSettings, AlignmentSettings, RLSettings, CriticSettings), strict=True))
+        kwargs = {k: v for k, v in values.items() if k != "name"}
+        for key, group in groups.items():
+            if isinstance(kwargs.get(key), dict):
+                kwargs[key] = from_values(group, kwargs[key], f"method.{key}")
+        return from_values(cls, kwargs, "method")
 
     def __post_init__(self) -> None:
         rl, latent = self.rl, self.latent
@@ -134,9 +150,7 @@ class DLRSettings:
             ),
             (self.max_consecutive_nonfinite >= 1, "method.max_consecutive_nonfinite must be >= 1"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        raise_first_failed(checks)
 
     @property
     def decode_tokens(self) -> int:
@@ -155,33 +169,32 @@ CACHES = ("static", "dynamic")
 class GRPOSettings:
     """`cfg.method` of `method=grpo`, validated at start."""
 
-    steps: int = 100
-    lr: float = 5e-4
-    num_generations: int = 4  # K completions per question
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    cache: str = "static"
-    scale_rewards: str = "group"
-    loss_type: str = "grpo"
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    num_iterations: int = 1
-    beta: float = 0.0
-    entropy_coef: float = 0.0
-    micro_batch_size: int = 16
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    accumulate_grad_batches: int = 1
-    max_consecutive_nonfinite: int = 5  # skipped steps in a row before the run stops
-    lora: dict = field(default_factory=dict)
+    GROUPS: ClassVar[tuple[str, ...]] = ()  # no nested groups (`lora` is one setting: peft's LoraConfig)
+
+    steps: int
+    lr: float
+    num_generations: int  # K completions per question
+    max_new_tokens: int
+    temperature: float
+    cache: str
+    scale_rewards: str
+    loss_type: str
+    eps_low: float
+    eps_high: float
+    num_iterations: int
+    beta: float
+    entropy_coef: float
+    micro_batch_size: int
+    weight_decay: float
+    grad_clip: float
+    accumulate_grad_batches: int
+    max_consecutive_nonfinite: int  # skipped steps in a row before the run stops
+    lora: dict
 
     @classmethod
     def from_dict(cls, values: dict) -> GRPOSettings:
-        known = set(cls.__dataclass_fields__)
-        unknown = set(values) - known - {"name"}
-        if unknown:
-            raise ValueError(f"method has unknown GRPO settings {sorted(unknown)}")
-        return cls(**{k: v for k, v in values.items() if k != "name"})
+        """From the resolved `cfg.method` (its `name`, the dispatch key, is not a setting)."""
+        return from_values(cls, {k: v for k, v in values.items() if k != "name"}, "method")
 
     def __post_init__(self) -> None:
         checks = [
@@ -213,6 +226,4 @@ class GRPOSettings:
             (bool(self.lora), "method.lora must configure the adapters (GRPO trains LoRA on the 4-bit main model)"),
             (self.max_consecutive_nonfinite >= 1, "method.max_consecutive_nonfinite must be >= 1"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        raise_first_failed(checks)

@@ -49,9 +49,9 @@ class RewardConfig:
     of their values). Field names match `score`'s keyword arguments; `format_pattern` left out of the
     config (null there) is the default template."""
 
-    w_correct: float = 1.0
-    w_format: float = 0.2
-    math_verify_timeout_s: float = DEFAULT_TIMEOUT_S
+    w_correct: float
+    w_format: float
+    math_verify_timeout_s: float
     format_pattern: str = DEFAULT_FORMAT_PATTERN
 
     def __post_init__(self) -> None:
@@ -69,6 +69,11 @@ class RewardConfig:
             _compiled(self.format_pattern)
         except re.error as error:
             raise ValueError(f"reward.format_pattern does not compile: {error}") from error
+
+    @classmethod
+    def from_dict(cls, values: dict) -> RewardConfig:
+        """From the resolved `cfg.reward`; a null setting is left to its default (the format template)."""
+        return cls(**{k: v for k, v in values.items() if v is not None})
 
     def score(self, completion: str, gold_answer: str, task: str) -> RewardBreakdown:
         """`score` under these settings."""
