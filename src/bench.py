@@ -1,4 +1,4 @@
-"""Performance benchmarks: each sub-command prints a table and writes JSON (DESIGN §11).
+"""Performance benchmarks: each sub-command prints a table and writes JSON (docs/design.md §11).
 
 python src/bench.py rollout                      # DLR vs GRPO seconds per attempt, tiny backbone
 python src/bench.py decode --batch-sizes 16 64 256 --backbone qwen2.5-0.5b+1.5b --device cuda

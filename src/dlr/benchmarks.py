@@ -1,4 +1,4 @@
-"""What an RL step costs (DESIGN §11): `src/bench.py rollout|decode|memory` on a named backbone.
+"""What an RL step costs (docs/design.md §11): `src/bench.py rollout|decode|memory` on a named backbone.
 
 `tiny` loads the shipped tiny backbone; a real backbone name (`qwen2.5-0.5b+1.5b`, ...) builds its
 models from the config's `shapes` with random weights and the tiny tokenizer (no download), saves

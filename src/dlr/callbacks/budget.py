@@ -1,4 +1,4 @@
-"""The compute budget of an RL arm (DESIGN §9): device-seconds, estimated FLOPs, generated tokens and peak
+"""The compute budget of an RL arm (docs/design.md §5): device-seconds, estimated FLOPs, generated tokens and peak
 memory of everything the arm runs after the common start; evaluation is excluded. The arm stops when
 its budget is spent, and is evaluated at fixed fractions of it.
 

@@ -1,4 +1,4 @@
-"""How good the critic's pre-decode choice is (DESIGN §7 step 2): every N stage-2 steps, decode all G
+"""How good the critic's pre-decode choice is (docs/design.md §7, stage 2 step 2): every N stage-2 steps, decode all G
 sampled chains once more and compare the critic's top-K with the true top-K."""
 
 from __future__ import annotations

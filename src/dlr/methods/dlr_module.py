@@ -1,4 +1,4 @@
-"""DLR: latent alignment (stage 1), then latent RL (stage 2), with a frozen main model (DESIGN §7).
+"""DLR: latent alignment (stage 1), then latent RL (stage 2), with a frozen main model (docs/design.md §7).
 
 Stage 1 runs for `alignment.steps` optimizer steps: the assistant's mean chain, projected into the main
 model's input, must make the frozen main model write the gold target. Stage 2 runs `rl.steps` more:
@@ -245,7 +245,7 @@ class DLRModule(RLModule):
         self.log("nll", logs["train/align_nll"], prog_bar=True, logger=False, batch_size=B)
 
     def rl_step(self, records: list[Record], optimizer) -> None:
-        """Stage 2: sample G chains, decode the K the filter keeps, reward, and update (DESIGN §7)."""
+        """Stage 2: sample G chains, decode the K the filter keeps, reward, and update (docs/design.md §7)."""
         s = self.settings.rl
         if self.reference is not None and not self.reference_synced:
             self.reference.load_state_dict(self.policy.state_dict())  # pi_ref = the policy after stage 1

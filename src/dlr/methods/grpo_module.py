@@ -1,5 +1,5 @@
 """Token-space GRPO on the main model with LoRA adapters (QLoRA), the baseline DLR is judged against
-(DESIGN §8).
+(docs/design.md §8).
 
 Per batch of B questions: sample K completions each at temperature 1 with a static KV cache, reward
 them with the same reward as DLR, normalise advantages within each question's group, and minimise

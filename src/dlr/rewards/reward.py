@@ -1,4 +1,4 @@
-"""Format check and the dual reward `w_correct * correct + w_format * format` (DESIGN: rewards).
+"""Format check and the dual reward `w_correct * correct + w_format * format` (docs/design.md §9).
 
 Both components are 0 or 1 and independent: a well-formed wrong answer earns `w_format`, a correct
 answer in a malformed completion earns `w_correct` (correctness uses the strict extractor).
