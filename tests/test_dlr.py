@@ -26,6 +26,7 @@ from dlr.methods.losses import (
 )
 from dlr.models.backbones import ModelSpec, PromptFormat, load_assistant, load_main, load_tokenizer, weights_sha256
 from dlr.models.critic import RewardCritic, select_latents
+from dlr.rewards import TOTAL
 
 
 def test_latent_rl_loss_is_the_weighted_sum_of_its_terms():
@@ -227,6 +228,8 @@ def test_both_stages_train_exactly_the_dlr_parameters_and_never_the_main_model(
     rollout = module.last_rollout
     assert rollout.z.shape == (4, 6, 3, 8) and rollout.rewards.shape == (4, 3)
     assert ((rollout.rewards >= 0) & (rollout.rewards <= 1.2)).all()
+    assert module.last_scores.shape == (4, 3, 3)  # [B, K, (correct, format, total)], question-major
+    torch.testing.assert_close(module.last_scores[..., TOTAL], rollout.rewards)
 
 
 def test_dlr_runs_end_to_end_from_the_command_line_and_resumes(tmp_path):

@@ -14,6 +14,7 @@ from dlr.methods.grpo_module import GRPOModule, GRPOSettings
 from dlr.methods.losses import LOSS_TYPES, aggregate_token_loss, micro_batch_weight
 from dlr.models.backbones import ModelSpec, PromptFormat, add_lora, load_main, load_tokenizer, weights_sha256
 from dlr.models.generation import completion_log_probs, completion_mask_after_eos, sample_completions
+from dlr.rewards import TOTAL
 
 
 def test_completion_mask_stops_after_the_first_eos():
@@ -141,6 +142,8 @@ def test_a_grpo_step_changes_only_lora_weights(tiny_pair, tmp_path):
     assert any("lora_B" in k for k in changed)
     assert weights_sha256(module.policy, exclude="lora_") == module.base_sha256
     assert int(module.generated_tokens) > 0
+    assert module.last_scores.shape == (3, 3, 3)  # [B, K, (correct, format, total)] of the last batch
+    assert module.last_reward == float(module.last_scores[..., TOTAL].mean())
 
 
 @pytest.mark.parametrize(
