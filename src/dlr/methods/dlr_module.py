@@ -294,7 +294,6 @@ class DLRModule(RLModule):
         self.last_rollout = Rollout(records, z_all, predicted.detach(), kept, rewards, log_sigma.detach(), mu.detach())
 
         logs = {
-            **self.reward_metrics(scores, zero_spread),
             "train/loss/pg": terms["pg"],
             "train/loss/contrastive": terms["contrastive"],
             "train/loss/critic": critic_loss.detach(),
@@ -304,7 +303,7 @@ class DLRModule(RLModule):
             "train/contrastive_skipped_questions": terms["contrastive_skipped"],
             "train/filter_uses_critic": float(use_critic),
         }
-        self.finish_rl_batch(scores, norm, logs)
+        self.finish_rl_batch(scores, zero_spread, norm, logs)
 
     def _scored_latents(self, dist, ids, mask, z, kept, modes):
         """The current policy's (mu, log_sigma) for each decoded chain [B, K, T, Dz], the anchors

@@ -156,7 +156,6 @@ class GRPOModule(RLModule):
         self.generated_tokens += int(lengths.sum())
         passes = s.num_iterations * max(total_tokens, 1.0)
         logs = {
-            **self.reward_metrics(scores, zero_spread),
             "train/completions/mean_length": lengths.mean(),
             "train/completions/max_length": lengths.max(),
             "train/completions/clipped_ratio": (~torch.isin(completion_ids, self.eos_ids).any(1)).float().mean(),
@@ -168,7 +167,7 @@ class GRPOModule(RLModule):
             "train/num_tokens": float(self.generated_tokens),
             "train/generation_tokens_per_s": total_tokens / max(gen_seconds, 1e-9),
         }
-        self.finish_rl_batch(scores, norm, logs)
+        self.finish_rl_batch(scores, zero_spread, norm, logs)
 
     @torch.no_grad()
     def sample_attempts(self, records: list[Record], k: int, max_new_tokens: int) -> list[list[str]]:

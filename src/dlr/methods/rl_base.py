@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 from lightning import LightningModule
+from torchmetrics import Metric
 
 from dlr.accounting import forward_flops
 from dlr.data.schema import Record
@@ -18,6 +19,46 @@ from dlr.methods.checkpointing import TrainableStateCheckpoints
 from dlr.methods.guard import NonFiniteGuard, finite_on_every_rank
 from dlr.ranks import log_now
 from dlr.rewards import CORRECT, FORMAT, TOTAL, RewardConfig
+
+
+class RewardStatistics(Metric):
+    """TRL's reward metrics of the batches since the last reset, reduced over ranks by torchmetrics:
+    each the mean over every rank's completions (or groups), weighted by their number."""
+
+    full_state_update = False
+    NAMES = (
+        "train/reward",
+        "train/reward_std",  # mean over groups of the group's std
+        "train/rewards/correct/mean",
+        "train/rewards/format/mean",
+        "train/frac_reward_zero_std",  # groups whose rewards are all equal
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        # float64 sums of (batch mean x count): one batch's mean comes back bit for bit
+        self.add_state("sums", default=torch.zeros(len(self.NAMES), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("counts", default=torch.zeros(len(self.NAMES), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, scores: torch.Tensor, zero_spread: torch.Tensor) -> None:
+        """scores: [B, K, 3] (correct, format, total); zero_spread: [B] groups with equal rewards."""
+        rewards = scores[..., TOTAL]  # [B, K]
+        B, K = rewards.shape
+        means = torch.stack(
+            [
+                rewards.mean(),
+                rewards.std(dim=1).mean() if K > 1 else rewards.new_zeros(()),
+                scores[..., CORRECT].mean(),
+                scores[..., FORMAT].mean(),
+                zero_spread.float().mean(),
+            ]
+        )
+        counts = torch.tensor([B * K, B, B * K, B * K, B], dtype=torch.float64, device=self.sums.device)
+        self.sums += means.to(torch.float64) * counts
+        self.counts += counts
+
+    def compute(self) -> dict[str, float]:
+        return dict(zip(self.NAMES, (self.sums / self.counts).tolist(), strict=True))
 
 
 class RLModule(TrainableStateCheckpoints, LightningModule):
@@ -40,6 +81,7 @@ class RLModule(TrainableStateCheckpoints, LightningModule):
         self.last_grad_norm: float | None = None
         self.last_rollout = None  # latent chains of the last batch (DLR's Rollout); None: no latents
         self.last_scores: torch.Tensor | None = None  # [B, K, 3] (correct, format, total) of the last batch
+        self.reward_statistics = RewardStatistics()  # reduced over ranks when logged
         self._pending_backwards = 0
         self.guard = NonFiniteGuard(settings.max_consecutive_nonfinite)  # runner/arms.py may arm fault injection
 
@@ -111,28 +153,25 @@ class RLModule(TrainableStateCheckpoints, LightningModule):
         tasks = [r.task for r in records for _ in range(k)]
         return self.reward.score_batch(completions, golds, tasks).reshape(len(records), k, 3).to(self.device)
 
-    @staticmethod
-    def reward_metrics(scores: torch.Tensor, zero_spread: torch.Tensor) -> dict[str, torch.Tensor]:
-        """TRL's reward metrics of a batch. scores: [B, K, 3]; zero_spread: [B] groups with equal rewards."""
-        rewards = scores[..., TOTAL]  # [B, K]
-        return {
-            "train/reward": rewards.mean(),
-            "train/reward_std": rewards.std(dim=1).mean() if rewards.shape[1] > 1 else rewards.new_zeros(()),
-            "train/rewards/correct/mean": scores[..., CORRECT].mean(),
-            "train/rewards/format/mean": scores[..., FORMAT].mean(),
-            "train/frac_reward_zero_std": zero_spread.float().mean(),
-        }
-
-    def finish_rl_batch(self, scores: torch.Tensor, grad_norm: torch.Tensor | None, logs: dict) -> None:
-        """Record what the meter and the callbacks read after an RL batch and log its metrics."""
+    def finish_rl_batch(
+        self, scores: torch.Tensor, zero_spread: torch.Tensor, grad_norm: torch.Tensor | None, logs: dict
+    ) -> None:
+        """Record what the meter and the callbacks read after an RL batch and log its metrics, the
+        reward statistics (`RewardStatistics`) among them. zero_spread: [B] groups with equal rewards."""
         self.last_scores = scores.detach()
         self.last_reward = float(scores[..., TOTAL].mean())
         self.last_grad_norm = float(grad_norm) if grad_norm is not None else None
-        self.log_step(logs, grad_norm)
-        self.log("reward", logs["train/reward"], prog_bar=True, logger=False, batch_size=scores.shape[0])
+        self.reward_statistics.update(self.last_scores, zero_spread)
+        if self.logging_step(grad_norm):
+            log_now(self.trainer, {**logs, "train/grad_norm": grad_norm}, reduced=self.reward_statistics.compute())
+        self.reward_statistics.reset()  # each logged row is its own batch's
+        self.log("reward", self.last_reward, prog_bar=True, logger=False, batch_size=scores.shape[0])
 
     def log_step(self, logs: dict[str, torch.Tensor], grad_norm: torch.Tensor | None) -> None:
         """Log this batch's metrics when an optimizer step was taken on a logging step."""
-        if grad_norm is None or self.trainer.global_step % self.trainer.log_every_n_steps:
-            return
-        log_now(self.trainer, {**logs, "train/grad_norm": grad_norm})
+        if self.logging_step(grad_norm):
+            log_now(self.trainer, {**logs, "train/grad_norm": grad_norm})
+
+    def logging_step(self, grad_norm: torch.Tensor | None) -> bool:
+        """Whether this batch took an optimizer step (the same on every rank) on a logging step."""
+        return grad_norm is not None and self.trainer.global_step % self.trainer.log_every_n_steps == 0
