@@ -1,4 +1,4 @@
-"""Performance benchmarks: each sub-command prints a table and writes JSON (DESIGN §11).
+"""Performance benchmarks: each sub-command prints a table and writes JSON (docs/design.md §11).
 
 python src/bench.py rollout                      # DLR vs GRPO seconds per attempt, tiny backbone
 python src/bench.py decode --batch-sizes 16 64 256 --backbone qwen2.5-0.5b+1.5b --device cuda
@@ -67,11 +67,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from dlr import benchmarks
+    from dlr import benchmarks, probes
 
     if args.command == "compress":  # a bad --ratios fails before the backbone loads
         for ratio in args.ratios:
-            benchmarks.check_ratio(ratio)
+            probes.check_ratio(ratio)
     torch.manual_seed(0)
     bb = benchmarks.load_backbone(args.backbone, args.device)
     if args.command == "rollout":
@@ -85,19 +85,19 @@ def main(argv: list[str] | None = None) -> dict:
         rows = result["rows"]
     elif args.command == "explore":
         stage1_root = PROJECT_ROOT / "data" / "backbones" / "tiny" / "dlr_stage1"
-        result = benchmarks.probe_exploration(bb, stage1_root, args.sigmas, args.per_depth, args.G, args.depths)
+        result = probes.probe_exploration(bb, stage1_root, args.sigmas, args.per_depth, args.G, args.depths)
         rows = result["rows"]
     elif args.command == "probe":
         from dlr.scoring import DepthScore, depth_table
 
         stage1_root = PROJECT_ROOT / "data" / "backbones" / "tiny" / "dlr_stage1"
-        result = benchmarks.probe_readouts(bb, args.per_depth, args.T, args.Dz, stage1_root)
+        result = probes.probe_readouts(bb, args.per_depth, args.T, args.Dz, stage1_root)
         rows = None
         print(depth_table([DepthScore(**s) for s in result["scores"]]))
     elif args.command == "compress":
-        result = benchmarks.probe_compression(bb, args.per_depth, args.ratios)
+        result = probes.probe_compression(bb, args.per_depth, args.ratios)
         rows = None
-        print(benchmarks.compression_tables(result))
+        print(probes.compression_tables(result))
     else:
         result = benchmarks.bench_memory(bb, args.B, args.G, args.K, args.T, args.Dz, args.K, args.grpo_new_tokens)
         rows = [result]

@@ -1,4 +1,6 @@
-"""Shared fixtures: composing the Hydra config as `src/train.py` does, and a tiny model built locally."""
+"""Shared fixtures: composing the Hydra config as `src/train.py` does, settings built from it (the YAML is the
+one source of their values: `settings_from_yaml(DLRSettings, "dlr", {"rl": {"beta": 0.0}})` changes one), and
+a tiny model built locally."""
 
 from __future__ import annotations
 
@@ -8,18 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+
+from dlr.config import CONFIG_DIR, compose_config, reward_from_yaml, settings_from_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = ROOT / "configs"
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
-
-
-def compose_config(overrides: list[str] | None = None) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides or [])
+__all__ = ["CONFIG_DIR", "compose_config", "reward_from_yaml", "run_train", "settings_from_yaml"]
 
 
 def run_train(args: list[str], timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -109,7 +109,7 @@ def test_explore_reports_spread_and_accuracy_by_sigma(tmp_path):
 def test_compress_chain_averages_runs_of_c_tokens_and_rescales_each_mean():
     import torch
 
-    from dlr.benchmarks import compress_chain
+    from dlr.probes import compress_chain
 
     chain = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [0.0, 4.0], [3.0, 4.0]])  # 5 tokens, D=2
     # means of (1,2), (3,4), (5): [2, 0], [0, 3], [3, 4]; norms 2, 3, 5; rescaled to norm 10
@@ -123,7 +123,7 @@ def test_compress_chain_averages_runs_of_c_tokens_and_rescales_each_mean():
 def test_compress_rejects_a_ratio_below_one_naming_the_flag():
     import torch
 
-    from dlr.benchmarks import compress_chain
+    from dlr.probes import compress_chain
 
     with pytest.raises(ValueError, match="--ratios"):
         compress_chain(torch.zeros(3, 2), 0, 1.0)

@@ -355,13 +355,19 @@ def test_report_of_a_continual_run_shows_retention_and_missing_forgetting_as_das
 
 
 def test_pass_at_k_counts_a_problem_solved_by_any_attempt():
+    from conftest import reward_from_yaml
     from dlr.data.schema import Record
     from dlr.scoring import pass_at_k_by_depth
 
     records = [Record(f"q{i}", "math", f"question {i}", "cot", str(i), 1, "test") for i in range(3)]
     attempts = {"0": ["#### 5", "#### 0"], "1": ["#### 7", "####"], "2": ["#### 9", "#### 8"]}
     scores = pass_at_k_by_depth(
-        records, lambda chunk, k: [attempts[r.answer][:k] for r in chunk], 2, label="m", batch_size=2
+        records,
+        lambda chunk, k: [attempts[r.answer][:k] for r in chunk],
+        2,
+        label="m",
+        batch_size=2,
+        reward=reward_from_yaml(),
     )
     assert len(scores) == 1 and scores[0].n == 3
     assert scores[0].accuracy == pytest.approx(1 / 3)  # only q0 has a correct attempt

@@ -104,3 +104,26 @@ def test_bad_reward_weight_fails_before_any_model_loads():
     result = run_train(["experiment=eval_tiny", "reward.w_format=-1"], timeout=120)
     assert result.returncode != 0 and "reward.w_format" in result.stderr
     assert "Loading weights" not in result.stderr
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_builds_every_settings_object_from_the_yaml(experiment, tmp_path):
+    """The YAML is the one source of the settings' values: each experiment's config builds, with no
+    value filled in by code, everything the runner builds from it before any model loads."""
+    from dlr.methods.settings import DLRSettings, GRPOSettings
+    from dlr.runner.arms import method_settings
+    from dlr.runner.common import instantiate_list, model_spec, prompt_format, reward_config
+    from dlr.runner.compare import check_comparison
+
+    cfg = compose_config([f"experiment={experiment}", f"paths.output_dir={tmp_path}"])
+    assert reward_config(cfg) and prompt_format(cfg) and instantiate_list(cfg.get("callbacks")) is not None
+    assert all(model_spec(cfg.backbone[role], cfg.paths.root_dir) for role in ("main", "assistant"))
+    name = cfg.method.name
+    if name == "dlr":
+        assert isinstance(method_settings(DLRSettings, cfg), DLRSettings)
+    elif name == "grpo":
+        assert isinstance(method_settings(GRPOSettings, cfg), GRPOSettings)
+    elif name == "dlr_vs_grpo":  # every arm's (and variant's) settings and the budget meter
+        assert set(check_comparison(cfg, [0], tmp_path).values()) <= {"dlr", "grpo"}
+    else:
+        assert name in ("warmstart", "evaluate")  # no settings object beyond the reward and the backbone

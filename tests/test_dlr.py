@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from lightning import Trainer
 
-from conftest import run_train
+from conftest import reward_from_yaml, run_train, settings_from_yaml
 from dlr.callbacks.latent_diversity import effective_rank, mean_pairwise_cosine_distance
 from dlr.callbacks.reward_filter import filter_quality
 from dlr.data.datamodule import ReasoningDataModule
@@ -26,7 +26,7 @@ from dlr.methods.losses import (
 )
 from dlr.models.backbones import ModelSpec, PromptFormat, load_assistant, load_main, load_tokenizer, weights_sha256
 from dlr.models.critic import RewardCritic, select_latents
-from dlr.rewards import RewardConfig
+from dlr.rewards import TOTAL
 
 
 def test_latent_rl_loss_is_the_weighted_sum_of_its_terms():
@@ -135,7 +135,7 @@ def test_diversity_metrics_on_hand_made_chains():
 )
 def test_bad_dlr_settings_fail_with_the_key_named(override, message):
     with pytest.raises(ValueError, match=message):
-        DLRSettings.from_dict(override)
+        settings_from_yaml(DLRSettings, "dlr", override)
 
 
 def build_module(tiny_pair, settings: DLRSettings, assistant_dtype: str = "float32") -> DLRModule:
@@ -151,7 +151,7 @@ def build_module(tiny_pair, settings: DLRSettings, assistant_dtype: str = "float
         tokenizer,
         PromptFormat(template="{question} answer :"),
         settings,
-        RewardConfig(),
+        reward_from_yaml(),
         "<lat>",
         main_sha256=weights_sha256(main),
     )
@@ -163,7 +163,9 @@ def build_module(tiny_pair, settings: DLRSettings, assistant_dtype: str = "float
 def test_both_stages_train_exactly_the_dlr_parameters_and_never_the_main_model(
     tiny_pair, tmp_path, mode, num_modes, ppo_epochs
 ):
-    settings = DLRSettings.from_dict(
+    settings = settings_from_yaml(
+        DLRSettings,
+        "dlr",
         {
             "latent": {"steps": 3, "dim": 8, "mode": mode, "num_modes": num_modes},
             "alignment": {"steps": 2},
@@ -171,13 +173,14 @@ def test_both_stages_train_exactly_the_dlr_parameters_and_never_the_main_model(
                 "steps": 3,
                 "num_samples": 6,
                 "num_decoded": 3,
+                "lr": 1e-4,
                 "beta": 0.01,
                 "lambda_ent": 0.01,
                 "ppo_epochs": ppo_epochs,
             },
             "critic": {"hidden": 16, "warmup": 1},
             "max_new_tokens": {"rationale": 3, "answer": 2},
-        }
+        },
     )
     module = build_module(tiny_pair, settings)  # an untrained backbone: rewards are mostly equal, so the
     # entropy bonus is what moves log sigma (the policy gradient is zero on zero-spread groups)
@@ -225,6 +228,8 @@ def test_both_stages_train_exactly_the_dlr_parameters_and_never_the_main_model(
     rollout = module.last_rollout
     assert rollout.z.shape == (4, 6, 3, 8) and rollout.rewards.shape == (4, 3)
     assert ((rollout.rewards >= 0) & (rollout.rewards <= 1.2)).all()
+    assert module.last_scores.shape == (4, 3, 3)  # [B, K, (correct, format, total)], question-major
+    torch.testing.assert_close(module.last_scores[..., TOTAL], rollout.rewards)
 
 
 def test_dlr_runs_end_to_end_from_the_command_line_and_resumes(tmp_path):
@@ -367,12 +372,14 @@ def test_a_bf16_assistant_gives_float32_gaussians_and_evaluates(tiny_pair, mode)
 
     from dlr.data.synthetic_math import generate
 
-    settings = DLRSettings.from_dict(
+    settings = settings_from_yaml(
+        DLRSettings,
+        "dlr",
         {
             "latent": {"steps": 2, "dim": 8, "mode": mode},
             "critic": {"hidden": 8},
             "max_new_tokens": {"rationale": 3, "answer": 2},
-        }
+        },
     )
     module = build_module(tiny_pair, settings, assistant_dtype="bfloat16")
     records = [generate(random.Random(i), 1, i, "t") for i in range(3)]
@@ -390,14 +397,16 @@ def test_a_bf16_assistant_gives_float32_gaussians_and_evaluates(tiny_pair, mode)
 def test_an_injected_nan_skips_one_step_and_training_goes_on(tiny_pair, tmp_path):
     from dlr.methods.guard import NonFiniteGuard
 
-    settings = DLRSettings.from_dict(
+    settings = settings_from_yaml(
+        DLRSettings,
+        "dlr",
         {
             "latent": {"steps": 2, "dim": 8},
             "alignment": {"steps": 2},
-            "rl": {"steps": 2, "num_samples": 4, "num_decoded": 2},
+            "rl": {"steps": 2, "num_samples": 4, "num_decoded": 2, "lr": 1e-4, "beta": 0.0},
             "critic": {"hidden": 8},
             "max_new_tokens": {"rationale": 3, "answer": 2},
-        }
+        },
     )
     module = build_module(tiny_pair, settings)
     module.guard = NonFiniteGuard(3, inject_at_step=1, inject_times=1)

@@ -8,13 +8,13 @@ import pytest
 import torch
 from lightning import Trainer
 
-from conftest import run_train
+from conftest import reward_from_yaml, run_train, settings_from_yaml
 from dlr.data.datamodule import ReasoningDataModule
 from dlr.methods.grpo_module import GRPOModule, GRPOSettings
 from dlr.methods.losses import LOSS_TYPES, aggregate_token_loss, micro_batch_weight
 from dlr.models.backbones import ModelSpec, PromptFormat, add_lora, load_main, load_tokenizer, weights_sha256
 from dlr.models.generation import completion_log_probs, completion_mask_after_eos, sample_completions
-from dlr.rewards import RewardConfig
+from dlr.rewards import TOTAL
 
 
 def test_completion_mask_stops_after_the_first_eos():
@@ -87,8 +87,10 @@ def test_completion_log_probs_ignore_left_padding(tiny_pair):
 
 def grpo_module(tiny_pair, **overrides) -> GRPOModule:
     lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
-    settings = GRPOSettings(
-        **{
+    settings = settings_from_yaml(
+        GRPOSettings,
+        "grpo",
+        {
             "num_generations": 3,
             "max_new_tokens": 6,
             "micro_batch_size": 4,
@@ -96,7 +98,7 @@ def grpo_module(tiny_pair, **overrides) -> GRPOModule:
             "beta": 0.04,
             "lr": 1e-2,
             **overrides,
-        }
+        },
     )
     policy = add_lora(load_main(ModelSpec(str(tiny_pair / "main"), quantization="nf4")), settings.lora)
     tokenizer = load_tokenizer(str(tiny_pair / "main"))
@@ -105,7 +107,7 @@ def grpo_module(tiny_pair, **overrides) -> GRPOModule:
         tokenizer,
         PromptFormat(template="{question} answer :"),
         settings,
-        RewardConfig(),
+        reward_from_yaml(),
         base_sha256=weights_sha256(policy, exclude="lora_"),
     )
 
@@ -140,6 +142,8 @@ def test_a_grpo_step_changes_only_lora_weights(tiny_pair, tmp_path):
     assert any("lora_B" in k for k in changed)
     assert weights_sha256(module.policy, exclude="lora_") == module.base_sha256
     assert int(module.generated_tokens) > 0
+    assert module.last_scores.shape == (3, 3, 3)  # [B, K, (correct, format, total)] of the last batch
+    assert module.last_reward == float(module.last_scores[..., TOTAL].mean())
 
 
 @pytest.mark.parametrize(
@@ -154,7 +158,7 @@ def test_a_grpo_step_changes_only_lora_weights(tiny_pair, tmp_path):
 )
 def test_bad_grpo_settings_fail_with_the_key_named(override, message):
     with pytest.raises(ValueError, match=message):
-        GRPOSettings(**{"lora": {"r": 4}, **override})
+        settings_from_yaml(GRPOSettings, "grpo", override)
 
 
 def test_grpo_runs_end_to_end_from_the_command_line(tmp_path):

@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+from conftest import settings_from_yaml
 from dlr.data.schema import Record
 from dlr.data.synthetic_logic import generate as generate_logic
 from dlr.data.synthetic_math import generate as generate_math
@@ -81,8 +82,15 @@ def _garbled(records: list[Record]) -> list[Record]:
 
 @pytest.mark.parametrize("readout", ["rationale", "answer"])
 def test_dlr_evaluation_reads_only_the_question(tiny_pair, readout):
-    settings = DLRSettings.from_dict(
-        {"readout": readout, "latent": {"steps": 2, "dim": 8}, "max_new_tokens": {"rationale": 6, "answer": 2}}
+    settings = settings_from_yaml(
+        DLRSettings,
+        "dlr",
+        {
+            "readout": readout,
+            "latent": {"steps": 2, "dim": 8},
+            "rl": {"beta": 0.0},
+            "max_new_tokens": {"rationale": 6, "answer": 2},
+        },
     )
     module = build_module(tiny_pair, settings)
     records = _records(4)
@@ -95,8 +103,10 @@ def test_dlr_evaluation_reads_only_the_question(tiny_pair, readout):
 
 
 def test_a_shipped_stage1_loads_over_its_own_main_only(tiny_pair, tmp_path):
-    settings = DLRSettings.from_dict(
-        {"latent": {"steps": 2, "dim": 8}, "max_new_tokens": {"rationale": 6, "answer": 2}}
+    settings = settings_from_yaml(
+        DLRSettings,
+        "dlr",
+        {"latent": {"steps": 2, "dim": 8}, "rl": {"beta": 0.0}, "max_new_tokens": {"rationale": 6, "answer": 2}},
     )
     trained = build_module(tiny_pair, settings)
     with torch.no_grad():

@@ -13,10 +13,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import reward_from_yaml
 from dlr.rewards import (
     DEFAULT_FORMAT_PATTERN,
     RewardBreakdown,
-    RewardConfig,
     extract_answer,
     format_ok,
     is_correct,
@@ -321,8 +321,8 @@ def test_score_default_weights(completion, gold, task, correct, well_formed, tot
 def test_score_custom_weights():
     assert score("#### 12", "12", "math", w_correct=2.0, w_format=0.5).total == pytest.approx(2.5)
     assert score("#### 12", "12", "math", w_format=0.0).total == pytest.approx(1.0)
-    config = RewardConfig(w_correct=3.0, w_format=1.0)
-    assert score("#### 11", "12", "math", **dataclasses.asdict(config)).total == pytest.approx(1.0)
+    config = dataclasses.replace(reward_from_yaml(), w_correct=3.0, w_format=1.0)
+    assert config.score("#### 11", "12", "math").total == pytest.approx(1.0)
 
 
 def test_score_batch_shape_and_values():
@@ -345,8 +345,8 @@ def test_score_batch_empty_and_mismatched():
 # --- config -------------------------------------------------------------------------------------
 
 
-def test_reward_config_defaults():
-    config = RewardConfig()
+def test_reward_config_comes_from_the_yaml():
+    config = reward_from_yaml()  # format_pattern: null there is the default template
     assert (config.w_correct, config.w_format, config.format_pattern) == (1.0, 0.2, DEFAULT_FORMAT_PATTERN)
 
 
@@ -363,7 +363,7 @@ def test_reward_config_defaults():
 )
 def test_reward_config_rejects_bad_values(overrides, bad_key):
     with pytest.raises(ValueError, match=bad_key):
-        RewardConfig(**overrides)
+        dataclasses.replace(reward_from_yaml(), **overrides)
 
 
 # --- robustness: never raises, bounded time -----------------------------------------------------

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_train
+from conftest import ROOT, reward_from_yaml, run_train
 from dlr.data.datamodule import ProceduralSpec, fixed_test_set
 from dlr.models.backbones import ModelSpec, PromptFormat, load_main, load_tokenizer
 from dlr.models.tiny import build_tokenizer
@@ -47,7 +47,10 @@ def test_shipped_main_in_nf4_is_good_shallow_and_weak_deep(nf4_main, task):
     records = fixed_test_set(ProceduralSpec({task: 1.0}, 1, 8), seed=4242, per_depth=25)
     records = [r for r in records if r.depth in (1, 2, 7, 8)]
     scores = {
-        s.depth: s.accuracy for s in evaluate_by_depth(model, tokenizer, PromptFormat(), records, label="main/cot")
+        s.depth: s.accuracy
+        for s in evaluate_by_depth(
+            model, tokenizer, PromptFormat(), records, label="main/cot", reward=reward_from_yaml()
+        )
     }
     assert min(scores[1], scores[2]) >= 0.84, scores  # the target is 90%; 25 samples per depth are noisy
     assert (scores[7] + scores[8]) / 2 <= min(scores[1], scores[2]) - 0.2, scores

@@ -1,4 +1,4 @@
-"""What an arm's compute is measured in (DESIGN §9): estimated FLOPs of forward and backward passes,
+"""What an arm's compute is measured in (docs/design.md §5): estimated FLOPs of forward and backward passes,
 the parameters that do per-token compute, peak memory; and what a module exposes for the budget meter (callbacks/budget.py) to charge it.
 Lightning-free: the methods count, the meter adds up."""
 

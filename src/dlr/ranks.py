@@ -32,12 +32,15 @@ def gather_ranks(trainer: Trainer, values: torch.Tensor) -> torch.Tensor:
     return trainer.strategy.all_gather(values.to(device)).reshape(-1, values.numel()).cpu()
 
 
-def log_now(trainer: Trainer, metrics: dict[str, float | torch.Tensor]) -> None:
-    """Log the mean over ranks of each metric (each rank measured its own shard); rank 0 writes.
+def log_now(
+    trainer: Trainer, metrics: dict[str, float | torch.Tensor], reduced: dict[str, float] | None = None
+) -> None:
+    """Log the mean over ranks of each metric (each rank measured its own shard) and, in the same row,
+    the `reduced` values (a torchmetrics Metric's, already the same on every rank); rank 0 writes.
     A collective under DDP (see `gather_ranks`): every rank calls it with the same keys."""
     keys = sorted(metrics)
     values = gather_ranks(trainer, torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64))
-    log_rank_zero(trainer, dict(zip(keys, values.mean(0).tolist(), strict=True)))
+    log_rank_zero(trainer, {**dict(zip(keys, values.mean(0).tolist(), strict=True)), **(reduced or {})})
 
 
 def log_rank_zero(trainer: Trainer, metrics: dict[str, float | torch.Tensor]) -> None:

@@ -1,20 +1,23 @@
 """Greedy accuracy and format rate by task and depth on a fixed test set, pass@k, and their tables.
 
-The evaluations the runner, the methods, the callbacks and the report share; Lightning-free."""
+The evaluations the runner, the methods, the callbacks and the report share; Lightning-free. Scores are
+gathered in `DepthScores`, a torchmetrics Metric, so that a caller whose ranks each score a shard gets
+them reduced over the ranks."""
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 from transformers import PreTrainedTokenizerBase
 
-from dlr.data.schema import Record
+from dlr.data.schema import TASKS, Record
 from dlr.models.backbones import PromptFormat
 from dlr.models.generation import greedy_complete
-from dlr.rewards import RewardConfig, score
+from dlr.rewards import RewardConfig
 
 MODES = ("cot", "direct")  # reason in text first | answer at once after an empty latent span
 
@@ -27,6 +30,44 @@ class DepthScore:
     n: int
     accuracy: float
     format_rate: float
+
+
+class DepthScores(Metric):
+    """Accuracy and format rate by (task, depth) of the problems scored since the last reset: one
+    (correct, format) pair per problem, concatenated over ranks on `compute` (unless built with
+    `sync_on_compute=False`)."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        for name in ("task", "depth", "correct", "format"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, records: Sequence[Record], correct: Sequence[float], format_rate: Sequence[float]) -> None:
+        self.task.append(torch.tensor([TASKS.index(r.task) for r in records], dtype=torch.long))
+        self.depth.append(torch.tensor([r.depth for r in records], dtype=torch.long))
+        self.correct.append(torch.tensor(correct, dtype=torch.float64))
+        self.format.append(torch.tensor(format_rate, dtype=torch.float64))
+
+    def compute(self) -> dict[tuple[str, int], tuple[int, float, float]]:
+        """(task, depth) -> (problems, accuracy, format rate), ordered by task name and depth."""
+        if not self.task:
+            return {}
+        task, depth, correct, fmt = (
+            dim_zero_cat(x).tolist() for x in (self.task, self.depth, self.correct, self.format)
+        )
+        groups: dict[tuple[str, int], list[int]] = {}
+        for i, key in enumerate(zip((TASKS[t] for t in task), depth, strict=True)):
+            groups.setdefault(key, []).append(i)
+        # summed in order as Python floats, as the tables have always been
+        return {
+            key: (len(rows), sum(correct[i] for i in rows) / len(rows), sum(fmt[i] for i in rows) / len(rows))
+            for key, rows in sorted(groups.items())
+        }
+
+    def scores(self, label: str) -> list[DepthScore]:
+        return [DepthScore(label, task, depth, *values) for (task, depth), values in self.compute().items()]
 
 
 def completion_prefix(fmt: PromptFormat, mode: str) -> str:
@@ -42,20 +83,16 @@ def score_by_depth(
     *,
     label: str,
     batch_size: int,
-    reward: RewardConfig = RewardConfig(),
+    reward: RewardConfig,
 ) -> list[DepthScore]:
     """Score `complete(chunk)` (one completion per record, answer line included) with the reward's
     strict checker, batch by batch, grouped by (task, depth)."""
-    scored: dict[tuple[str, int], list[tuple[float, float]]] = defaultdict(list)
+    metric = DepthScores(sync_on_compute=False)  # evaluation runs on rank 0 alone while the others wait
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
-        for record, completion in zip(chunk, complete(chunk), strict=True):
-            s = score(completion, record.answer, record.task, **asdict(reward))
-            scored[(record.task, record.depth)].append((s.correct, s.format))
-    return [
-        DepthScore(label, task, depth, len(v), sum(c for c, _ in v) / len(v), sum(f for _, f in v) / len(v))
-        for (task, depth), v in sorted(scored.items())
-    ]
+        verdicts = [reward.score(c, r.answer, r.task) for r, c in zip(chunk, complete(chunk), strict=True)]
+        metric.update(chunk, [v.correct for v in verdicts], [v.format for v in verdicts])
+    return metric.scores(label)
 
 
 def pass_at_k_by_depth(
@@ -65,21 +102,20 @@ def pass_at_k_by_depth(
     *,
     label: str,
     batch_size: int,
-    reward: RewardConfig = RewardConfig(),
+    reward: RewardConfig,
 ) -> list[DepthScore]:
     """pass@k by (task, depth): a problem passes when any of its k sampled completions is correct.
     `sample(chunk, k)` returns k completions per record; `format_rate` is that of all samples."""
-    scored: dict[tuple[str, int], list[tuple[float, float]]] = defaultdict(list)
+    metric = DepthScores(sync_on_compute=False)  # evaluation runs on rank 0 alone while the others wait
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
+        passed, formats = [], []
         for record, attempts in zip(chunk, sample(chunk, k), strict=True):
-            verdicts = [score(c, record.answer, record.task, **asdict(reward)) for c in attempts]
-            passed = float(any(v.correct for v in verdicts))
-            scored[(record.task, record.depth)].append((passed, sum(v.format for v in verdicts) / len(verdicts)))
-    return [
-        DepthScore(label, task, depth, len(v), sum(c for c, _ in v) / len(v), sum(f for _, f in v) / len(v))
-        for (task, depth), v in sorted(scored.items())
-    ]
+            verdicts = [reward.score(c, record.answer, record.task) for c in attempts]
+            passed.append(float(any(v.correct for v in verdicts)))
+            formats.append(sum(v.format for v in verdicts) / len(verdicts))
+        metric.update(chunk, passed, formats)
+    return metric.scores(label)
 
 
 @torch.no_grad()
@@ -93,7 +129,7 @@ def evaluate_by_depth(
     mode: str = "cot",
     max_new_tokens: int = 96,
     batch_size: int = 64,
-    reward: RewardConfig = RewardConfig(),
+    reward: RewardConfig,
 ) -> list[DepthScore]:
     """Greedy text completions of a model, scored by (task, depth)."""
     prefix = completion_prefix(fmt, mode)

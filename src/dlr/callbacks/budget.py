@@ -1,4 +1,4 @@
-"""The compute budget of an RL arm (DESIGN §9): device-seconds, estimated FLOPs, generated tokens and peak
+"""The compute budget of an RL arm (docs/design.md §5): device-seconds, estimated FLOPs, generated tokens and peak
 memory of everything the arm runs after the common start; evaluation is excluded. The arm stops when
 its budget is spent, and is evaluated at fixed fractions of it.
 
@@ -26,6 +26,7 @@ from lightning import Callback
 from dlr.accounting import BUDGET_KINDS, BudgetedModule, peak_memory_bytes
 from dlr.callbacks.latent_diversity import mean_pairwise_cosine_distance
 from dlr.ranks import gather_ranks, log_rank_zero, on_rank_zero
+from dlr.rewards import TOTAL
 from dlr.scoring import DepthScore, scores_as_dicts
 
 
@@ -115,7 +116,7 @@ class BudgetMeter(Callback):
         zero_spread = float("nan")
         scores = pl_module.last_scores if self._batch_stage == "rl" else None
         if scores is not None:  # [B, K, 3]: a group has no spread when its largest reward is its smallest
-            rewards = scores[..., 2]
+            rewards = scores[..., TOTAL]
             zero_spread = float((rewards.amax(1) == rewards.amin(1)).double().mean())
         optional = [pl_module.last_reward, pl_module.last_grad_norm]
         local = torch.tensor(

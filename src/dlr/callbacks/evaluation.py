@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 
 from lightning import Callback
 
 from dlr.ranks import log_rank_zero, on_rank_zero
+from dlr.rewards import RewardConfig
 from dlr.scoring import DepthScore, depth_table, evaluate_by_depth, scores_as_dicts
 
 
@@ -17,9 +19,16 @@ class PeriodicDepthEval(Callback):
     """
 
     def __init__(
-        self, every_n_steps: int, per_depth: int, model_attr: str = "main", mode: str = "cot", max_new_tokens: int = 96
+        self,
+        every_n_steps: int,
+        per_depth: int,
+        reward: Mapping,
+        model_attr: str = "main",
+        mode: str = "cot",
+        max_new_tokens: int = 96,
     ) -> None:
         self.every_n_steps, self.per_depth = every_n_steps, per_depth
+        self.reward = RewardConfig.from_dict(dict(reward))  # the run's `reward` config group
         self.model_attr, self.mode, self.max_new_tokens = model_attr, mode, max_new_tokens
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -44,6 +53,7 @@ class PeriodicDepthEval(Callback):
             mode=self.mode,
             max_new_tokens=self.max_new_tokens,
             batch_size=len(records),
+            reward=self.reward,
         )
         log_rank_zero(trainer, {f"eval/{s.task}_acc_d{s.depth}": s.accuracy for s in scores})
         print(

@@ -7,6 +7,7 @@ import torch
 from lightning import Callback
 
 from dlr.ranks import gather_ranks, log_rank_zero
+from dlr.rewards import CORRECT
 
 
 class FrontierUpdate(Callback):
@@ -24,7 +25,9 @@ class FrontierUpdate(Callback):
         tasks = self.frontier.tasks
         task_index = torch.tensor([tasks.index(r.task) if r.task in tasks else -1 for r in batch], dtype=torch.float64)
         depth = torch.tensor([r.depth for r in batch], dtype=torch.float64)
-        local = torch.cat([task_index[:, None], depth[:, None], scores[..., 0].detach().cpu().double()], 1)  # [B, 2+K]
+        local = torch.cat(
+            [task_index[:, None], depth[:, None], scores[..., CORRECT].detach().cpu().double()], 1
+        )  # [B, 2+K]
         rows = gather_ranks(trainer, local.flatten()).reshape(-1, local.shape[1])  # [world * B, 2 + K]
         known = rows[:, 0] >= 0
         rows = rows[known]

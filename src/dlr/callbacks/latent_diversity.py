@@ -1,4 +1,4 @@
-"""Diversity of the sampled latent chains (DESIGN §9): mean pairwise cosine distance of the G chains of
+"""Diversity of the sampled latent chains (docs/design.md §10): mean pairwise cosine distance of the G chains of
 a question, their effective rank, the mean sigma; TensorBoard histograms and an embedding-projector
 snapshot of the decoded chains labelled by reward."""
 

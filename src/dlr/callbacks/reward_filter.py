@@ -1,4 +1,4 @@
-"""How good the critic's pre-decode choice is (DESIGN §7 step 2): every N stage-2 steps, decode all G
+"""How good the critic's pre-decode choice is (docs/design.md §7, stage 2 step 2): every N stage-2 steps, decode all G
 sampled chains once more and compare the critic's top-K with the true top-K."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import torch
 
 from dlr.callbacks.rollout_diagnostic import RolloutDiagnostic
 from dlr.ranks import log_now
+from dlr.rewards import TOTAL
 
 
 def filter_quality(predicted: torch.Tensor, rewards: torch.Tensor, keep: int) -> dict[str, torch.Tensor]:
@@ -35,6 +36,6 @@ class RewardFilter(RolloutDiagnostic):
         rollout = self.due_rollout(trainer, pl_module)
         if rollout is None:
             return
-        rewards = pl_module.decode_and_score(rollout.records, rollout.z)[..., 2]  # [B, G]
+        rewards = pl_module.decode_and_score(rollout.records, rollout.z)[..., TOTAL]  # [B, G]
         quality = filter_quality(rollout.predicted, rewards, rollout.kept.shape[1])
         log_now(trainer, {f"filter/{k}": v for k, v in quality.items()})

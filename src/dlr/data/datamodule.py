@@ -1,4 +1,4 @@
-"""Streams of records for training and a fixed test set, for every data source (DESIGN §4).
+"""Streams of records for training and a fixed test set, for every data source (docs/design.md §9).
 
 Batches are plain `list[Record]`: each method tokenizes for its own models (the assistant and the
 main model may have different tokenizers), so the data side stays model-agnostic.

@@ -1,4 +1,4 @@
-"""Hub datasets (GSM8K, MATH-500, ProntoQA) adapted to the record schema (DESIGN §4).
+"""Hub datasets (GSM8K, MATH-500, ProntoQA) adapted to the record schema (docs/design.md §9).
 
 Each adapter is a pure function `(row, position) -> Record` that raises `MalformedRecord("<reason>:
 <detail>")` for a row it cannot adapt; streams skip such rows and count them by reason. `position` is

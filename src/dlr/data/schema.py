@@ -1,4 +1,4 @@
-"""The one record schema every data source maps to (DESIGN §4).
+"""The one record schema every data source maps to (docs/design.md §9).
 
 A record is a question with its gold reasoning (`cot`), gold final answer and the number of reasoning
 steps (`depth`). Sources that produce something else are adapted; anything that cannot be adapted is a

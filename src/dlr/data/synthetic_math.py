@@ -2,7 +2,7 @@
 
 A problem starts someone with a count of objects and applies `depth` gains or losses, each one
 reasoning step. The running count stays in [0, MAX_VALUE] so every number is one token of the tiny
-vocabulary and the arithmetic table stays small enough for a CPU warm start (DESIGN §11 calibration).
+vocabulary and the arithmetic table stays small enough for a CPU warm start (docs/design.md §11).
 
     question: "ana has 7 pens . ana gets 5 more . ana gives 3 away . how many pens does ana have now ?"
     cot:      "gets 5 : 7 + 5 = 12 . gives 3 : 12 - 3 = 9 ."

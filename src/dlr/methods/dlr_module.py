@@ -1,4 +1,4 @@
-"""DLR: latent alignment (stage 1), then latent RL (stage 2), with a frozen main model (DESIGN §7).
+"""DLR: latent alignment (stage 1), then latent RL (stage 2), with a frozen main model (docs/design.md §7).
 
 Stage 1 runs for `alignment.steps` optimizer steps: the assistant's mean chain, projected into the main
 model's input, must make the frozen main model write the gold target. Stage 2 runs `rl.steps` more:
@@ -13,19 +13,15 @@ optimizer. Gradients are accumulated and clipped by hand (manual optimization).
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from lightning import LightningModule
 from transformers import PreTrainedTokenizerBase
 
-from dlr.accounting import compute_parameters, forward_flops
+from dlr.accounting import compute_parameters
 from dlr.data.schema import Record
-from dlr.methods.checkpointing import TrainableStateCheckpoints
-from dlr.methods.guard import NonFiniteGuard, finite_on_every_rank
 from dlr.methods.losses import (
     LatentRLWeights,
     group_advantages,
@@ -33,164 +29,21 @@ from dlr.methods.losses import (
     latent_rl_loss,
     mode_separation_loss,
 )
+from dlr.methods.rl_base import RLModule
+from dlr.methods.settings import DLRSettings
 from dlr.models.backbones import PromptFormat
-from dlr.models.critic import FILTERS, RewardCritic, select_latents
+from dlr.models.critic import RewardCritic, select_latents
 from dlr.models.generation import (
     completion_mask_after_eos,
     eos_token_ids,
     greedy_decode_embeds,
     latent_target_nll,
 )
-from dlr.models.latent_policy import LATENT_MODES, LatentPolicy
+from dlr.models.latent_policy import LatentPolicy
 from dlr.models.projector import LatentProjector, mean_embedding_norm
-from dlr.models.readout import READOUTS, Readout, latent_main_inputs, split_gold_completion
-from dlr.ranks import log_now
-from dlr.rewards import RewardConfig, score_batch
+from dlr.models.readout import Readout, latent_main_inputs, split_gold_completion
+from dlr.rewards import TOTAL, RewardConfig
 from dlr.scoring import DepthScore, score_by_depth
-
-
-@dataclass(frozen=True)
-class LatentSettings:
-    steps: int = 8  # T
-    dim: int = 64  # Dz
-    mode: str = "parallel"
-    num_modes: int = 1
-    log_sigma_min: float = -5.0
-    log_sigma_max: float = 0.5
-    log_sigma_init: float = -1.0
-
-
-@dataclass(frozen=True)
-class AlignmentSettings:
-    steps: int = 100
-    lr: float = 1e-3
-    pull_weight: float = 1.0  # rationale readout: weight of the pull toward the chain's opening embeddings
-    init_from: str | None = None  # a shipped stage 1 (folder) to start from
-    export_to: str | None = None  # save the state after stage 1 here (folder), with the main's hash
-
-
-@dataclass(frozen=True)
-class RLSettings:
-    steps: int = 100
-    lr: float = 1e-4
-    num_samples: int = 16  # G
-    num_decoded: int = 4  # K
-    filter: str = "critic"
-    k_explore: int = 1
-    scale: str = "group"
-    ppo_epochs: int = 1
-    clip_eps: float = 0.2
-    lambda_con: float = 0.1
-    tau: float = 0.1
-    beta: float = 0.0
-    lambda_ent: float = 0.0
-    lambda_modes: float = 0.1
-    sigma_start: float | None = None  # latent sigma stage 2 starts from; None: the log-sigma head's own
-
-
-@dataclass(frozen=True)
-class CriticSettings:
-    hidden: int = 256
-    lr: float = 1e-3
-    warmup: int = 10  # RL batches with a random filter before the critic chooses
-    weight: float = 1.0  # of L_critic in the stage-2 loss
-
-
-@dataclass(frozen=True)
-class DLRSettings:
-    """`cfg.method` of `method=dlr`, validated once at start so a bad value fails before any training."""
-
-    latent: LatentSettings = field(default_factory=LatentSettings)
-    alignment: AlignmentSettings = field(default_factory=AlignmentSettings)
-    rl: RLSettings = field(default_factory=RLSettings)
-    critic: CriticSettings = field(default_factory=CriticSettings)
-    readout: str = "rationale"  # rationale: the main writes its own chain after the latents | answer
-    max_new_tokens: dict = field(default_factory=lambda: {"rationale": 64, "answer": 4})  # decode budget by readout
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    accumulate_grad_batches: int = 1
-    max_consecutive_nonfinite: int = 5  # skipped steps in a row before the run stops
-
-    @classmethod
-    def from_dict(cls, values: dict) -> DLRSettings:
-        groups = {"latent": LatentSettings, "alignment": AlignmentSettings, "rl": RLSettings, "critic": CriticSettings}
-        kwargs = {}
-        for key, value in values.items():
-            if key == "name":
-                continue
-            if key not in {f.name for f in fields(cls)}:
-                raise ValueError(f"method.{key} is not a DLR setting")
-            if key in groups:
-                known = {f.name for f in fields(groups[key])}
-                unknown = set(value) - known
-                if unknown:
-                    raise ValueError(f"method.{key} has unknown settings {sorted(unknown)}; known: {sorted(known)}")
-                value = groups[key](**value)
-            kwargs[key] = value
-        return cls(**kwargs)
-
-    def __post_init__(self) -> None:
-        rl, latent = self.rl, self.latent
-        checks = [
-            (latent.mode in LATENT_MODES, f"method.latent.mode must be one of {LATENT_MODES}, got {latent.mode!r}"),
-            (self.readout in READOUTS, f"method.readout must be one of {READOUTS}, got {self.readout!r}"),
-            (
-                set(self.max_new_tokens) == set(READOUTS) and all(int(v) >= 1 for v in self.max_new_tokens.values()),
-                f"method.max_new_tokens needs a budget >= 1 for each readout {READOUTS}, got {self.max_new_tokens}",
-            ),
-            (
-                self.readout != "rationale"
-                or self.max_new_tokens.get("rationale", 0) > self.max_new_tokens.get("answer", 0),
-                "method.max_new_tokens.rationale must exceed method.max_new_tokens.answer: the main writes its chain "
-                f"and then the answer line, got {self.max_new_tokens}",
-            ),
-            (
-                self.alignment.pull_weight >= 0,
-                f"method.alignment.pull_weight must be >= 0, got {self.alignment.pull_weight}",
-            ),
-            (rl.filter in FILTERS, f"method.rl.filter must be one of {FILTERS}, got {rl.filter!r}"),
-            (
-                1 <= rl.num_decoded <= rl.num_samples,
-                f"need 1 <= method.rl.num_decoded (K={rl.num_decoded}) <= method.rl.num_samples (G={rl.num_samples})",
-            ),
-            (0 <= rl.k_explore <= rl.num_decoded, f"need 0 <= method.rl.k_explore <= K, got {rl.k_explore}"),
-            (
-                rl.filter != "none" or rl.num_decoded == rl.num_samples,
-                "method.rl.filter=none decodes all G: set num_decoded = num_samples",
-            ),
-            (self.alignment.steps >= 0 and rl.steps >= 0, "method.alignment.steps and method.rl.steps must be >= 0"),
-            (rl.ppo_epochs >= 1, f"method.rl.ppo_epochs must be >= 1, got {rl.ppo_epochs}"),
-            (
-                rl.sigma_start is None
-                or math.exp(latent.log_sigma_min) <= rl.sigma_start <= math.exp(latent.log_sigma_max),
-                f"method.rl.sigma_start must lie within exp(method.latent.log_sigma_min..log_sigma_max), "
-                f"got {rl.sigma_start}",
-            ),
-            (
-                rl.ppo_epochs == 1 or self.accumulate_grad_batches == 1,
-                "method.rl.ppo_epochs > 1 updates on each batch several times: use accumulate_grad_batches=1",
-            ),
-            (self.accumulate_grad_batches >= 1, "method.accumulate_grad_batches must be >= 1"),
-            (self.grad_clip > 0, f"method.grad_clip must be > 0, got {self.grad_clip}"),
-            (rl.tau > 0, f"method.rl.tau must be > 0, got {rl.tau}"),
-            (
-                latent.steps >= 1 and latent.dim >= 1 and latent.num_modes >= 1,
-                f"method.latent.steps, dim and num_modes must be >= 1, got {latent.steps}, {latent.dim}, {latent.num_modes}",
-            ),
-            (self.max_consecutive_nonfinite >= 1, "method.max_consecutive_nonfinite must be >= 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-
-    @property
-    def decode_tokens(self) -> int:
-        """The main model's decode budget per kept chain under this readout."""
-        return int(self.max_new_tokens[self.readout])
-
-    @property
-    def total_steps(self) -> int:
-        return self.alignment.steps + self.rl.steps
 
 
 @dataclass
@@ -211,7 +64,8 @@ def gather_samples(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x[torch.arange(x.shape[0], device=x.device)[:, None], index]
 
 
-class DLRModule(TrainableStateCheckpoints, LightningModule):
+class DLRModule(RLModule):
+    arm_name = "DLR"
     ddp_unused_parameters = True  # a stage-1 (alignment) step never runs the critic
 
     def __init__(
@@ -226,10 +80,8 @@ class DLRModule(TrainableStateCheckpoints, LightningModule):
         placeholder: str,
         main_sha256: str | None = None,
     ) -> None:
-        super().__init__()
-        self.automatic_optimization = False
-        self.strict_loading = False  # checkpoints leave out the frozen backbone weights (see on_save_checkpoint)
-        self.settings, self.fmt, self.reward = settings, fmt, reward
+        super().__init__(settings, reward)
+        self.fmt = fmt
         self.main_tokenizer, self.assistant_tokenizer = main_tokenizer, assistant_tokenizer
         for marker in (fmt.bol, fmt.eol):
             if main_tokenizer.convert_tokens_to_ids(marker) in (None, main_tokenizer.unk_token_id):
@@ -261,19 +113,11 @@ class DLRModule(TrainableStateCheckpoints, LightningModule):
         self.reference = copy.deepcopy(self.policy).requires_grad_(False).eval() if settings.rl.beta > 0 else None
         self.register_buffer("rl_batches", torch.zeros((), dtype=torch.long))  # critic warm-up counter
         self.register_buffer("reference_synced", torch.zeros((), dtype=torch.bool))
-        # compute spent on training, for the budget meter (DESIGN §9); evaluation is not counted
-        self.register_buffer("flops_spent", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("generated_tokens", torch.zeros((), dtype=torch.long))
         self.main_parameters, self.assistant_parameters = compute_parameters(main), compute_parameters(assistant)
-        self.last_reward: float | None = None  # the meter reads these after each batch
-        self.last_grad_norm: float | None = None
         self.lora = any("lora_" in name for name, _ in assistant.named_parameters())
         self.assistant_backward = "activations" if self.lora else "weights"  # FLOPs factor of its backward passes
         self.last_rollout: Rollout | None = None
-        self.last_scores: torch.Tensor | None = None  # [B, K, 3] of the last RL batch (the depth frontier reads it)
         self.stage1_info: dict | None = None  # what a shipped stage 1 cost and scored (methods/stage1.py)
-        self._pending_backwards = 0
-        self.guard = NonFiniteGuard(settings.max_consecutive_nonfinite)  # runner/arms.py may arm fault injection
 
     # --- stages and optimizers ---------------------------------------------------------------
 
@@ -311,44 +155,8 @@ class DLRModule(TrainableStateCheckpoints, LightningModule):
         return [align, rl]
 
     def _backward_and_step(self, loss: torch.Tensor, optimizer) -> torch.Tensor | None:
-        """Accumulate `accumulate_grad_batches` backward passes, then clip and step. Each parameter
-        group (policy, critic) is clipped on its own, so a large critic error cannot shrink the policy's
-        step. Returns the first group's (the policy's) norm before clipping when a step was taken; a
-        non-finite norm skips the step."""
-        step = self.trainer.global_step
-        loss = self.guard.inject(loss, step)
-        if not finite_on_every_rank(self.trainer, loss):  # never backpropagate it: drop this accumulation window
-            self._pending_backwards = 0
-            optimizer.zero_grad(set_to_none=True)
-            self._skip(step)
-            return None
-        self.manual_backward(loss / self.settings.accumulate_grad_batches)
-        self._pending_backwards += 1
-        if self._pending_backwards < self.settings.accumulate_grad_batches:
-            return None
-        self._pending_backwards = 0
-        norms = [
-            torch.nn.utils.clip_grad_norm_([p for p in group["params"] if p.grad is not None], self.settings.grad_clip)
-            for group in optimizer.param_groups
-        ]
-        if all(torch.isfinite(n) for n in norms):
-            self.guard.record(True, step)
-            optimizer.step()
-        else:
-            self._skip(step)
-        optimizer.zero_grad(set_to_none=True)
-        return norms[0]
-
-    def _skip(self, step: int) -> None:
-        """A non-finite step: counted and logged; the guard stops the run after too many in a row."""
-        log_now(self.trainer, {"train/skipped_nonfinite_steps": float(self.guard.skipped + 1)})
-        self.guard.record(False, step)
-
-    def _log_step(self, logs: dict[str, torch.Tensor], grad_norm: torch.Tensor | None) -> None:
-        """Log this batch's metrics when an optimizer step was taken on a logging step."""
-        if grad_norm is None or self.trainer.global_step % self.trainer.log_every_n_steps:
-            return
-        log_now(self.trainer, {**logs, "train/grad_norm": grad_norm})
+        """One backward of `loss` and the step when due (rl_base.py); the policy's norm when a step was due."""
+        return self.step_if_due(optimizer, self.backward_if_finite(loss))
 
     # --- text <-> tensors ---------------------------------------------------------------------
 
@@ -366,10 +174,6 @@ class DLRModule(TrainableStateCheckpoints, LightningModule):
         projected = self.projector(chains.flatten(0, 1))  # [B*K, T, Dmain]
         return latent_main_inputs(self.main, self.main_tokenizer, self.readout, questions, projected)
 
-    def charge(self, parameters: int, tokens: int, backward: str = "none") -> None:
-        """Add a pass over `tokens` tokens of a model with `parameters` parameters to the FLOPs spent."""
-        self.flops_spent += forward_flops(parameters, tokens, backward)
-
     @torch.no_grad()
     def decode(self, records: Sequence[Record], chains: torch.Tensor, charge: bool = False) -> list[str]:
         """One greedy decode of each chain [B, K, T, Dz] by the frozen main model, as the readout says
@@ -385,24 +189,17 @@ class DLRModule(TrainableStateCheckpoints, LightningModule):
         return [self.readout.scored_text(t) for t in texts]
 
     def decode_and_score(self, records: Sequence[Record], chains: torch.Tensor, charge: bool = False) -> torch.Tensor:
-        """Rewards [B, K, 3] (correct, format, total) of the decoded chains [B, K, T, Dz]."""
-        B, K = chains.shape[:2]
-        completions = self.decode(records, chains, charge)
-        golds = [r.answer for r in records for _ in range(K)]
-        tasks = [r.task for r in records for _ in range(K)]
-        scores = score_batch(completions, golds, tasks, **asdict(self.reward))
-        return scores.reshape(B, K, 3).to(self.device)
+        """Scores [B, K, 3] (correct, format, total) of the decoded chains [B, K, T, Dz]."""
+        return self.score_rollouts(records, self.decode(records, chains, charge))
 
     # --- training -----------------------------------------------------------------------------
 
-    def training_step(self, batch: list[Record], batch_idx: int) -> None:
+    def train_batch(self, batch: list[Record]) -> None:
         align_opt, rl_opt = self.optimizers()
-        step = self.trainer.global_step
         if self.stage == "alignment":
             self.alignment_step(batch, align_opt)
         else:
             self.rl_step(batch, rl_opt)
-        self.guard.end_injection_batch(step)
 
     def alignment_step(self, records: list[Record], optimizer) -> None:
         """Stage 1: the frozen main model's NLL of the gold completion given the projected mean chain
@@ -442,12 +239,13 @@ class DLRModule(TrainableStateCheckpoints, LightningModule):
             loss = loss + self.settings.rl.lambda_modes * separation
             logs["train/mode_separation"] = separation.detach()
         norm = self._backward_and_step(loss, optimizer)
-        self._log_step(logs, norm)
+        self.log_step(logs, norm)
         self.last_grad_norm = float(norm) if norm is not None else None
+        self.last_scores = None  # stage 1 scores no completions
         self.log("nll", logs["train/align_nll"], prog_bar=True, logger=False, batch_size=B)
 
     def rl_step(self, records: list[Record], optimizer) -> None:
-        """Stage 2: sample G chains, decode the K the filter keeps, reward, and update (DESIGN §7)."""
+        """Stage 2: sample G chains, decode the K the filter keeps, reward, and update (docs/design.md §7)."""
         s = self.settings.rl
         if s.sigma_start is not None and int(self.rl_batches) == 0:  # the exploration noise stage 2 starts from
             self.policy.set_sigma(s.sigma_start)
@@ -472,8 +270,7 @@ class DLRModule(TrainableStateCheckpoints, LightningModule):
         z = gather_samples(z_all, kept)  # [B, K, T, Dz]
 
         scores = self.decode_and_score(records, z, charge=True)  # [B, K, 3]
-        self.last_scores = scores
-        rewards = scores[..., 2]
+        rewards = scores[..., TOTAL]  # [B, K]
         critic_loss = F.mse_loss(gather_samples(predicted, kept), rewards)
         advantages, zero_spread = group_advantages(rewards, s.scale)  # [B, K], [B]
         weights = LatentRLWeights(s.lambda_con, s.tau, s.beta, s.lambda_ent, s.clip_eps)
@@ -496,15 +293,9 @@ class DLRModule(TrainableStateCheckpoints, LightningModule):
                 loss = loss + s.lambda_modes * mode_separation_loss(dist.mu, s.tau)
             norm = self._backward_and_step(loss, optimizer)
         self.rl_batches += 1
-        self.last_reward, self.last_grad_norm = float(rewards.mean()), float(norm) if norm is not None else None
         self.last_rollout = Rollout(records, z_all, predicted.detach(), kept, rewards, log_sigma.detach(), mu.detach())
 
         logs = {
-            "train/reward": rewards.mean(),
-            "train/reward_std": rewards.std(dim=1).mean() if rewards.shape[1] > 1 else rewards.new_zeros(()),
-            "train/rewards/correct/mean": scores[..., 0].mean(),
-            "train/rewards/format/mean": scores[..., 1].mean(),
-            "train/frac_reward_zero_std": zero_spread.float().mean(),
             "train/loss/pg": terms["pg"],
             "train/loss/contrastive": terms["contrastive"],
             "train/loss/critic": critic_loss.detach(),
@@ -514,8 +305,7 @@ class DLRModule(TrainableStateCheckpoints, LightningModule):
             "train/contrastive_skipped_questions": terms["contrastive_skipped"],
             "train/filter_uses_critic": float(use_critic),
         }
-        self._log_step(logs, norm)
-        self.log("reward", logs["train/reward"], prog_bar=True, logger=False, batch_size=B)
+        self.finish_rl_batch(scores, zero_spread, norm, logs)
 
     def _scored_latents(self, dist, ids, mask, z, kept, modes):
         """The current policy's (mu, log_sigma) for each decoded chain [B, K, T, Dz], the anchors
@@ -581,8 +371,6 @@ class DLRModule(TrainableStateCheckpoints, LightningModule):
             self.train(was_training)
 
     # --- checkpoints --------------------------------------------------------------------------
-
-    arm_name = "DLR"
 
     @property
     def protected_sha256(self) -> str | None:

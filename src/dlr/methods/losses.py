@@ -1,4 +1,4 @@
-"""Losses of both RL arms as pure functions of tensors (DESIGN §7, §8).
+"""Losses of both RL arms as pure functions of tensors (docs/design.md §7, §8).
 
 Shape letters: B questions, G latents sampled per question, K decoded (or completions) per question,
 T latent steps, Dz latent width, L completion tokens.
@@ -116,7 +116,7 @@ def latent_policy_loss(
 def bidirectional_info_nce(
     anchors: torch.Tensor, latents: torch.Tensor, advantages: torch.Tensor, tau: float = 0.1
 ) -> tuple[torch.Tensor, int]:
-    """Bidirectional InfoNCE between question anchors and decoded latents (DESIGN §7, step 6).
+    """Bidirectional InfoNCE between question anchors and decoded latents (docs/design.md §7, stage 2 step 6).
 
     anchors: [B, T, Dz] (mu(q_b), gradients flow); latents: [B, K, T, Dz] (sampled actions, detached
     here); advantages: [B, K]. With s(u, v) = cos(flat u, flat v) / tau:
@@ -165,7 +165,7 @@ def mode_separation_loss(mode_means: torch.Tensor, tau: float = 0.1) -> torch.Te
 
 @dataclass(frozen=True)
 class LatentRLWeights:
-    """Weights of the stage-2 objective L_pg + lambda_con L_con + beta KL - lambda_ent H (DESIGN §7)."""
+    """Weights of the stage-2 objective L_pg + lambda_con L_con + beta KL - lambda_ent H (docs/design.md §7)."""
 
     lambda_con: float = 0.1  # bidirectional contrastive term
     tau: float = 0.1  # its cosine temperature

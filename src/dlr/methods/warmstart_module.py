@@ -1,4 +1,4 @@
-"""Supervised warm start of the tiny backbone on the procedural corpus (DESIGN §6).
+"""Supervised warm start of the tiny backbone on the procedural corpus (docs/design.md §6).
 
 Both models learn to answer `prompt -> <bol> gold reasoning <eol> #### answer <eos>`. A fraction of
 examples leave the latent span empty (`<bol> <eol> #### answer`), which trains the marker embeddings

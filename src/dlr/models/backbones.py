@@ -1,4 +1,4 @@
-"""Loading the frozen (4-bit) main model, the LoRA assistant, their tokenizers and prompts (DESIGN §6).
+"""Loading the frozen (4-bit) main model, the LoRA assistant, their tokenizers and prompts (docs/design.md §6).
 
 Models load by hub id or local path. With no network, a hub id that is not cached fails at once with
 one paragraph naming the model and the embedded tiny alternative, instead of a minute of retries and
@@ -33,7 +33,7 @@ class BackboneUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class PromptFormat:
-    """How a question becomes the text a model reads, and the latent markers of DESIGN §7."""
+    """How a question becomes the text a model reads, and the latent markers of docs/design.md §7."""
 
     template: str = "{question} answer :"  # plain-text prompt; `{question}` is replaced
     use_chat_template: bool = False  # instruct models: wrap `instruction` + question in the chat template

@@ -1,5 +1,5 @@
 """Critic V(q, z): predicts the reward of a latent chain before it is decoded, so only the most
-promising K of G latents are sent to the main model (DESIGN §7, step 2)."""
+promising K of G latents are sent to the main model (docs/design.md §7, stage 2 step 2)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The latent policy pi(z | q): an assistant LM reads the question and T placeholder tokens; Gaussian
-heads on the placeholders' last hidden states give mu_t and a clamped log sigma_t (DESIGN §7).
+heads on the placeholders' last hidden states give mu_t and a clamped log sigma_t (docs/design.md §7).
 
 `parallel` mode reads all T placeholders in one pass (SoftCoT-style). `recurrent` mode feeds each
 sampled z_t back, through a learned input projection, as the next input embedding (Coconut-style),

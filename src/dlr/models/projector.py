@@ -1,4 +1,4 @@
-"""Projector P: R^Dz -> R^Dmain, so latents live where the main model's inputs live (DESIGN §7)."""
+"""Projector P: R^Dz -> R^Dmain, so latents live where the main model's inputs live (docs/design.md §7)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 standard `transformers` models (a Llama main and a Qwen2 assistant) built from configs.
 
 Word-level tokens keep sequences short (one token per number or word), which is what makes a CPU
-warm start possible (DESIGN §11). The latent markers `<bol>`, `<eol>` and the assistant's placeholder
+warm start possible (docs/design.md §11). The latent markers `<bol>`, `<eol>` and the assistant's placeholder
 `<lat>` are in the vocabulary from the start, so no untrained row is ever added to the frozen main
 model: the warm-start corpus wraps the gold reasoning in `<bol> … <eol>`, which trains them.
 """

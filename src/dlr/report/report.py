@@ -1,4 +1,4 @@
-"""The comparison report (DESIGN §9): `summary.json`, `report.md` and PNG plots from per-seed arm results."""
+"""The comparison report (docs/design.md §10): `summary.json`, `report.md` and PNG plots from per-seed arm results."""
 
 from __future__ import annotations
 

@@ -1,7 +1,11 @@
 """Answer checking and the dual (correctness + format) reward."""
 
 from dlr.rewards.reward import (
+    CORRECT,
     DEFAULT_FORMAT_PATTERN,
+    FORMAT,
+    SCORE_COLUMNS,
+    TOTAL,
     RewardBreakdown,
     RewardConfig,
     format_ok,
@@ -20,7 +24,11 @@ from dlr.rewards.verify import (
 )
 
 __all__ = [
+    "CORRECT",
     "DEFAULT_FORMAT_PATTERN",
+    "FORMAT",
+    "SCORE_COLUMNS",
+    "TOTAL",
     "DEFAULT_TIMEOUT_S",
     "RewardBreakdown",
     "RewardConfig",

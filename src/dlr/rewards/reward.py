@@ -1,4 +1,4 @@
-"""Format check and the dual reward `w_correct * correct + w_format * format` (DESIGN: rewards).
+"""Format check and the dual reward `w_correct * correct + w_format * format` (docs/design.md §9).
 
 Both components are 0 or 1 and independent: a well-formed wrong answer earns `w_format`, a correct
 answer in a malformed completion earns `w_correct` (correctness uses the strict extractor).
@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -31,6 +31,11 @@ def format_ok(completion: str, pattern: str = DEFAULT_FORMAT_PATTERN) -> bool:
     return _compiled(pattern).fullmatch(completion) is not None
 
 
+# Columns of the score tensors (`score_batch`'s [N, 3], the arms' [B, K, 3]), in `RewardBreakdown`'s order.
+CORRECT, FORMAT, TOTAL = 0, 1, 2
+SCORE_COLUMNS = ("correct", "format", "total")
+
+
 @dataclass(frozen=True)
 class RewardBreakdown:
     correct: float  # 0.0 or 1.0
@@ -40,13 +45,14 @@ class RewardBreakdown:
 
 @dataclass(frozen=True)
 class RewardConfig:
-    """Reward settings, built from the Hydra `reward` group: `RewardConfig(**cfg.reward)`.
-    Field names match `score`'s keyword arguments, so `score(..., **dataclasses.asdict(cfg))` works."""
+    """Reward settings, built from the Hydra `reward` group (configs/reward/default.yaml, the one source
+    of their values). Field names match `score`'s keyword arguments; `format_pattern` left out of the
+    config (null there) is the default template."""
 
-    w_correct: float = 1.0
-    w_format: float = 0.2
+    w_correct: float
+    w_format: float
+    math_verify_timeout_s: float
     format_pattern: str = DEFAULT_FORMAT_PATTERN
-    math_verify_timeout_s: float = DEFAULT_TIMEOUT_S
 
     def __post_init__(self) -> None:
         for key in ("w_correct", "w_format", "math_verify_timeout_s"):
@@ -63,6 +69,19 @@ class RewardConfig:
             _compiled(self.format_pattern)
         except re.error as error:
             raise ValueError(f"reward.format_pattern does not compile: {error}") from error
+
+    @classmethod
+    def from_dict(cls, values: dict) -> RewardConfig:
+        """From the resolved `cfg.reward`; a null setting is left to its default (the format template)."""
+        return cls(**{k: v for k, v in values.items() if v is not None})
+
+    def score(self, completion: str, gold_answer: str, task: str) -> RewardBreakdown:
+        """`score` under these settings."""
+        return score(completion, gold_answer, task, **asdict(self))
+
+    def score_batch(self, completions: list[str], gold_answers: list[str], tasks: list[str]) -> torch.Tensor:
+        """`score_batch` under these settings: [N, 3] (correct, format, total)."""
+        return score_batch(completions, gold_answers, tasks, **asdict(self))
 
 
 def score(

@@ -1,4 +1,4 @@
-"""Final-answer extraction and equivalence checking (DESIGN: rewards).
+"""Final-answer extraction and equivalence checking (docs/design.md §9).
 
 Extraction (`extract_answer`), in priority order:
   1. the last `####` marker: the rest of its line;

@@ -1,0 +1,319 @@
+"""What the frozen main can read and how much spread latent noise buys (docs/design.md §7):
+`src/bench.py readouts|explore|compress`. Each probe scores greedy (or noisy) decodes on the fixed
+test set by task and depth, before any RL, on a backbone loaded by `dlr.benchmarks.load_backbone`.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+import torch
+
+from dlr.benchmarks import Backbone, dlr_module
+from dlr.config import reward_from_yaml
+from dlr.data.datamodule import ReasoningDataModule
+from dlr.methods.stage1 import load_stage1
+from dlr.models.backbones import weights_sha256
+from dlr.models.generation import greedy_complete, greedy_decode_embeds
+from dlr.models.projector import mean_embedding_norm
+from dlr.models.readout import Readout, latent_main_inputs
+from dlr.rewards import CORRECT
+from dlr.scoring import evaluate_by_depth, score_by_depth
+
+
+def probe_readouts(bb: Backbone, per_depth: int, latent_steps: int, latent_dim: int, stage1_root: Path) -> dict:
+    """What the frozen main model can read in its latent span: greedy accuracy by task and depth of
+    the fixed test set under each readout, for spans the project can make before any RL: no latents
+    (its own text chain, or direct answering), T random vectors at the mean embedding norm, the
+    untrained policy and projector, the shipped stage 1 (where one exists for that readout) and, as
+    the ceiling, the gold chain's own tokens (its first T, or all of it; given as text, which equals
+    giving their embeddings)."""
+
+    data = ReasoningDataModule("mixed", 1, [1, 4], [1, 8], 0, 1000, per_depth, {"math": 0.5, "logic": 0.5})
+    records = data.test_records()
+    main_sha = weights_sha256(bb.main)
+    scores = []
+    for readout in ("rationale", "answer"):
+        scores += _probe_readout(bb, readout, records, latent_steps, latent_dim, stage1_root / readout, main_sha)
+    return {"per_depth": per_depth, "T": latent_steps, "scores": [s.__dict__ for s in scores]}
+
+
+@torch.no_grad()
+def _probe_readout(
+    bb: Backbone, readout: str, records: list, latent_steps: int, latent_dim: int, stage1: Path, main_sha: str
+) -> list:
+
+    tok, fmt, n = bb.main_tokenizer, bb.fmt, len(records)
+    reward = reward_from_yaml()
+    module = dlr_module(bb, 4, 1, latent_steps, latent_dim, 96 if readout == "rationale" else 4, readout)
+    module.main_sha256 = main_sha
+    decode_tokens = module.readout.max_new_tokens
+
+    def text_span(label: str, span_text) -> list:
+        def complete(chunk):
+            tail = "" if readout == "rationale" else f" {fmt.eol} {fmt.answer_cue}"
+            prompts = [f"{fmt.prompt(r.question, tok)} {fmt.bol} {span_text(r)}{tail}" for r in chunk]
+            return [module.readout.scored_text(o) for o in greedy_complete(bb.main, tok, prompts, decode_tokens)]
+
+        return score_by_depth(records, complete, label=label, batch_size=n, reward=reward)
+
+    def latent_span(label: str, projected_of) -> list:
+        def complete(chunk):
+            questions = [r.question for r in chunk]
+            embeds, mask = latent_main_inputs(bb.main, tok, module.readout, questions, projected_of(chunk))
+            texts, _ = greedy_decode_embeds(bb.main, embeds, mask, tok, decode_tokens)
+            return [module.readout.scored_text(t) for t in texts]
+
+        return score_by_depth(records, complete, label=label, batch_size=n, reward=reward)
+
+    def policy_span(chunk):
+        ids, mask = module.encode_questions(chunk)
+        return module.projector(module.policy.mean_chain(ids, mask)[:, 0])
+
+    def random_span(chunk):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(len(chunk), latent_steps, bb.main.get_input_embeddings().embedding_dim, generator=g)
+        return (x / x.norm(dim=-1, keepdim=True) * module.embedding_norm).to(bb.device)
+
+    if readout == "rationale":
+        scores = evaluate_by_depth(
+            bb.main, tok, fmt, records, label="rationale/no latents (own chain)", batch_size=n, reward=reward
+        )
+        scores += text_span(
+            f"rationale/gold chain's first {latent_steps} tokens", lambda r: " ".join(r.cot.split()[:latent_steps])
+        )
+    else:
+        scores = evaluate_by_depth(
+            bb.main,
+            tok,
+            fmt,
+            records,
+            label="answer/empty span (direct)",
+            mode="direct",
+            max_new_tokens=4,
+            batch_size=n,
+            reward=reward,
+        )
+        scores += text_span("answer/gold chain (c=1)", lambda r: r.cot)
+    scores += latent_span(f"{readout}/{latent_steps} random latents", random_span)
+    scores += latent_span(f"{readout}/untrained policy", policy_span)
+    if (stage1 / "stage1.json").is_file():  # a module of the shipped stage 1's own latent sizes
+        shipped = json.loads((stage1 / "stage1.json").read_text())["latent"]
+        module = dlr_module(bb, 4, 1, shipped["steps"], shipped["dim"], decode_tokens, readout)
+        module.main_sha256 = main_sha
+        load_stage1(module, stage1, "python src/train.py experiment=dlr_stage1_tiny")
+        scores += latent_span(f"{readout}/shipped stage 1", policy_span)
+    return scores
+
+
+@torch.no_grad()
+def probe_exploration(
+    bb: Backbone, stage1: Path, sigmas: list[float], per_depth: int, samples: int, depths: list[int]
+) -> dict:
+    """How much reward spread latent noise buys, and what it costs in accuracy: for each sigma (in the
+    latent space the policy samples), `samples` chains z = mu + sigma * eps per math question of the
+    fixed test set, each decoded greedily by the frozen main (rationale readout, shipped stage 1).
+    By depth: accuracy of the mean chain, of the sampled chains, the share of questions whose samples
+    disagree in reward (the groups RL can learn from), and how far the noise moves the projected
+    latents (||P(z) - P(mu)|| / ||P(mu)||)."""
+
+    info = json.loads((stage1 / "rationale" / "stage1.json").read_text())
+    module = dlr_module(bb, samples, 1, info["latent"]["steps"], info["latent"]["dim"], 64, "rationale")
+    module.main_sha256 = weights_sha256(bb.main)
+    load_stage1(module, stage1, "python src/train.py experiment=dlr_stage1_tiny")
+    data = ReasoningDataModule("synthetic_math", 1, [1, 4], [min(depths), max(depths)], 0, 1000, per_depth)
+    records = [r for r in data.test_records() if r.depth in depths]
+    ids, mask = module.encode_questions(records)
+    mu = module.policy.mean_chain(ids, mask)[:, :1]  # [N, 1, T, Dz]
+    rows = []
+    generator = torch.Generator(device=mu.device).manual_seed(0)
+    for sigma in [0.0, *sigmas]:
+        z = mu + sigma * torch.randn((mu.shape[0], samples, *mu.shape[2:]), generator=generator, device=mu.device)
+        if sigma == 0.0:
+            z = mu
+        k = z.shape[1]
+        texts = module.decode(records, z)  # question-major
+        golds = [r.answer for r in records for _ in range(k)]
+        tasks = [r.task for r in records for _ in range(k)]
+        correct = reward_from_yaml().score_batch(texts, golds, tasks)[:, CORRECT].reshape(-1, k)
+        moved = (module.projector(z) - module.projector(mu)).norm(dim=-1) / module.projector(mu).norm(dim=-1)
+        for depth in depths:
+            rows_at = [i for i, r in enumerate(records) if r.depth == depth]
+            c = correct[rows_at]
+            rows.append(
+                {
+                    "sigma": sigma,
+                    "depth": depth,
+                    "accuracy": float(c.mean()),
+                    "groups_with_spread": float(((c.max(1).values - c.min(1).values) > 0).float().mean()),
+                    "latent_moved": float(moved[rows_at].mean()),
+                }
+            )
+    return {"samples": samples, "per_depth": per_depth, "rows": rows}
+
+
+def check_ratio(ratio: int) -> None:
+    """A compression ratio is a whole number of chain tokens per latent, at least 1."""
+    if not isinstance(ratio, int) or ratio < 1:
+        raise ValueError(f"--ratios: a compression ratio is a whole number of tokens per latent >= 1, got {ratio!r}")
+
+
+def compress_chain(embeds: torch.Tensor, ratio: int, norm: float) -> torch.Tensor:
+    """A chain of token embeddings [L, D] compressed `ratio` to one: the mean of each run of `ratio`
+    consecutive rows (the last run may be shorter), rescaled to L2 norm `norm`; [ceil(L / ratio), D].
+    At ratio 1 the embeddings come back as they are (not rescaled), so the span equals the text."""
+    check_ratio(ratio)
+    if ratio == 1:
+        return embeds
+    means = torch.stack([group.mean(0) for group in embeds.split(ratio)])  # [ceil(L / ratio), D]
+    return means / means.norm(dim=-1, keepdim=True).clamp(min=1e-12) * norm
+
+
+def span_main_inputs(
+    main: torch.nn.Module, tokenizer, readout, questions: list[str], spans: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`latent_main_inputs` for spans of different lengths: each row `before span after` is built
+    alone, then all are left-padded (pad token's embedding, mask 0) into one batch, so every row's
+    real tokens end at the last column as they do in a left-padded text batch.
+    spans: N tensors [T_i, Dmain]. Returns (inputs_embeds [N, L, Dmain], attention_mask [N, L])."""
+
+    rows = [
+        latent_main_inputs(main, tokenizer, readout, [q], s[None])[0][0] for q, s in zip(questions, spans, strict=True)
+    ]
+    width = max(r.shape[0] for r in rows)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    embed = main.get_input_embeddings()
+    pad = embed(torch.tensor([pad_id], device=embed.weight.device))[0]  # [D]
+    embeds = pad.expand(len(rows), width, -1).clone()
+    mask = torch.zeros(len(rows), width, dtype=torch.long, device=embeds.device)
+    for i, r in enumerate(rows):
+        embeds[i, width - r.shape[0] :] = r
+        mask[i, width - r.shape[0] :] = 1
+    return embeds, mask
+
+
+@torch.no_grad()
+def probe_compression(bb: Backbone, per_depth: int, ratios: list[int], batch_size: int = 100) -> dict:
+    """What the frozen main reads in the `answer` readout (`prompt <bol> span <eol> ####`, answer at
+    once) when the span holds its own input embeddings of the gold chain, compressed c to one: greedy
+    accuracy by task and depth of the fixed test set (math and logic, depths 1-8, `per_depth` each)
+    for each c in `ratios`, against the gold chain given as text (the ceiling), direct answering
+    (empty span) and random vectors at the mean embedding norm as long as the uncompressed chain.
+
+    The chain is `record.cot` tokenised by the main's tokenizer (with its leading space, as the
+    readout's gold text has it). At c=1 the span is the chain's embeddings as they are (not rescaled):
+    the same input as the text, so its accuracy should equal the ceiling's (`c1_matches_text` counts
+    the problems whose decoded answers agree). At c>1 each latent is the mean of c consecutive token
+    embeddings (the last group may be shorter) rescaled to the main's mean embedding norm."""
+
+    for ratio in ratios:  # fail on a bad ratio before any decoding
+        check_ratio(ratio)
+    reward = reward_from_yaml()
+    data = ReasoningDataModule("mixed", 1, [1, 4], [1, 8], 0, 1000, per_depth, {"math": 0.5, "logic": 0.5})
+    records = data.test_records()
+    tok, fmt, main = bb.main_tokenizer, bb.fmt, bb.main
+    readout = Readout("answer", fmt, 4)
+    norm = mean_embedding_norm(main)
+    embed = main.get_input_embeddings()
+    chain_ids = {r.question: tok(f" {r.cot}", add_special_tokens=False).input_ids for r in records}
+
+    def chain(record) -> torch.Tensor:
+        return embed(torch.tensor(chain_ids[record.question], device=bb.device))  # [L, D]
+
+    def random_span(record) -> torch.Tensor:
+        g = torch.Generator().manual_seed(zlib.crc32(record.question.encode()))  # whatever the batching
+        x = torch.randn(len(chain_ids[record.question]), embed.embedding_dim, generator=g)
+        return (x / x.norm(dim=-1, keepdim=True) * norm).to(bb.device, embed.weight.dtype)
+
+    outputs: dict[str, dict[str, str]] = {}
+
+    def kept(label: str, complete):
+        def run(chunk):
+            texts = complete(chunk)
+            outputs.setdefault(label, {}).update({r.question: t for r, t in zip(chunk, texts, strict=True)})
+            return texts
+
+        return run
+
+    def span_variant(label: str, span_of) -> list:
+        def complete(chunk):
+            embeds, mask = span_main_inputs(
+                main, tok, readout, [r.question for r in chunk], [span_of(r) for r in chunk]
+            )
+            texts, _ = greedy_decode_embeds(main, embeds, mask, tok, readout.max_new_tokens)
+            return [readout.scored_text(t) for t in texts]
+
+        return score_by_depth(records, kept(label, complete), label=label, batch_size=batch_size, reward=reward)
+
+    def gold_text(chunk):
+        prompts = [f"{fmt.prompt(r.question, tok)} {fmt.bol} {r.cot} {fmt.eol} {fmt.answer_cue}" for r in chunk]
+        return [readout.scored_text(o) for o in greedy_complete(main, tok, prompts, readout.max_new_tokens)]
+
+    text_label = "gold chain as text (ceiling)"
+    scores = score_by_depth(
+        records, kept(text_label, gold_text), label=text_label, batch_size=batch_size, reward=reward
+    )
+    for ratio in ratios:
+        label = "gold embeddings, c=1 (as is)" if ratio == 1 else f"gold embeddings, c={ratio} (means)"
+        scores += span_variant(label, lambda r, ratio=ratio: compress_chain(chain(r), ratio, norm))
+    scores += span_variant("random span (c=1 length)", random_span)
+    scores += evaluate_by_depth(
+        main,
+        tok,
+        fmt,
+        records,
+        label="empty span (direct)",
+        mode="direct",
+        max_new_tokens=4,
+        batch_size=batch_size,
+        reward=reward,
+    )
+    lengths = []
+    for task, depth in sorted({(r.task, r.depth) for r in records}):
+        counts = [len(chain_ids[r.question]) for r in records if (r.task, r.depth) == (task, depth)]
+        row = {"task": task, "depth": depth, "chain_tokens": sum(counts) / len(counts)}
+        row |= {f"span_c{c}": sum(-(-n // c) for n in counts) / len(counts) for c in ratios if c > 1}
+        lengths.append(row)
+    result = {
+        "per_depth": per_depth,
+        "ratios": list(ratios),
+        "embedding_norm": norm,
+        "scores": [s.__dict__ for s in scores],
+        "lengths": lengths,
+    }
+    if 1 in ratios:
+        c1 = outputs["gold embeddings, c=1 (as is)"]
+        result["c1_matches_text"] = sum(c1[q] == t for q, t in outputs[text_label].items()) / len(records)
+    return result
+
+
+def compression_tables(result: dict) -> str:
+    """Markdown: one accuracy table per task (rows: span variant, columns: depth), then the gold
+    chain's mean length in tokens and in latents at each c, by task and depth."""
+    scores = result["scores"]
+    variants = list(dict.fromkeys(s["model"] for s in scores))
+    depths = sorted({s["depth"] for s in scores})
+    by = {(s["model"], s["task"], s["depth"]): s["accuracy"] for s in scores}
+    blocks = []
+    for task in sorted({s["task"] for s in scores}):
+        lines = [f"**{task}** (greedy accuracy, n={result['per_depth']} per depth)", ""]
+        lines += ["| span | " + " | ".join(f"d{d}" for d in depths) + " |", "|" + "---|" * (len(depths) + 1)]
+        for v in variants:
+            cells = [f"{100 * by[(v, task, d)]:.0f}%" if (v, task, d) in by else "–" for d in depths]
+            lines.append(f"| {v} | " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines))
+    keys = [k for k in result["lengths"][0] if k not in ("task", "depth")]
+    lines = ["**gold chain length** (mean tokens; latents at each c)", ""]
+    lines += ["| task | length | " + " | ".join(f"d{d}" for d in depths) + " |", "|" + "---|" * (len(depths) + 2)]
+    rows = {(r["task"], r["depth"]): r for r in result["lengths"]}
+    for task in sorted({r["task"] for r in result["lengths"]}):
+        for k in keys:
+            name = "tokens" if k == "chain_tokens" else f"latents at c={k.removeprefix('span_c')}"
+            cells = [f"{rows[(task, d)][k]:.1f}" if (task, d) in rows else "–" for d in depths]
+            lines.append(f"| {task} | {name} | " + " | ".join(cells) + " |")
+    blocks.append("\n".join(lines))
+    if "c1_matches_text" in result:
+        blocks.append(f"c=1 embeddings and gold text decode the same answer on {100 * result['c1_matches_text']:.1f}%")
+    return "\n\n".join(blocks)
