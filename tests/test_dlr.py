@@ -232,6 +232,55 @@ def test_both_stages_train_exactly_the_dlr_parameters_and_never_the_main_model(
     torch.testing.assert_close(module.last_scores[..., TOTAL], rollout.rewards)
 
 
+@pytest.mark.parametrize("mode", ["parallel", "recurrent"])
+def test_a_charged_decode_counts_the_projector_and_the_main_head_only_at_new_tokens(tiny_pair, monkeypatch, mode):
+    settings = settings_from_yaml(
+        DLRSettings,
+        "dlr",
+        {
+            "latent": {"steps": 3, "dim": 8, "mode": mode},
+            "critic": {"hidden": 16},
+            "max_new_tokens": {"rationale": 5, "answer": 2},
+        },
+    )
+    module = build_module(tiny_pair, settings)
+    import dlr.methods.dlr_module as dlr_module
+
+    shapes = []
+    decode = dlr_module.greedy_decode_embeds
+
+    def recorded_decode(main, embeds, mask, tokenizer, max_new_tokens):
+        texts, ids = decode(main, embeds, mask, tokenizer, max_new_tokens)
+        shapes.append((embeds.shape[0], embeds.shape[1], ids.shape[1]))  # rows, prompt positions, new tokens
+        return texts, ids
+
+    monkeypatch.setattr(dlr_module, "greedy_decode_embeds", recorded_decode)
+    records = ReasoningDataModule("mixed", 2, [1, 1], [1, 1], 0, 1000, 1, {"math": 0.5, "logic": 0.5}).test_records()
+    module.decode(records, torch.randn(2, 4, 3, 8), charge=True)
+    ((rows, prompt, new),) = shapes
+    assert rows == 8 and 1 <= new <= 5
+    main, projector = module.main_cost, module.projector_cost.body
+    # the projector once per latent (2*4 chains x 3); the main's body over the prefill and all new tokens
+    # but the last (each is read by the next step), its head once per new token
+    expected = 2 * projector * 24 + 2 * main.body * rows * (prompt + new - 1) + 2 * main.head * rows * new
+    assert float(module.flops_spent) == pytest.approx(expected)
+    assert main.head == module.main.get_output_embeddings().weight.numel()
+
+    # 5 chains over 7 question tokens and T=3 latents: a recurrent rollout calls the assistant T times
+    # (one logit each), a parallel or teacher-forced pass once; the latent heads run once per latent
+    before = float(module.flops_spent)
+    module.charge_policy(5, 7)
+    assistant, heads = module.assistant_cost, module.latent_heads_cost.body
+    calls = 3 if mode == "recurrent" else 1
+    hand = 2 * assistant.body * 5 * 10 + 2 * assistant.head * 5 * calls + 2 * heads * 5 * 3
+    assert float(module.flops_spent) - before == pytest.approx(hand)
+    assert heads == 2 * (module.policy.mu_head.weight.numel() + 8) + (
+        module.policy.latent_to_input.weight.numel() + module.policy.latent_to_input.bias.numel()
+        if mode == "recurrent"
+        else 0
+    )
+
+
 def test_dlr_runs_end_to_end_from_the_command_line_and_resumes(tmp_path):
     """`experiment=dlr` on the shipped tiny backbone: both stages, logged rewards and diagnostics, the
     main-model hash check, a checkpoint without backbone weights, and a resume that continues it."""

@@ -9,6 +9,7 @@ import torch
 from lightning import Trainer
 
 from conftest import reward_from_yaml, run_train, settings_from_yaml
+from dlr.accounting import compute_parameters
 from dlr.data.datamodule import ReasoningDataModule
 from dlr.methods.grpo_module import GRPOModule, GRPOSettings
 from dlr.methods.losses import LOSS_TYPES, aggregate_token_loss, micro_batch_weight
@@ -135,8 +136,27 @@ def test_a_grpo_step_changes_only_lora_weights(tiny_pair, tmp_path):
         enable_model_summary=False,
         default_root_dir=tmp_path,
     )
+    shapes = []
+    rollout = module.rollout
+
+    def recorded_rollout(records):
+        out = rollout(records)
+        shapes.append((out[0].shape[0], out[0].shape[1], out[2].shape[1]))  # N, Lp, Lc
+        return out
+
+    module.rollout = recorded_rollout
     trainer.fit(module, datamodule=data)
     assert trainer.global_step == 2  # num_iterations=2: two optimizer steps on one batch of rollouts
+    # FLOPs by hand: 2 per parameter per position, the body at every position it reads, the head where
+    # logits are computed; sampling = prefill + Lc - 1 cached steps with Lc logits per row; the old and the
+    # reference log-prob passes read Lp + Lc positions and keep Lc + 1 logits; 2 training passes at x2.
+    ((N, Lp, Lc),) = shapes
+    body, head = module.cost.body, module.cost.head
+    sampling = 2 * body * N * (Lp + Lc - 1) + 2 * head * N * Lc
+    log_prob_pass = 2 * body * N * (Lp + Lc) + 2 * head * N * (Lc + 1)
+    assert float(module.flops_spent) == pytest.approx(sampling + 2 * log_prob_pass + 2 * 2 * log_prob_pass)
+    assert head == module.policy.get_output_embeddings().weight.numel() > 0
+    assert body + head == compute_parameters(module.policy)
     changed = {k for k, v in module.policy.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all("lora_" in k for k in changed)
     assert any("lora_B" in k for k in changed)

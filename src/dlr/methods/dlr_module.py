@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from dlr.accounting import compute_parameters
+from dlr.accounting import ModelCost, compute_parameters, model_cost
 from dlr.data.schema import Record
 from dlr.methods.losses import (
     LatentRLWeights,
@@ -113,7 +113,12 @@ class DLRModule(RLModule):
         self.reference = copy.deepcopy(self.policy).requires_grad_(False).eval() if settings.rl.beta > 0 else None
         self.register_buffer("rl_batches", torch.zeros((), dtype=torch.long))  # critic warm-up counter
         self.register_buffer("reference_synced", torch.zeros((), dtype=torch.bool))
-        self.main_parameters, self.assistant_parameters = compute_parameters(main), compute_parameters(assistant)
+        # FLOPs (docs/design.md §5): bodies at every position, output heads only where logits are computed
+        self.main_cost, self.assistant_cost = model_cost(main), model_cost(assistant)
+        latent_heads = (self.policy.mu_head, self.policy.log_sigma_head, self.policy.latent_to_input)
+        # mu, log-sigma and (recurrent) the input map run once per latent; no logits
+        self.latent_heads_cost = ModelCost(sum(compute_parameters(m) for m in latent_heads if m is not None), 0)
+        self.projector_cost, self.critic_cost = model_cost(self.projector), model_cost(self.critic)
         self.lora = any("lora_" in name for name, _ in assistant.named_parameters())
         self.assistant_backward = "activations" if self.lora else "weights"  # FLOPs factor of its backward passes
         self.last_rollout: Rollout | None = None
@@ -174,6 +179,18 @@ class DLRModule(RLModule):
         projected = self.projector(chains.flatten(0, 1))  # [B*K, T, Dmain]
         return latent_main_inputs(self.main, self.main_tokenizer, self.readout, questions, projected)
 
+    def charge_policy(
+        self, rows: int, question_tokens: int, backward: str = "none", teacher_forced: bool = False
+    ) -> None:
+        """`rows` latent chains of the assistant over the question and its T latent positions: the body
+        at every position; the assistant's own head (logits_to_keep=1) once per call, which is one call
+        in parallel mode or teacher forced and T cached calls in a recurrent rollout; the latent heads
+        once per latent."""
+        T = self.policy.num_steps
+        calls = 1 if self.policy.mode == "parallel" or teacher_forced else T
+        self.charge(self.assistant_cost, rows * (question_tokens + T), rows * calls, backward)
+        self.charge(self.latent_heads_cost, rows * T, 0, backward)
+
     @torch.no_grad()
     def decode(self, records: Sequence[Record], chains: torch.Tensor, charge: bool = False) -> list[str]:
         """One greedy decode of each chain [B, K, T, Dz] by the frozen main model, as the readout says
@@ -182,7 +199,8 @@ class DLRModule(RLModule):
         embeds, mask = self.main_inputs(records, chains)
         texts, ids = greedy_decode_embeds(self.main, embeds, mask, self.main_tokenizer, self.readout.max_new_tokens)
         if charge:
-            self.charge(self.main_parameters, embeds.shape[0] * (embeds.shape[1] + ids.shape[1]))  # prefill + decode
+            self.charge(self.projector_cost, chains.shape[0] * chains.shape[1] * chains.shape[2], 0)  # per latent
+            self.charge_generation(self.main_cost, embeds.shape[0], embeds.shape[1], ids.shape[1])
             self.generated_tokens += int(
                 completion_mask_after_eos(ids, eos_token_ids(self.main, self.main_tokenizer)).sum()
             )
@@ -224,8 +242,10 @@ class DLRModule(RLModule):
             )
         )
         nll = latent_target_nll(self.main, embeds, emask, target, target_mask)  # [B*M]
-        self.charge(self.assistant_parameters, B * M * (ids.shape[1] + T), self.assistant_backward)
-        self.charge(self.main_parameters, embeds.shape[0] * (embeds.shape[1] + target.shape[1]), "activations")
+        self.charge_policy(B * M, ids.shape[1], self.assistant_backward)
+        self.charge(self.projector_cost, B * M * T, 0, "weights")
+        rows, Lt = embeds.shape[0], target.shape[1]  # the main's logits at the Lt + 1 positions kept
+        self.charge(self.main_cost, rows * (embeds.shape[1] + Lt), rows * (Lt + 1), "activations")
         loss = nll.mean()
         logs = {"train/align_nll": nll.detach().mean()}
         if self.readout.kind == "rationale" and self.settings.alignment.pull_weight > 0:
@@ -254,9 +274,8 @@ class DLRModule(RLModule):
             self.reference_synced.fill_(True)
         ids, mask = self.encode_questions(records)
         B = ids.shape[0]
-        pass_tokens = ids.shape[1] + self.policy.num_steps  # one assistant pass per chain or mode
         if self.policy.mode == "recurrent":
-            self.charge(self.assistant_parameters, B * s.num_samples * pass_tokens)
+            self.charge_policy(B * s.num_samples, ids.shape[1])
             z_all, dist = self.policy.sample_recurrent(ids, mask, s.num_samples)  # [B, G, T, Dz]
             modes = None
         else:
@@ -264,6 +283,7 @@ class DLRModule(RLModule):
             z_all, modes = self.policy.sample(dist, s.num_samples)  # [B, G, T, Dz], [G]
 
         predicted = self.critic(dist.pooled, z_all)  # [B, G]
+        self.charge(self.critic_cost, B * s.num_samples, 0, "weights")  # with L_critic's backward
         use_critic = s.filter == "critic" and int(self.rl_batches) >= self.settings.critic.warmup
         method = s.filter if s.filter != "critic" or use_critic else "random"
         kept = select_latents(predicted.detach(), s.num_decoded, s.k_explore if use_critic else 0, method)  # [B, K]
@@ -281,9 +301,9 @@ class DLRModule(RLModule):
                 dist = self.policy(ids, mask, z if self.policy.mode == "recurrent" else None)
             mu, log_sigma, anchors, ref = self._scored_latents(dist, ids, mask, z, kept, modes)
             rows = B * (s.num_decoded if self.policy.mode == "recurrent" else self.policy.num_modes)
-            self.charge(self.assistant_parameters, rows * pass_tokens, self.assistant_backward)
+            self.charge_policy(rows, ids.shape[1], self.assistant_backward, teacher_forced=True)
             if ref is not None:
-                self.charge(self.assistant_parameters, rows * pass_tokens)
+                self.charge_policy(rows, ids.shape[1], teacher_forced=True)
             loss, terms = latent_rl_loss(mu, log_sigma, z, advantages, anchors, weights, ref, old_logp)
             if epoch == 0:
                 loss = loss + self.settings.critic.weight * critic_loss
@@ -313,11 +333,7 @@ class DLRModule(RLModule):
         if self.policy.mode == "recurrent":  # dist was teacher-forced on the K decoded chains
             mu, log_sigma = dist.mu, dist.log_sigma
             anchors = self.policy.mean_chain(ids, mask)[:, 0]  # mu(q): the noise-free chain, with gradients
-            self.charge(
-                self.assistant_parameters,
-                ids.shape[0] * (ids.shape[1] + self.policy.num_steps),
-                self.assistant_backward,
-            )
+            self.charge_policy(ids.shape[0], ids.shape[1], self.assistant_backward)
         else:
             mode_of = modes[kept]  # [B, K]
             mu, log_sigma = gather_samples(dist.mu, mode_of), gather_samples(dist.log_sigma, mode_of)

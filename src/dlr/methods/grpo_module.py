@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from dlr.accounting import compute_parameters
+from dlr.accounting import model_cost
 from dlr.data.schema import Record
 from dlr.methods.losses import (
     aggregate_token_loss,
@@ -48,7 +48,7 @@ class GRPOModule(RLModule):
     ) -> None:
         super().__init__(settings, reward)  # last_rollout stays None: no latent chains, no diversity traced
         self.policy, self.tokenizer, self.fmt, self.base_sha256 = policy, tokenizer, fmt, base_sha256
-        self.parameter_count = compute_parameters(policy)
+        self.cost = model_cost(policy)  # body at every position, head where logits are computed
         self.register_buffer("eos_ids", torch.tensor(eos_token_ids(policy, tokenizer)), persistent=False)
 
     def adapter_parameters(self) -> list[torch.nn.Parameter]:
@@ -81,7 +81,7 @@ class GRPOModule(RLModule):
         )
         seconds = time.perf_counter() - start
         N, Lp, Lc = prompt_ids.shape[0], prompt_ids.shape[1], completion_ids.shape[1]
-        self.charge(self.parameter_count, N * (Lp + Lc))  # prefill + each sampled token
+        self.charge_generation(self.cost, N, Lp, Lc)
         scores = self.score_rollouts(records, texts)
         return prompt_ids, prompt_mask, completion_ids, completion_mask, scores, seconds
 
@@ -117,10 +117,14 @@ class GRPOModule(RLModule):
         ref_logp = self._log_probs_no_grad(*args, adapters=False) if s.beta > 0 else None
 
         N, mask = completion_ids.shape[0], completion_mask.float()
-        sequence_tokens = N * (prompt_ids.shape[1] + completion_ids.shape[1])
+        # each log-prob pass reads prompt and completion and computes logits at the Lc + 1 positions kept
+        sequence_tokens, logit_tokens = (
+            N * (prompt_ids.shape[1] + completion_ids.shape[1]),
+            N * (completion_ids.shape[1] + 1),
+        )
         extra_passes = int(old_logp is not None) + int(ref_logp is not None)
-        self.charge(self.parameter_count, sequence_tokens * extra_passes)
-        self.charge(self.parameter_count, sequence_tokens * s.num_iterations, "activations")
+        self.charge(self.cost, sequence_tokens * extra_passes, logit_tokens * extra_passes)
+        self.charge(self.cost, sequence_tokens * s.num_iterations, logit_tokens * s.num_iterations, "activations")
         total_tokens = float(mask.sum())
         # dapo normalises by every token of the batch. Under DDP, which averages the ranks' gradients,
         # that is the ranks' mean token count (the rank's own count on one device).

@@ -13,7 +13,7 @@ import torch
 from lightning import LightningModule
 from torchmetrics import Metric
 
-from dlr.accounting import forward_flops
+from dlr.accounting import ModelCost, generation_flops, pass_flops
 from dlr.data.schema import Record
 from dlr.methods.checkpointing import TrainableStateCheckpoints
 from dlr.methods.guard import NonFiniteGuard, finite_on_every_rank
@@ -97,9 +97,14 @@ class RLModule(TrainableStateCheckpoints, LightningModule):
 
     # --- compute ------------------------------------------------------------------------------
 
-    def charge(self, parameters: int, tokens: int, backward: str = "none") -> None:
-        """Add a pass over `tokens` tokens of a model with `parameters` parameters to the FLOPs spent."""
-        self.flops_spent += forward_flops(parameters, tokens, backward)
+    def charge(self, cost: ModelCost, tokens: int, logit_tokens: int, backward: str = "none") -> None:
+        """Add one pass of a model over `tokens` positions, with logits at `logit_tokens` of them, to the
+        FLOPs spent (docs/design.md §5)."""
+        self.flops_spent += pass_flops(cost, tokens, logit_tokens, backward)
+
+    def charge_generation(self, cost: ModelCost, rows: int, prompt_tokens: int, new_tokens: int) -> None:
+        """Add `rows` cached generations of `new_tokens` after `prompt_tokens` to the FLOPs spent."""
+        self.flops_spent += generation_flops(cost, rows, prompt_tokens, new_tokens)
 
     # --- guarded optimization -----------------------------------------------------------------
 
