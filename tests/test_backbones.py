@@ -10,7 +10,10 @@ from dlr.models.backbones import (
     BackboneUnavailable,
     ModelSpec,
     PromptFormat,
+    freeze,
+    keep_4bit_layout,
     load_assistant,
+    load_causal_lm,
     load_main,
     load_tokenizer,
     weights_sha256,
@@ -43,6 +46,23 @@ def test_nf4_main_loads_frozen_4bit_and_tracks_full_precision(tiny_pair):
         p_full = full(ids).logits.softmax(-1)
         p_nf4 = nf4(ids).logits.softmax(-1)
     assert (p_full - p_nf4).abs().sum(-1).max() < 0.5  # 4-bit rounding moves the distribution a little
+
+
+def test_the_cpu_main_computes_with_weights_dequantized_once_exactly_as_bitsandbytes_does(tiny_pair):
+    spec = ModelSpec(str(tiny_pair / "main"), "nf4")
+    kernel = keep_4bit_layout(freeze(load_causal_lm(spec)))  # bitsandbytes dequantizing at every call
+    cached = load_main(spec)
+    layers = [m for m in cached.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.dequantized_weight.dtype == torch.float32 for m in layers)
+    assert cached.state_dict().keys() == kernel.state_dict().keys()  # the copy is not saved
+    assert weights_sha256(cached) == weights_sha256(kernel)
+    ids = torch.randint(8, 100, (3, 12))
+    with torch.no_grad():
+        assert torch.equal(cached(ids).logits, kernel(ids).logits)  # bit for bit, not just close
+    embeds = cached.get_input_embeddings()(ids).detach().requires_grad_(True)
+    cached(inputs_embeds=embeds).logits.sum().backward()
+    assert embeds.grad is not None and embeds.grad.abs().sum() > 0  # latents upstream still get gradients
+    assert not any(p.grad is not None for p in cached.parameters())
 
 
 def test_lora_assistant_trains_only_adapters_and_leaves_the_main_hash_unchanged(tiny_pair):
