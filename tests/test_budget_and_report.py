@@ -269,6 +269,11 @@ def test_shortened_main_job_writes_a_valid_summary_and_every_plot(tmp_path):
     assert summary["pass_at_k"] == 2
     dlr = summary["arms"]["dlr"]["forgetting"]
     assert dlr["heldout_nll_before"] == dlr["heldout_nll_after"]  # the frozen main model cannot forget
+    starts = {
+        (a["forgetting"]["other_task_accuracy_before"], a["forgetting"]["heldout_nll_before"])
+        for a in summary["arms"].values()
+    }
+    assert len(starts) == 1  # one common start for the forgetting check: the frozen main's own chain
     dlr = summary["arms"]["dlr"]
     assert dlr["readout"] == "rationale" and set(dlr["after_alignment"]["accuracy_by_depth"]) == {"1", "2", "3"}
     assert dlr["alignment"]["source"] == "shipped" and dlr["alignment"]["steps"] == 400 + 2

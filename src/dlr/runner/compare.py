@@ -139,8 +139,11 @@ def dlr_arm_info(arm: Arm, meter, aligner: list) -> dict:
     }
 
 
-def train_arm_seed(cfg: DictConfig, name: str, kind: str, seed: int, out: Path, fractions: list[float]):
+def train_arm_seed(
+    cfg: DictConfig, name: str, kind: str, seed: int, out: Path, fractions: list[float], common_start: dict
+):
     """One (arm, seed) of a comparison: train each phase until its budget is spent, evaluating on the way.
+    `common_start` holds the forgetting check's start, measured by the first (arm, seed) that needs it.
 
     Rerun in the same folder (`hydra.run.dir=` a killed run's folder), a finished (arm, seed) is read
     from its `result.json` and an interrupted one resumes from its `checkpoints/last.ckpt` with its
@@ -166,7 +169,9 @@ def train_arm_seed(cfg: DictConfig, name: str, kind: str, seed: int, out: Path, 
     start_hash = arm.protected_hash() if rank_zero else ""
     label = seed_label(name, seed)
     others = other_task_records(arm_cfg, cfg.method.other_task) if cfg.method.other_task and rank_zero else []
-    before = main_text_chain_probe(cfg, arm, fmt, others, label)
+    if "before" not in common_start:  # the same frozen main and test set for every arm and seed
+        common_start["before"] = main_text_chain_probe(cfg, arm, fmt, others, label)
+    before = common_start["before"]
     training = train_phases(cfg, arm_cfg, arm, kind, name, seed, phases, fractions)
     if not rank_zero:
         return None
@@ -348,8 +353,9 @@ def run_dlr_vs_grpo(cfg: DictConfig, out: Path) -> None:
     )
     kinds = check_comparison(cfg, seeds, out)
     fractions = [round(cfg.method.eval_every * i, 6) for i in range(1, int(round(1 / cfg.method.eval_every)) + 1)]
+    common_start: dict = {}
     results = {
-        name: [train_arm_seed(cfg, name, kinds[name], seed, out, fractions) for seed in seeds]
+        name: [train_arm_seed(cfg, name, kinds[name], seed, out, fractions, common_start) for seed in seeds]
         for name in cfg.method.arms
     }
     if not is_rank_zero():
