@@ -6,20 +6,31 @@ import math
 
 import pytest
 import torch
-from torch.distributions import Normal, kl_divergence
+from torch.distributions import Bernoulli, Normal, kl_divergence
 
 from dlr.methods.losses import (
+    LatentRLWeights,
+    RecurrentChains,
     aggregate_token_loss,
     bidirectional_info_nce,
+    chain_kl,
+    chain_log_prob,
+    check_compression,
     clipped_surrogate,
+    compress_chain_embeddings,
     gaussian_entropy,
     gaussian_kl,
     gaussian_log_prob,
     group_advantages,
+    group_chain_tokens,
     k3_kl,
     latent_policy_loss,
     latent_pull_loss,
+    latent_rl_loss,
     mode_separation_loss,
+    soft_token_cross_entropy,
+    stop_bits,
+    stop_cross_entropy,
 )
 
 torch.manual_seed(0)
@@ -181,3 +192,173 @@ def test_k3_kl_formula():
     # delta = log(0.25 / 0.5) ; exp(delta) - delta - 1 = 0.5 + log 2 - 1
     assert k3_kl(logp, ref).item() == pytest.approx(0.5 + math.log(2) - 1)
     assert k3_kl(ref, ref).item() == 0.0
+
+
+# --- recurrent chains and chain distillation ------------------------------------------------------
+
+
+def test_stop_bits_by_hand():
+    """Chains of 3, 4 (the cap) and 1 steps at max_steps=4: the bit is 1 at the last step, and drawn
+    at every real step but the 4th, where the cap ends the chain."""
+    step_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    bits, drawn = stop_bits(step_mask, max_steps=4)
+    assert bits.tolist() == [[0, 0, 1, 0], [0, 0, 0, 1], [1, 0, 0, 0]]
+    assert drawn.tolist() == [[1, 1, 1, 0], [1, 1, 1, 0], [1, 0, 0, 0]]
+
+
+def test_stop_cross_entropy_by_hand():
+    """Row 1: 2 steps, logits (0, ln 3): bits (0, 1): (ln 2 + -ln(3/4)) / 2.
+    Row 2: the cap (max_steps=2) ends it at step 2, so only step 1 (bit 0, logit ln 3) counts: ln 4.
+    Its padding (logit 50) is never read."""
+    logits = torch.tensor([[0.0, math.log(3)], [math.log(3), 50.0]])
+    loss = stop_cross_entropy(logits[:1], torch.tensor([[1, 1]]), max_steps=4)
+    assert loss.item() == pytest.approx((math.log(2) + math.log(4 / 3)) / 2)
+    capped = stop_cross_entropy(logits[1:], torch.tensor([[1, 1]]), max_steps=2)
+    assert capped.item() == pytest.approx(math.log(4))
+
+
+def test_chain_log_prob_by_hand_and_against_torch_distributions():
+    """One chain of 1 step (Dz=1): z=1, mu=0, sigma=1 -> -1/2 - ln(2 pi)/2; its stop bit 1 at logit 0
+    -> -ln 2; the padded step 2 (mu 5, stop logit 9) is not read. 1 + 1 random variables."""
+    z = torch.tensor([[[1.0], [0.0]]])  # [1, T=2, Dz=1]
+    mu, log_sigma = torch.tensor([[[0.0], [5.0]]]), torch.zeros(1, 2, 1)
+    log_prob, count = chain_log_prob(z, mu, log_sigma, torch.tensor([[0.0, 9.0]]), torch.tensor([[1, 0]]), 3)
+    assert log_prob.item() == pytest.approx(-0.5 - 0.5 * math.log(2 * math.pi) - math.log(2))
+    assert count.item() == 2
+
+    mu, log_sigma = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5) * 0.3
+    z = mu + log_sigma.exp() * torch.randn(2, 3, 4, 5)  # [B=2, K=3, T=4, Dz=5]
+    stop_logit = torch.randn(2, 3, 4)
+    lengths = torch.tensor([[1, 2, 4], [3, 4, 2]])
+    step_mask = (torch.arange(4) < lengths[..., None]).long()
+    log_prob, count = chain_log_prob(z, mu, log_sigma, stop_logit, step_mask, max_steps=4)
+    for b in range(2):
+        for k in range(3):
+            n = int(lengths[b, k])
+            expected = Normal(mu[b, k, :n], log_sigma[b, k, :n].exp()).log_prob(z[b, k, :n]).sum()
+            drawn = min(n, 3)  # no bit at the 4th step
+            bits = torch.zeros(drawn)
+            if n < 4:
+                bits[-1] = 1.0
+            expected += Bernoulli(logits=stop_logit[b, k, :drawn]).log_prob(bits).sum()
+            torch.testing.assert_close(log_prob[b, k], expected)
+            assert count[b, k] == n * 5 + drawn
+
+
+def test_chain_kl_by_hand_and_zero_against_itself():
+    """1 step, Dz=1, mu 0 vs 1, sigma 1: Gaussian KL 1/2; at max_steps=1 no stop bit -> 1/2 over 1 variable.
+    At max_steps=3 its stop bit counts too: logits 0 vs ln 3, KL(Bern(1/2) || Bern(3/4)) = ln 2 - ln(sqrt 3)
+    ... over 2 variables."""
+    mu, ref_mu, log_sigma = torch.zeros(1, 1, 1), torch.ones(1, 1, 1), torch.zeros(1, 1, 1)
+    stop, ref_stop, step_mask = torch.zeros(1, 1), torch.full((1, 1), math.log(3)), torch.ones(1, 1)
+    assert chain_kl(mu, log_sigma, stop, ref_mu, log_sigma, ref_stop, step_mask, 1).item() == pytest.approx(0.5)
+    bernoulli = kl_divergence(Bernoulli(probs=torch.tensor(0.5)), Bernoulli(probs=torch.tensor(0.75))).item()
+    assert bernoulli == pytest.approx(math.log(2) - 0.5 * math.log(3))
+    both = chain_kl(mu, log_sigma, stop, ref_mu, log_sigma, ref_stop, step_mask, 3)
+    assert both.item() == pytest.approx((0.5 + bernoulli) / 2)
+    mu, log_sigma, stop = torch.randn(2, 4, 3), torch.randn(2, 4, 3) * 0.2, torch.randn(2, 4)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    assert chain_kl(mu, log_sigma, stop, mu, log_sigma, stop, mask, 4).abs().max() < 1e-6
+
+
+def test_masked_entropy_reads_only_real_steps():
+    """Steps 1 with log sigma 0, step 2 (padding) with log sigma 7: the entropy is that of step 1."""
+    log_sigma = torch.tensor([[[0.0, 0.0], [7.0, 7.0]]])
+    entropy = gaussian_entropy(log_sigma, torch.tensor([[1, 0]]))
+    assert entropy.item() == pytest.approx(0.5 * (1 + math.log(2 * math.pi)))
+    torch.testing.assert_close(gaussian_entropy(log_sigma, torch.ones(1, 2)), gaussian_entropy(log_sigma))
+
+
+def test_compress_chain_embeddings_by_hand_with_padding():
+    """Row 1: 3 tokens (2,0), (0,2), (4,4) at c=2: means (1,1) and (4,4), rescaled to norm 3.
+    Row 2: 1 token (0,5): its mean (0,5) at norm 3; its second run is padding (0, mask 0).
+    c=1: the embeddings as they are (padding zeroed)."""
+    embeds = torch.tensor([[[2.0, 0.0], [0.0, 2.0], [4.0, 4.0]], [[0.0, 5.0], [9.0, 9.0], [9.0, 9.0]]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    targets, target_mask = compress_chain_embeddings(embeds, mask, 2, norm=3.0)
+    r = 3 / math.sqrt(2)
+    torch.testing.assert_close(targets, torch.tensor([[[r, r], [r, r]], [[0.0, 3.0], [0.0, 0.0]]]))
+    assert target_mask.tolist() == [[1, 1], [1, 0]]
+    same, same_mask = compress_chain_embeddings(embeds, mask, 1, norm=3.0)
+    torch.testing.assert_close(same, embeds * mask[..., None])
+    assert torch.equal(same_mask, mask)
+    ids, ids_mask = group_chain_tokens(torch.tensor([[5, 6, 7], [8, 0, 0]]), mask, 2)
+    assert ids.tolist() == [[[5, 6], [7, 0]], [[8, 0], [0, 0]]]
+    assert ids_mask.tolist() == [[[1, 1], [1, 0]], [[1, 0], [0, 0]]]
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="method.latent.compression"):
+            check_compression(bad)
+
+
+def test_soft_token_cross_entropy_by_hand():
+    """V=2. c=1: step 1 logits (0, 0), gold token 0 -> ln 2; step 2 logits (ln 3, 0), gold 1 -> ln 4;
+    step 3 is padding. Mean (ln 2 + ln 4) / 2. c=2: one step, logits (ln 3, 0), gold tokens 0 and 1:
+    -(ln 3/4 + ln 1/4) / 2."""
+    logits = torch.tensor([[[0.0, 0.0], [math.log(3), 0.0], [50.0, 0.0]]])  # [1, T=3, V=2]
+    ids, mask = torch.tensor([[[0], [1], [1]]]), torch.tensor([[[1], [1], [0]]])
+    loss = soft_token_cross_entropy(logits, ids, mask)
+    assert loss.item() == pytest.approx((math.log(2) + math.log(4)) / 2)
+    pair = soft_token_cross_entropy(logits[:, 1:2], torch.tensor([[[0, 1]]]), torch.tensor([[[1, 1]]]))
+    assert pair.item() == pytest.approx(-(math.log(0.75) + math.log(0.25)) / 2)
+
+
+def test_latent_ppo_ratio_of_chains_of_their_own_lengths():
+    """Chains of n = 4 and 2 random variables, per-variable mean log-probs moved by ln(1.1)/4 and
+    ln(0.5)/2: ratios 1.1 and 0.5, A = (+1, -1), eps 0.2: -(1.1 / 4 - 0.8 / 2) / 2 = 0.0625."""
+    old = torch.tensor([[-3.0, -3.0]])
+    num_dims = torch.tensor([[4.0, 2.0]])
+    logp = old + torch.tensor([[math.log(1.1), math.log(0.5)]]) / num_dims
+    loss = latent_policy_loss(logp, torch.tensor([[1.0, -1.0]]), old, clip_eps=0.2, num_dims=num_dims)
+    assert loss.item() == pytest.approx(-(1.1 / 4 - 0.8 / 2) / 2)
+
+
+def test_masked_info_nce_reads_only_real_steps():
+    """Garbage after each chain's end changes nothing; chains of equal length give the unmasked loss."""
+    anchors, latents = torch.randn(2, 3, 4), torch.randn(2, 3, 3, 4)
+    adv = torch.tensor([[1.0, -1.0, 0.0], [-1.0, 1.0, 1.0]])
+    latent_mask = torch.tensor([[[1, 1, 0], [1, 0, 0], [1, 1, 1]], [[1, 1, 1], [1, 1, 0], [1, 0, 0]]])
+    anchor_mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    loss, _ = bidirectional_info_nce(anchors, latents, adv, 0.1, anchor_mask, latent_mask)
+    noisy_a = anchors + 100 * (1 - anchor_mask)[..., None]
+    noisy_l = latents + 100 * (1 - latent_mask)[..., None]
+    torch.testing.assert_close(bidirectional_info_nce(noisy_a, noisy_l, adv, 0.1, anchor_mask, latent_mask)[0], loss)
+    full_a, full_l = torch.ones(2, 3), torch.ones(2, 3, 3)
+    torch.testing.assert_close(
+        bidirectional_info_nce(anchors, latents, adv, 0.1, full_a, full_l)[0],
+        bidirectional_info_nce(anchors, latents, adv, 0.1)[0],
+    )
+    # an anchor shorter than the chains is zero-padded to their length
+    two_steps = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    short, _ = bidirectional_info_nce(anchors[:, :2], latents, adv, 0.1, two_steps[:, :2], latent_mask)
+    padded, _ = bidirectional_info_nce(anchors, latents, adv, 0.1, two_steps, latent_mask)
+    torch.testing.assert_close(short, padded)
+
+
+def test_recurrent_latent_rl_loss_is_the_weighted_sum_of_its_masked_terms():
+    torch.manual_seed(1)
+    B, K, T, Dz = 2, 3, 4, 2
+    mu = torch.randn(B, K, T, Dz, requires_grad=True)
+    log_sigma = torch.full((B, K, T, Dz), -0.5, requires_grad=True)
+    stop = torch.randn(B, K, T, requires_grad=True)
+    z = mu.detach() + 0.6 * torch.randn(B, K, T, Dz)
+    step_mask = (torch.arange(T) < torch.tensor([[1, 3, 4], [2, 2, 4]])[..., None]).long()
+    anchors, anchor_mask = torch.randn(B, T, Dz, requires_grad=True), torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    adv = torch.tensor([[1.0, -0.5, -0.5], [0.3, 0.3, -0.6]])
+    ref = (mu.detach() + 0.1, log_sigma.detach() - 0.2)
+    ref_stop = stop.detach() + 0.5
+    chains = RecurrentChains(stop, step_mask, anchor_mask, 4, ref_stop)
+    weights = LatentRLWeights(lambda_con=0.3, tau=0.1, beta=0.05, lambda_ent=0.01)
+    loss, terms = latent_rl_loss(mu, log_sigma, z, adv, anchors, weights, ref, None, chains)
+    total, count = chain_log_prob(z, mu, log_sigma, stop, step_mask, 4)
+    pg = -(adv * total / count).mean()
+    con, _ = bidirectional_info_nce(anchors, z, adv, 0.1, anchor_mask, step_mask)
+    kl = chain_kl(mu, log_sigma, stop, *ref, ref_stop, step_mask, 4).mean()
+    entropy = gaussian_entropy(log_sigma, step_mask).mean()
+    torch.testing.assert_close(loss, pg + 0.3 * con + 0.05 * kl - 0.01 * entropy)
+    loss.backward()
+    assert stop.grad.abs().sum() > 0  # the stop bits are part of log pi
+    assert (mu.grad[~step_mask.bool()] == 0).all()  # nothing after a chain's end is learnt
+    with pytest.raises(ValueError, match="stop logits"):
+        latent_rl_loss(
+            mu, log_sigma, z, adv, anchors, weights, ref, None, RecurrentChains(stop, step_mask, anchor_mask, 4)
+        )

@@ -1,7 +1,10 @@
 """Losses of both RL arms as pure functions of tensors (docs/design.md §7, §8).
 
 Shape letters: B questions, G latents sampled per question, K decoded (or completions) per question,
-T latent steps, Dz latent width, L completion tokens.
+T latent steps, Dz latent width, L completion tokens, V the main model's vocabulary.
+
+Recurrent chains have lengths of their own: a step mask [..., T] (1 on a chain's steps, a prefix; 0 on
+the padding after its end) says which steps are real, and every chain loss below reads only those.
 """
 
 from __future__ import annotations
@@ -19,28 +22,123 @@ ADVANTAGE_SCALES = ("group", "batch", "none")
 # --- diagonal Gaussian latent policy -----------------------------------------------------------
 
 
+def _gaussian_log_density(z: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
+    """log N(z; mu, sigma) per dimension. All broadcastable to [..., T, Dz]."""
+    return -0.5 * ((z - mu) * torch.exp(-log_sigma)) ** 2 - log_sigma - 0.5 * LOG_2PI
+
+
+def _masked_step_mean(per_dim: torch.Tensor, step_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of [..., T, Dz] over the dimensions of the real steps (all of them without a mask) -> [...]."""
+    if step_mask is None:
+        return per_dim.flatten(-2).mean(-1)
+    keep = step_mask.bool()[..., None].expand_as(per_dim)
+    total = torch.where(keep, per_dim, torch.zeros_like(per_dim)).flatten(-2).sum(-1)
+    return total / keep.flatten(-2).sum(-1).clamp(min=1)
+
+
 def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
     """Exact diagonal-Gaussian log-density of z, averaged over the T*Dz dimensions.
 
     z: [..., T, Dz]; mu, log_sigma broadcastable to z. Returns [...].
     """
-    per_dim = -0.5 * ((z - mu) * torch.exp(-log_sigma)) ** 2 - log_sigma - 0.5 * LOG_2PI  # [..., T, Dz]
-    return per_dim.flatten(-2).mean(-1)
+    return _gaussian_log_density(z, mu, log_sigma).flatten(-2).mean(-1)
 
 
-def gaussian_entropy(log_sigma: torch.Tensor) -> torch.Tensor:
-    """Entropy per dimension of a diagonal Gaussian, averaged over T*Dz. log_sigma: [..., T, Dz] -> [...]."""
-    return (0.5 * (1.0 + LOG_2PI) + log_sigma).flatten(-2).mean(-1)
+def gaussian_entropy(log_sigma: torch.Tensor, step_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Entropy per dimension of a diagonal Gaussian, averaged over T*Dz (over the real steps' dimensions
+    with `step_mask` [..., T]). log_sigma: [..., T, Dz] -> [...]."""
+    return _masked_step_mean(0.5 * (1.0 + LOG_2PI) + log_sigma, step_mask)
+
+
+def _gaussian_kl_per_dim(
+    mu_p: torch.Tensor, log_sigma_p: torch.Tensor, mu_q: torch.Tensor, log_sigma_q: torch.Tensor
+) -> torch.Tensor:
+    var_ratio = torch.exp(2 * (log_sigma_p - log_sigma_q))
+    mean_term = ((mu_p - mu_q) * torch.exp(-log_sigma_q)) ** 2
+    return log_sigma_q - log_sigma_p + 0.5 * (var_ratio + mean_term) - 0.5  # [..., T, Dz]
 
 
 def gaussian_kl(
     mu_p: torch.Tensor, log_sigma_p: torch.Tensor, mu_q: torch.Tensor, log_sigma_q: torch.Tensor
 ) -> torch.Tensor:
     """Closed-form KL(p || q) of diagonal Gaussians, averaged over T*Dz. All [..., T, Dz] -> [...]."""
-    var_ratio = torch.exp(2 * (log_sigma_p - log_sigma_q))
-    mean_term = ((mu_p - mu_q) * torch.exp(-log_sigma_q)) ** 2
-    per_dim = log_sigma_q - log_sigma_p + 0.5 * (var_ratio + mean_term) - 0.5  # [..., T, Dz]
-    return per_dim.flatten(-2).mean(-1)
+    return _gaussian_kl_per_dim(mu_p, log_sigma_p, mu_q, log_sigma_q).flatten(-2).mean(-1)
+
+
+# --- recurrent chains: the stop head --------------------------------------------------------------
+
+
+def stop_bits(step_mask: torch.Tensor, max_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stop decisions a chain of these real steps took, and which of them were drawn.
+
+    At step t the stop head draws b_t ~ Bernoulli(sigmoid(stop_logit_t)); b_t = 1 ends the chain with z_t
+    as its last latent. So b_t = 0 before the last step and 1 at it, except at the max_steps-th step,
+    where the cap ends the chain and no bit is drawn. step_mask: [..., T] (a prefix of ones).
+    Returns float (bits [..., T], drawn [..., T]).
+    """
+    real = step_mask.bool()
+    after = torch.cat([real[..., 1:], torch.zeros_like(real[..., :1])], dim=-1)  # step t+1 is real
+    steps = torch.arange(real.shape[-1], device=real.device)
+    drawn = real & (steps < max_steps - 1)
+    return (real & ~after).float(), drawn.float()
+
+
+def stop_cross_entropy(stop_logit: torch.Tensor, step_mask: torch.Tensor, max_steps: int) -> torch.Tensor:
+    """Stage 1's stop-head loss: binary cross-entropy of each drawn stop bit to the target chain's own
+    (0 before its last step, 1 at it), averaged over the drawn steps of each row.
+
+    stop_logit, step_mask: [N, T] (step_mask: the target chain's steps). Returns [N] (0 for a row with no
+    drawn bit: a one-step chain at max_steps=1)."""
+    bits, drawn = stop_bits(step_mask, max_steps)
+    bce = F.binary_cross_entropy_with_logits(stop_logit.float(), bits, reduction="none")  # [N, T]
+    return (bce * drawn).sum(-1) / drawn.sum(-1).clamp(min=1)
+
+
+def chain_log_prob(
+    z: torch.Tensor,
+    mu: torch.Tensor,
+    log_sigma: torch.Tensor,
+    stop_logit: torch.Tensor,
+    step_mask: torch.Tensor,
+    max_steps: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact log pi(z | q) of recurrent chains that end by their own stop bits:
+    sum over the real steps t and dimensions of log N(z_t; mu_t, sigma_t) + sum over the drawn stop
+    bits of log Bernoulli(b_t; sigmoid(stop_logit_t)) (`stop_bits`).
+
+    z, mu, log_sigma: [..., T, Dz]; stop_logit, step_mask: [..., T]. Returns (log pi [...], the number of
+    random variables it sums over [...]: T_i * Dz Gaussian dimensions + the drawn stop bits).
+    """
+    real = step_mask.bool()
+    per_dim = _gaussian_log_density(z, mu, log_sigma)  # [..., T, Dz]
+    gaussian = torch.where(real[..., None], per_dim, torch.zeros_like(per_dim)).sum((-2, -1))
+    bits, drawn = stop_bits(step_mask, max_steps)
+    bernoulli = -F.binary_cross_entropy_with_logits(stop_logit.float(), bits, reduction="none")  # [..., T]
+    log_prob = gaussian + (bernoulli * drawn).sum(-1)
+    return log_prob, real.sum(-1) * z.shape[-1] + drawn.sum(-1)
+
+
+def chain_kl(
+    mu: torch.Tensor,
+    log_sigma: torch.Tensor,
+    stop_logit: torch.Tensor,
+    ref_mu: torch.Tensor,
+    ref_log_sigma: torch.Tensor,
+    ref_stop_logit: torch.Tensor,
+    step_mask: torch.Tensor,
+    max_steps: int,
+) -> torch.Tensor:
+    """KL(pi || pi_ref) of the per-step distributions along sampled recurrent chains (the Gaussians of
+    the real steps and the Bernoullis of the drawn stop bits), averaged over the same random variables
+    as `chain_log_prob` counts. Gaussians [..., T, Dz], stop logits and step_mask [..., T] -> [...]."""
+    real = step_mask.bool()
+    per_dim = _gaussian_kl_per_dim(mu, log_sigma, ref_mu, ref_log_sigma)
+    gaussian = torch.where(real[..., None], per_dim, torch.zeros_like(per_dim)).sum((-2, -1))
+    p, log_p, log_not_p = torch.sigmoid(stop_logit), F.logsigmoid(stop_logit), F.logsigmoid(-stop_logit)
+    bernoulli = p * (log_p - F.logsigmoid(ref_stop_logit)) + (1 - p) * (log_not_p - F.logsigmoid(-ref_stop_logit))
+    _, drawn = stop_bits(step_mask, max_steps)
+    count = real.sum(-1) * mu.shape[-1] + drawn.sum(-1)
+    return (gaussian + (bernoulli * drawn).sum(-1)) / count.clamp(min=1)
 
 
 # --- stage 1 -----------------------------------------------------------------------------------
@@ -57,6 +155,61 @@ def latent_pull_loss(projected: torch.Tensor, targets: torch.Tensor, mask: torch
     per_step = (projected.float() - targets.float()).pow(2).sum(-1) / norm**2  # [N, T]
     weights = mask.to(per_step.dtype)
     return (per_step * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
+def check_compression(ratio: int, key: str = "method.latent.compression") -> None:
+    """A compression ratio is a whole number of chain tokens per latent, at least 1."""
+    if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
+        raise ValueError(f"{key}: a compression ratio is a whole number of tokens per latent >= 1, got {ratio!r}")
+
+
+def compress_chain_embeddings(
+    embeds: torch.Tensor, mask: torch.Tensor, ratio: int, norm: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chain-distillation targets: each run of `ratio` consecutive token embeddings of a chain becomes
+    their mean rescaled to L2 norm `norm` (a row's last run may be shorter); at ratio 1 the embeddings
+    come back as they are, not rescaled, so the targets are the chain's own inputs.
+
+    embeds: [N, L, D] right-padded chains; mask: [N, L]. Returns (targets [N, ceil(L / ratio), D],
+    their mask [N, ceil(L / ratio)]); a padded target is 0.
+    """
+    check_compression(ratio)
+    if ratio == 1:
+        return embeds * mask[..., None].to(embeds.dtype), mask
+    N, L, D = embeds.shape
+    width = -(-L // ratio)
+    pad = width * ratio - L
+    runs = F.pad(embeds * mask[..., None].to(embeds.dtype), (0, 0, 0, pad)).reshape(N, width, ratio, D)
+    counts = F.pad(mask, (0, pad)).reshape(N, width, ratio).sum(-1)  # [N, width] real tokens per run
+    means = runs.sum(2) / counts.clamp(min=1)[..., None].to(embeds.dtype)
+    rescaled = means / means.norm(dim=-1, keepdim=True).clamp(min=1e-12) * norm
+    kept = counts > 0
+    return rescaled * kept[..., None].to(embeds.dtype), kept.to(mask.dtype)
+
+
+def group_chain_tokens(ids: torch.Tensor, mask: torch.Tensor, ratio: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gold tokens each latent stands for at compression `ratio`: ids, mask [N, L] right-padded ->
+    [N, ceil(L / ratio), ratio] each (run j holds tokens j*ratio .. j*ratio + ratio - 1)."""
+    check_compression(ratio)
+    N, L = ids.shape
+    width = -(-L // ratio)
+    pad = width * ratio - L
+    return F.pad(ids, (0, pad)).reshape(N, width, ratio), F.pad(mask, (0, pad)).reshape(N, width, ratio)
+
+
+def soft_token_cross_entropy(logits: torch.Tensor, token_ids: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """Stage 1's distillation loss of a soft-token head: at each latent step, the cross-entropy of its
+    distribution over the main's vocabulary to the gold tokens it stands for (uniform over the run's
+    real tokens: one token at compression 1), averaged over the steps that stand for any token.
+
+    logits: [N, T, V]; token_ids, token_mask: [N, T, c] (`group_chain_tokens`). Returns [N].
+    """
+    log_p = F.log_softmax(logits.float(), dim=-1).gather(-1, token_ids)  # [N, T, c]
+    weights = token_mask.to(log_p.dtype)
+    per_token = weights.sum(-1)  # [N, T]
+    per_step = -(log_p * weights).sum(-1) / per_token.clamp(min=1)  # [N, T]
+    steps = (per_token > 0).to(log_p.dtype)
+    return (per_step * steps).sum(-1) / steps.sum(-1).clamp(min=1)
 
 
 # --- advantages ---------------------------------------------------------------------------------
@@ -92,12 +245,13 @@ def latent_policy_loss(
     advantages: torch.Tensor,
     old_logp: torch.Tensor | None = None,
     clip_eps: float = 0.2,
-    num_dims: int = 1,
+    num_dims: int | torch.Tensor = 1,
 ) -> torch.Tensor:
     """-mean A * log pi(z|q); with `old_logp` (ppo_epochs > 1) the clipped-ratio form.
 
     logp, old_logp, advantages: [B, K]; logp is log pi(z|q) averaged over the chain's `num_dims`
-    (T*Dz) dimensions. The PPO ratio is that of whole chains, exp(num_dims * (logp - old_logp)) =
+    random variables (T*Dz; for recurrent chains [B, K], each chain's own count, `chain_log_prob`).
+    The PPO ratio is that of whole chains, exp(num_dims * (logp - old_logp)) =
     pi(z|q) / pi_old(z|q), so the clip bounds the policy ratio (a ratio of per-dimension means would
     be its num_dims-th root: no trust region at all at T*Dz = 32*512). The clipped surrogate is
     divided by num_dims, so at ratio 1 its gradient equals the plain form's. Returns a scalar.
@@ -107,16 +261,31 @@ def latent_policy_loss(
     ratio = torch.exp(num_dims * (logp - old_logp))  # [B, K] pi(z|q) / pi_old(z|q)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages
-    return -torch.minimum(unclipped, clipped).mean() / num_dims
+    surrogate = torch.minimum(unclipped, clipped)  # [B, K]
+    if isinstance(num_dims, torch.Tensor):  # each chain its own count
+        return -(surrogate / num_dims).mean()
+    return -surrogate.mean() / num_dims
 
 
 # --- bidirectional contrastive objective -------------------------------------------------------
 
 
+def _zero_padded(chains: torch.Tensor, step_mask: torch.Tensor | None, steps: int) -> torch.Tensor:
+    """[..., T, Dz] with the steps the mask drops set to 0, zero-padded to `steps` steps."""
+    if step_mask is not None:
+        chains = chains * step_mask[..., None].to(chains.dtype)
+    return F.pad(chains, (0, 0, 0, steps - chains.shape[-2]))
+
+
 def bidirectional_info_nce(
-    anchors: torch.Tensor, latents: torch.Tensor, advantages: torch.Tensor, tau: float = 0.1
+    anchors: torch.Tensor,
+    latents: torch.Tensor,
+    advantages: torch.Tensor,
+    tau: float = 0.1,
+    anchor_mask: torch.Tensor | None = None,
+    latent_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """Bidirectional InfoNCE between question anchors and decoded latents (docs/design.md §7, stage 2 step 6).
+    r"""Bidirectional InfoNCE between question anchors and decoded latents (docs/design.md §7, stage 2 step 6).
 
     anchors: [B, T, Dz] (mu(q_b), gradients flow); latents: [B, K, T, Dz] (sampled actions, detached
     here); advantages: [B, K]. With s(u, v) = cos(flat u, flat v) / tau:
@@ -125,9 +294,15 @@ def bidirectional_info_nce(
         L_fwd = -mean_b log( sum_{p in P_b} e^{s(a_b,p)} / sum_x e^{s(a_b,x)} );
       backward, latents -> question: each positive picks its own anchor among the B anchors:
         L_bwd = -mean_p log( e^{s(p,a_b)} / sum_b' e^{s(p,a_b')} ).
+    Recurrent chains of their own lengths: anchor_mask [B, Ta] and latent_mask [B, K, Tz] say which
+    steps are real; the others are set to 0 and both are zero-padded to one length, so the cosine
+    reads the real steps only (and steps one chain has and the other lacks count as disagreement).
     Returns ((L_fwd + L_bwd) / 2, number of questions skipped for having no positive). With no
     positive anywhere the loss is a zero that still belongs to the graph.
     """
+    if anchor_mask is not None or latent_mask is not None:
+        steps = max(anchors.shape[-2], latents.shape[-2])
+        anchors, latents = _zero_padded(anchors, anchor_mask, steps), _zero_padded(latents, latent_mask, steps)
     B, K = advantages.shape
     a = F.normalize(anchors.flatten(1), dim=-1)  # [B, T*Dz]
     x = F.normalize(latents.detach().flatten(2), dim=-1).reshape(B * K, -1)  # [B*K, T*Dz]
@@ -174,6 +349,17 @@ class LatentRLWeights:
     clip_eps: float = 0.2  # ratio clip when old log-probs are given (ppo_epochs > 1)
 
 
+@dataclass(frozen=True)
+class RecurrentChains:
+    """What chains that end by their own stop bits add to the stage-2 loss (latent.mode=recurrent)."""
+
+    stop_logit: torch.Tensor  # [B, K, T] the policy's stop logit at each step of the decoded chains
+    step_mask: torch.Tensor  # [B, K, T] their real steps
+    anchor_mask: torch.Tensor  # [B, Ta] the real steps of the mean chains (the anchors)
+    max_steps: int  # latent.max_steps: no stop bit is drawn at the cap
+    ref_stop_logit: torch.Tensor | None = None  # [B, K, T] the reference policy's, needed when beta > 0
+
+
 def latent_rl_loss(
     mu: torch.Tensor,
     log_sigma: torch.Tensor,
@@ -183,6 +369,7 @@ def latent_rl_loss(
     weights: LatentRLWeights,
     ref: tuple[torch.Tensor, torch.Tensor] | None = None,
     old_logp: torch.Tensor | None = None,
+    chains: RecurrentChains | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The latent policy's stage-2 loss on the K decoded latents of each of B questions.
 
@@ -190,18 +377,49 @@ def latent_rl_loss(
     step-wise one in recurrent mode); z: [B, K, T, Dz] the sampled actions; advantages: [B, K];
     anchors: [B, T, Dz] the question's mean chain; ref: the frozen policy's (mu, log_sigma) in the
     same shapes, needed when beta > 0; old_logp: [B, K] for the clipped-ratio form.
+
+    Fixed-length chains (chains=None): log pi, KL and entropy are means over the T*Dz dimensions.
+    Recurrent chains: log pi is `chain_log_prob`'s exact sum (Gaussians of the real steps + the drawn
+    stop bits) divided by its own number of random variables n_i, so the PG loss weighs every chain's
+    variables alike whatever its length (the fixed-length form's per-dimension mean, with n_i in place
+    of T*Dz), and the PPO ratio exp(n_i * (logp - old_logp)) stays the exact ratio of whole chains;
+    the KL is `chain_kl` (stop bits included, so stage 2 keeps them near stage 1's); the entropy is
+    the Gaussians' over the real steps (no bonus on the stop bits: it would reward random lengths);
+    the contrastive term compares the real steps only.
     Returns (scalar loss, detached terms for logging).
     """
-    logp = gaussian_log_prob(z.detach(), mu, log_sigma)  # [B, K]
-    pg = latent_policy_loss(logp, advantages, old_logp, weights.clip_eps, num_dims=z.shape[-2] * z.shape[-1])
-    con, skipped = bidirectional_info_nce(anchors, z, advantages, weights.tau)
-    entropy = gaussian_entropy(log_sigma).mean()
+    step_mask = None
+    if chains is None:
+        logp = gaussian_log_prob(z.detach(), mu, log_sigma)  # [B, K]
+        num_dims: int | torch.Tensor = z.shape[-2] * z.shape[-1]
+        con, skipped = bidirectional_info_nce(anchors, z, advantages, weights.tau)
+    else:
+        step_mask = chains.step_mask
+        total, num_dims = chain_log_prob(z.detach(), mu, log_sigma, chains.stop_logit, step_mask, chains.max_steps)
+        logp = total / num_dims.clamp(min=1)  # [B, K]
+        con, skipped = bidirectional_info_nce(anchors, z, advantages, weights.tau, chains.anchor_mask, step_mask)
+    pg = latent_policy_loss(logp, advantages, old_logp, weights.clip_eps, num_dims=num_dims)
+    entropy = gaussian_entropy(log_sigma, step_mask).mean()
     loss = pg + weights.lambda_con * con - weights.lambda_ent * entropy
     kl = torch.zeros((), device=mu.device)
     if weights.beta > 0:
         if ref is None:
             raise ValueError("beta > 0 needs the reference policy's (mu, log_sigma)")
-        kl = gaussian_kl(mu, log_sigma, ref[0].detach(), ref[1].detach()).mean()
+        if chains is None:
+            kl = gaussian_kl(mu, log_sigma, ref[0].detach(), ref[1].detach()).mean()
+        else:
+            if chains.ref_stop_logit is None:
+                raise ValueError("beta > 0 on recurrent chains needs the reference policy's stop logits")
+            kl = chain_kl(
+                mu,
+                log_sigma,
+                chains.stop_logit,
+                ref[0].detach(),
+                ref[1].detach(),
+                chains.ref_stop_logit.detach(),
+                step_mask,
+                chains.max_steps,
+            ).mean()
         loss = loss + weights.beta * kl
     terms = {"pg": pg, "contrastive": con, "kl": kl, "entropy": entropy, "logp": logp}  # logp: [B, K]
     terms = {k: v.detach() for k, v in terms.items()}
