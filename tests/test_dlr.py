@@ -26,6 +26,7 @@ from dlr.methods.losses import (
 )
 from dlr.models.backbones import ModelSpec, PromptFormat, load_assistant, load_main, load_tokenizer, weights_sha256
 from dlr.models.critic import RewardCritic, select_latents
+from dlr.models.latent_policy import LatentDistribution
 from dlr.rewards import TOTAL
 
 
@@ -129,6 +130,13 @@ def test_diversity_metrics_on_hand_made_chains():
         ({"max_new_tokens": {"rationale": 8}}, "a budget >= 1 for each readout"),
         ({"alignment": {"pull_weight": -1.0}}, "method.alignment.pull_weight"),
         ({"latent": {"mode": "lstm"}}, "latent.mode"),
+        ({"readout": "answer", "latent": {"compression": 0}}, "method.latent.compression"),
+        ({"readout": "answer", "latent": {"compression": 1.5}}, "method.latent.compression"),
+        ({"readout": "answer", "latent": {"max_steps": 0}}, "method.latent.max_steps"),
+        ({"latent": {"projector": "linear"}}, "method.latent.projector"),
+        ({"latent": {"mode": "recurrent"}}, "method.latent.mode=recurrent needs method.readout=answer"),
+        ({"readout": "answer", "latent": {"num_modes": 2}}, "num_modes > 1 needs method.latent.mode=parallel"),
+        ({"alignment": {"stop_weight": -1.0}}, "stop_weight"),
         ({"latent": {"width": 3}}, "unknown settings"),
         ({"rl": {"ppo_epochs": 2}, "accumulate_grad_batches": 2}, "ppo_epochs"),
     ],
@@ -136,6 +144,27 @@ def test_diversity_metrics_on_hand_made_chains():
 def test_bad_dlr_settings_fail_with_the_key_named(override, message):
     with pytest.raises(ValueError, match=message):
         settings_from_yaml(DLRSettings, "dlr", override)
+
+
+def test_each_readout_gets_its_latent_mode_and_projector_unless_the_config_names_them():
+    rationale = settings_from_yaml(DLRSettings, "dlr")
+    assert (rationale.latent.mode, rationale.latent.projector) == ("parallel", "mlp")
+    answer = settings_from_yaml(DLRSettings, "dlr", {"readout": "answer"})
+    assert (answer.latent.mode, answer.latent.projector, answer.latent.compression) == ("recurrent", "soft_tokens", 1)
+    assert answer.latent.max_steps == 80  # the tiny backbone's cap: depth-8 chains have 72 tokens
+    chosen = settings_from_yaml(
+        DLRSettings, "dlr", {"readout": "answer", "latent": {"mode": "parallel", "projector": "mlp"}}
+    )
+    assert (chosen.latent.mode, chosen.latent.projector) == ("parallel", "mlp")
+
+
+def test_a_bad_latent_setting_fails_before_any_model_loads(tmp_path):
+    result = run_train(
+        ["experiment=dlr", "method.readout=answer", "method.latent.compression=0", f"hydra.run.dir={tmp_path}"],
+        timeout=120,
+    )
+    assert result.returncode != 0 and "method.latent.compression" in result.stderr
+    assert "Loading weights" not in result.stderr
 
 
 def build_module(tiny_pair, settings: DLRSettings, assistant_dtype: str = "float32") -> DLRModule:
@@ -158,16 +187,20 @@ def build_module(tiny_pair, settings: DLRSettings, assistant_dtype: str = "float
 
 
 @pytest.mark.parametrize(
-    ("mode", "num_modes", "ppo_epochs"), [("parallel", 1, 1), ("recurrent", 1, 1), ("parallel", 2, 2)]
+    ("readout", "num_modes", "ppo_epochs"),
+    [("rationale", 1, 1), ("answer", 1, 1), ("answer", 1, 2), ("rationale", 2, 2)],
 )
 def test_both_stages_train_exactly_the_dlr_parameters_and_never_the_main_model(
-    tiny_pair, tmp_path, mode, num_modes, ppo_epochs
+    tiny_pair, tmp_path, readout, num_modes, ppo_epochs
 ):
+    """rationale: parallel chains and the MLP projector; answer: recurrent chains with a stop head and
+    soft tokens (stage 1: chain distillation), rolled out with chains of their own lengths."""
     settings = settings_from_yaml(
         DLRSettings,
         "dlr",
         {
-            "latent": {"steps": 3, "dim": 8, "mode": mode, "num_modes": num_modes},
+            "readout": readout,
+            "latent": {"steps": 3, "max_steps": 3, "dim": 8, "num_modes": num_modes},
             "alignment": {"steps": 2},
             "rl": {
                 "steps": 3,
@@ -210,6 +243,7 @@ def test_both_stages_train_exactly_the_dlr_parameters_and_never_the_main_model(
     assert trainer.global_step == total and int(module.rl_batches) == 3
 
     changed = {k for k, v in module.state_dict().items() if k in before and not torch.equal(v, before[k])}
+    recurrent = readout == "answer"
     trainable = {"policy.mu_head", "policy.log_sigma_head", "projector.", "critic."}
     for key in changed:
         assert (
@@ -217,16 +251,26 @@ def test_both_stages_train_exactly_the_dlr_parameters_and_never_the_main_model(
             or key.startswith(tuple(trainable))
             or key.startswith("reference.")
             or key in ("rl_batches", "reference_synced", "flops_spent", "generated_tokens")
-            or (mode == "recurrent" and key.startswith("policy.latent_to_input"))
+            or (recurrent and key.startswith(("policy.latent_to_input", "policy.stop_head")))
             or key == "policy.mode_embeddings"
         ), key
-    assert not any(k.startswith("main.") for k in changed) and weights_sha256(module.main) == main_hash
+    assert not any(k.startswith(("main.", "projector.embeddings.")) for k in changed)
+    assert weights_sha256(module.main) == main_hash
     assert not any(k.startswith("policy.assistant") and "lora_" not in k for k in changed)
-    for prefix in ("policy.mu_head", "policy.log_sigma_head", "projector.net", "critic.net"):
+    moving = ("policy.mu_head", "policy.log_sigma_head", "critic.net")
+    moving += (
+        ("projector.to_vocabulary", "policy.stop_head", "policy.latent_to_input") if recurrent else ("projector.net",)
+    )
+    for prefix in moving:
         assert any(k.startswith(prefix) for k in changed), prefix  # every trainable part moved
     assert any("lora_B" in k for k in changed)
     rollout = module.last_rollout
-    assert rollout.z.shape == (4, 6, 3, 8) and rollout.rewards.shape == (4, 3)
+    assert rollout.z.shape[:2] == (4, 6) and rollout.z.shape[3] == 8 and rollout.rewards.shape == (4, 3)
+    if recurrent:  # chains of their own lengths, at most max_steps
+        lengths = rollout.step_mask.sum(-1)
+        assert rollout.z.shape[2] == lengths.max() <= 3 and (lengths >= 1).all()
+    else:
+        assert rollout.z.shape[2] == 3 and rollout.step_mask is None
     assert ((rollout.rewards >= 0) & (rollout.rewards <= 1.2)).all()
     assert module.last_scores.shape == (4, 3, 3)  # [B, K, (correct, format, total)], question-major
     torch.testing.assert_close(module.last_scores[..., TOTAL], rollout.rewards)
@@ -238,7 +282,8 @@ def test_a_charged_decode_counts_the_projector_and_the_main_head_only_at_new_tok
         DLRSettings,
         "dlr",
         {
-            "latent": {"steps": 3, "dim": 8, "mode": mode},
+            "readout": "answer" if mode == "recurrent" else "rationale",
+            "latent": {"steps": 3, "max_steps": 3, "dim": 8, "mode": mode},
             "critic": {"hidden": 16},
             "max_new_tokens": {"rationale": 5, "answer": 2},
         },
@@ -274,11 +319,38 @@ def test_a_charged_decode_counts_the_projector_and_the_main_head_only_at_new_tok
     calls = 3 if mode == "recurrent" else 1
     hand = 2 * assistant.body * 5 * 10 + 2 * assistant.head * 5 * calls + 2 * heads * 5 * 3
     assert float(module.flops_spent) - before == pytest.approx(hand)
-    assert heads == 2 * (module.policy.mu_head.weight.numel() + 8) + (
-        module.policy.latent_to_input.weight.numel() + module.policy.latent_to_input.bias.numel()
-        if mode == "recurrent"
-        else 0
+    numel = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    fed_back_and_stop = (
+        numel(module.policy.latent_to_input) + numel(module.policy.stop_head) if mode == "recurrent" else 0
     )
+    assert heads == 2 * (module.policy.mu_head.weight.numel() + 8) + fed_back_and_stop
+    if mode == "parallel":
+        return
+    # soft tokens: the vocabulary head and the [V] x [V, D] expected embedding, once per latent
+    assert (
+        module.projector_cost.body
+        == numel(module.projector.to_vocabulary) + module.main.get_input_embeddings().weight.numel()
+    )
+    # a rollout of chains of 2 and 1 steps over 7 question tokens: 3 real latents, 3 assistant calls,
+    # 10 + 8 positions, and the projector feeding 1 latent back (a chain's last is not fed back)
+    before = float(module.flops_spent)
+    rolled = LatentDistribution(
+        torch.zeros(2, 1, 2, 8),
+        torch.zeros(2, 1, 2, 8),
+        torch.zeros(2, 4),
+        step_mask=torch.tensor([[[1, 1]], [[1, 0]]]),
+    )
+    module.charge_rollout(2, 7, rolled)
+    hand = 2 * assistant.body * 17 + 2 * assistant.head * 3 + 2 * heads * 3 + 2 * module.projector_cost.body * 1
+    assert float(module.flops_spent) - before == pytest.approx(hand)
+    # a decode of those chains projects their 3 real latents only
+    before = float(module.flops_spent)
+    module.decode(records[:2], torch.randn(2, 1, 2, 8), charge=True, step_mask=rolled.step_mask)
+    ((rows, prompt, new),) = shapes[1:]
+    decoded = (
+        2 * module.projector_cost.body * 3 + 2 * main.body * rows * (prompt + new - 1) + 2 * main.head * rows * new
+    )
+    assert float(module.flops_spent) - before == pytest.approx(decoded)
 
 
 def test_dlr_runs_end_to_end_from_the_command_line_and_resumes(tmp_path):
@@ -425,7 +497,8 @@ def test_a_bf16_assistant_gives_float32_gaussians_and_evaluates(tiny_pair, mode)
         DLRSettings,
         "dlr",
         {
-            "latent": {"steps": 2, "dim": 8, "mode": mode},
+            "readout": "answer" if mode == "recurrent" else "rationale",
+            "latent": {"steps": 2, "max_steps": 4, "dim": 8, "mode": mode},
             "critic": {"hidden": 8},
             "max_new_tokens": {"rationale": 3, "answer": 2},
         },
@@ -433,7 +506,7 @@ def test_a_bf16_assistant_gives_float32_gaussians_and_evaluates(tiny_pair, mode)
     module = build_module(tiny_pair, settings, assistant_dtype="bfloat16")
     records = [generate(random.Random(i), 1, i, "t") for i in range(3)]
     ids, mask = module.encode_questions(records)
-    chain = module.policy.mean_chain(ids, mask)
+    chain = module.policy.mean_chain(ids, mask, module.projector).mu
     assert chain.dtype == torch.float32
     if mode == "parallel":
         dist = module.policy(ids, mask)

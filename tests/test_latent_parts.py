@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dlr.methods.losses import gaussian_log_prob
+from dlr.methods.losses import chain_log_prob
 from dlr.models.backbones import PromptFormat
 from dlr.models.critic import RewardCritic, select_latents
 from dlr.models.generation import greedy_complete, greedy_decode_embeds
@@ -49,15 +49,68 @@ def test_parallel_policy_shapes_and_left_padding(tiny_pair, tokenizer, num_modes
     torch.testing.assert_close(alone.mu[0], dist.mu[1], atol=1e-5, rtol=1e-4)
 
 
-def test_recurrent_teacher_forcing_reproduces_the_sampling_distribution(tiny_pair, tokenizer):
+def recurrent_policy(tiny_pair, tokenizer, max_steps: int, stop_bias: float) -> tuple[LatentPolicy, torch.nn.Module]:
+    """A recurrent policy over the untrained tiny assistant (Dz=5, P(z) in an 8-wide space) whose stop
+    head says sigmoid(stop_bias) at every step; and the projection it feeds back."""
+    torch.manual_seed(0)
     assistant = AutoModelForCausalLM.from_pretrained(tiny_pair / "assistant")
-    policy = LatentPolicy(assistant, tokenizer.convert_tokens_to_ids(LAT), latent_dim=5, num_steps=3, mode="recurrent")
+    policy = LatentPolicy(
+        assistant, tokenizer.convert_tokens_to_ids(LAT), 5, max_steps, mode="recurrent", feedback_dim=8
+    )
+    with torch.no_grad():
+        policy.stop_head.weight.zero_()
+        policy.stop_head.bias.fill_(stop_bias)
+    return policy, torch.nn.Linear(5, 8)
+
+
+def test_recurrent_teacher_forcing_reproduces_the_sampling_distribution(tiny_pair, tokenizer):
+    """Chains of their own lengths, sampled step by step with finished chains leaving the batch, score
+    the same in one teacher-forced pass over their fed-back P(z), steps and stop logits alike."""
+    policy, project = recurrent_policy(tiny_pair, tokenizer, max_steps=6, stop_bias=-1.0)  # P(stop) = 0.27
     ids, mask = questions(tokenizer)
-    z, sampled = policy.sample_recurrent(ids, mask, num_samples=4, generator=torch.Generator().manual_seed(1))
-    assert z.shape == (2, 4, 3, 5)
-    scored = policy(ids, mask, z)  # one teacher-forced pass, with gradients
-    torch.testing.assert_close(scored.mu, sampled.mu, atol=1e-5, rtol=1e-4)
-    assert gaussian_log_prob(z, scored.mu, scored.log_sigma).requires_grad
+    with torch.no_grad():
+        z, sampled = policy.sample_recurrent(ids, mask, 4, project, torch.Generator().manual_seed(1))
+    lengths = sampled.step_mask.sum(-1)  # [2, 4]
+    assert z.shape == (2, 4, lengths.max(), 5) and len(set(lengths.flatten().tolist())) > 1
+    assert (sampled.step_mask == (torch.arange(z.shape[2]) < lengths[..., None])).all()  # a prefix of ones
+    assert (z[~sampled.step_mask.bool()] == 0).all()  # nothing after a chain's end
+    scored = policy(ids, mask, project(z).detach(), sampled.step_mask)  # one pass, with gradients
+    real = sampled.step_mask.bool()
+    torch.testing.assert_close(scored.mu[real], sampled.mu[real], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(scored.log_sigma[real], sampled.log_sigma[real])
+    torch.testing.assert_close(scored.stop_logit[real], sampled.stop_logit[real], atol=1e-5, rtol=1e-4)
+    log_prob, count = chain_log_prob(z, scored.mu, scored.log_sigma, scored.stop_logit, scored.step_mask, 6)
+    assert log_prob.requires_grad and (count == lengths * 5 + lengths.clamp(max=5)).all()
+
+
+@pytest.mark.parametrize(("stop_bias", "length"), [(20.0, 1), (-20.0, 6)])
+def test_the_stop_head_ends_a_chain_and_max_steps_caps_it(tiny_pair, tokenizer, stop_bias, length):
+    policy, project = recurrent_policy(tiny_pair, tokenizer, max_steps=6, stop_bias=stop_bias)
+    ids, mask = questions(tokenizer)
+    chain = policy.mean_chain(ids, mask, project)  # greedy: stop where P(stop) > 1/2
+    assert chain.mu.shape == (2, 1, length, 5) and chain.step_mask.sum().item() == 2 * length
+    z, dist = policy.sample_recurrent(ids, mask, 3, project)
+    assert (dist.step_mask.sum(-1) == length).all() and z.shape[2] == length
+
+
+def test_a_recurrent_chain_is_the_same_alone_as_in_a_batch(tiny_pair, tokenizer):
+    """The mean chain of a padded question in a batch whose other chain stops sooner (its cache rows
+    dropped mid-rollout) equals the chain of the question alone."""
+    policy, project = recurrent_policy(tiny_pair, tokenizer, max_steps=5, stop_bias=0.0)
+    ids, mask = questions(tokenizer)
+    with torch.no_grad():  # a stop head that says "stop" at question 1's first step, not at question 2's
+        h = policy._question_pass(ids, mask, policy._placeholders(2, ids.device)[:, :1])[0][:, -1]  # [2, H]
+        direction = (h[0] - h[1]) / (h[0] - h[1]).norm()
+        policy.stop_head.weight.copy_(100 * direction[None])
+        policy.stop_head.bias.fill_(-100 * float(direction @ (h[0] + h[1])) / 2)
+    batch = policy.mean_chain(ids, mask, project)
+    assert batch.step_mask.sum(-1).flatten().unique().numel() == 2, batch.step_mask  # one stopped first
+    for row in range(2):
+        first = (mask[row] == 1).nonzero()[0, 0]
+        alone = policy.mean_chain(ids[row : row + 1, first:], mask[row : row + 1, first:], project)
+        length = int(batch.step_mask[row].sum())
+        assert alone.mu.shape[2] == length
+        torch.testing.assert_close(alone.mu[0], batch.mu[row, :, :length], atol=1e-5, rtol=1e-4)
 
 
 def test_projector_outputs_sit_at_the_mean_embedding_norm(tiny_pair):
@@ -87,6 +140,32 @@ def test_latent_inputs_equal_token_inputs_when_latents_are_token_embeddings(tiny
     assert from_latents == greedy_complete(main, tokenizer, texts, max_new_tokens=5) and 1 <= ids.shape[1] <= 5
 
 
+def test_chains_of_their_own_lengths_read_like_their_text_with_the_answer_cue_aligned(tiny_pair, tokenizer):
+    """With a step mask, each row is `before P(z_1..z_Ti) after`, left-padded: what the main model
+    writes equals what it writes after each chain as text (the answer readout, rows of 5 and 2 latents)."""
+    main = AutoModelForCausalLM.from_pretrained(tiny_pair / "main").eval()
+    fmt = PromptFormat(template="{question} answer :")
+    readout = Readout("answer", fmt, 4)
+    questions = ["ana has 7 pens .", "kai is a dax . true or false : kai is a dax ."]
+    chains = ["gets 2 : 7 +", "true ."]
+    ids = [tokenizer(c, add_special_tokens=False).input_ids for c in chains]
+    projected = torch.zeros(2, 5, main.config.hidden_size)
+    step_mask = torch.zeros(2, 5, dtype=torch.long)
+    for row, chain in enumerate(ids):
+        projected[row, : len(chain)] = main.get_input_embeddings()(torch.tensor(chain))
+        projected[row, len(chain) :] = 99.0  # padding: must not be read
+        step_mask[row, : len(chain)] = 1
+    embeds, mask = latent_main_inputs(main, tokenizer, readout, questions, projected, step_mask)
+    after = tokenizer("<eol> ####", add_special_tokens=False).input_ids
+    torch.testing.assert_close(
+        embeds[:, -len(after) :], main.get_input_embeddings()(torch.tensor(after)).expand(2, -1, -1)
+    )
+    assert (mask[:, -len(after) - 1 :] == 1).all() and mask.sum(1).tolist() != [mask.shape[1]] * 2
+    from_latents, _ = greedy_decode_embeds(main, embeds, mask, tokenizer, max_new_tokens=4)
+    texts = [f"<bos> {q} answer : <bol> {c} <eol> ####" for q, c in zip(questions, chains, strict=True)]
+    assert from_latents == greedy_complete(main, tokenizer, texts, max_new_tokens=4)
+
+
 def test_critic_filter_keeps_top_predictions_plus_random_exploration():
     predicted = torch.tensor([[0.1, 0.9, 0.5, 0.7, 0.0, 0.2]])
     kept = select_latents(predicted, keep=3, explore=1, method="critic", generator=torch.Generator().manual_seed(0))
@@ -106,3 +185,8 @@ def test_critic_reads_detached_inputs():
     critic(pooled, z).sum().backward()
     assert pooled.grad is None and z.grad is None
     assert critic(pooled, z).shape == (2, 5)
+    # recurrent chains: the mean latent reads their real steps only
+    step_mask = torch.tensor([1, 1, 0]).expand(2, 5, 3)
+    garbled = z.detach().clone()
+    garbled[:, :, 2] = 1e3
+    torch.testing.assert_close(critic(pooled, garbled, step_mask), critic(pooled, z[:, :, :2]))

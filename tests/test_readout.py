@@ -4,10 +4,13 @@ evaluation reads only the question; a shipped stage 1 loads only over the main i
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import settings_from_yaml
 from dlr.data.schema import Record
@@ -20,6 +23,7 @@ from dlr.models.readout import Readout, split_gold_completion
 from dlr.models.tiny import build_tokenizer
 from test_dlr import build_module
 
+ROOT = Path(__file__).resolve().parents[1]
 FMT = PromptFormat(template="{question} answer :")
 RECORD = Record("r1", "math", "ana has 7 pens . ana gets 2 more . how many pens ?", "gets 2 : 7 + 2 = 9 .", "9", 1, "t")
 
@@ -80,14 +84,18 @@ def _garbled(records: list[Record]) -> list[Record]:
     return [dataclasses.replace(r, cot="9 9 9 . every wug .", answer="123", depth=8, id="x") for r in records]
 
 
-@pytest.mark.parametrize("readout", ["rationale", "answer"])
-def test_dlr_evaluation_reads_only_the_question(tiny_pair, readout):
+@pytest.mark.parametrize(
+    ("readout", "mode"), [("rationale", "parallel"), ("answer", "recurrent"), ("answer", "parallel")]
+)
+def test_dlr_evaluation_reads_only_the_question(tiny_pair, readout, mode):
+    """Greedy and sampled decodes, recurrent chains included (their lengths decided by the policy,
+    never by the record's gold chain), are the same for a record whose every other field is garbled."""
     settings = settings_from_yaml(
         DLRSettings,
         "dlr",
         {
             "readout": readout,
-            "latent": {"steps": 2, "dim": 8},
+            "latent": {"steps": 2, "max_steps": 6, "dim": 8, "mode": mode},
             "rl": {"beta": 0.0},
             "max_new_tokens": {"rationale": 6, "answer": 2},
         },
@@ -133,3 +141,92 @@ def test_a_shipped_stage1_loads_over_its_own_main_only(tiny_pair, tmp_path):
         load_stage1(answer, tmp_path / "s1", "REGENERATE")
     with pytest.raises(ValueError, match="holds no stage1.safetensors"):
         load_stage1(fresh, tmp_path / "missing", "REGENERATE")
+    # a folder written before `projector` was a setting holds the MLP projector, the only one then
+    info_file = tmp_path / "s1" / "stage1.json"
+    info = json.loads(info_file.read_text())
+    assert info["latent"] == {"steps": 2, "dim": 8, "mode": "parallel", "num_modes": 1, "projector": "mlp"}
+    del info["latent"]["projector"]
+    info_file.write_text(json.dumps(info))
+    load_stage1(build_module(tiny_pair, settings), tmp_path / "s1", "REGENERATE")
+
+
+def test_a_recurrent_stage1_loads_only_with_its_cap_compression_and_projector(tiny_pair, tmp_path):
+    settings = settings_from_yaml(
+        DLRSettings,
+        "dlr",
+        {
+            "readout": "answer",
+            "latent": {"max_steps": 5, "dim": 8},
+            "rl": {"beta": 0.0},
+            "max_new_tokens": {"rationale": 6, "answer": 2},
+        },
+    )
+    trained = build_module(tiny_pair, settings)
+    with torch.no_grad():
+        trained.policy.stop_head.bias.add_(0.7)
+        trained.projector.to_vocabulary.bias.add_(0.3)
+    export_stage1(trained, tmp_path / "s1", {"alignment_steps": 3})
+    info = json.loads((tmp_path / "s1" / "stage1.json").read_text())
+    assert info["latent"] == {
+        "max_steps": 5,
+        "dim": 8,
+        "mode": "recurrent",
+        "compression": 1,
+        "projector": "soft_tokens",
+    }
+    state = load_file(str(tmp_path / "s1" / "stage1.safetensors"))
+    assert "policy.stop_head.bias" in state and not any(k.startswith("projector.embeddings") for k in state)
+
+    fresh = build_module(tiny_pair, settings)
+    load_stage1(fresh, tmp_path / "s1", "REGENERATE")
+    torch.testing.assert_close(fresh.policy.stop_head.bias, trained.policy.stop_head.bias)
+    records = _records(3)
+    assert fresh.greedy_completions(records) == trained.greedy_completions(records)
+    for change in ({"max_steps": 6}, {"compression": 2}, {"projector": "mlp"}):
+        other = dataclasses.replace(settings, latent=dataclasses.replace(settings.latent, **change))
+        with pytest.raises(ValueError, match="this run asks for"):
+            load_stage1(build_module(tiny_pair, other), tmp_path / "s1", "REGENERATE")
+
+
+def test_chain_distillation_trains_on_gsm8k_rationales_without_their_calculator_notes(tiny_pair, tmp_path):
+    """The GSM8K fixture's rationales (with `<<36/3=12>>` notes in the release) become gold chains
+    without them, and stage 1 of the answer readout runs on them."""
+    from lightning import Trainer
+
+    from dlr.data.datamodule import ReasoningDataModule
+    from dlr.data.hub import stream_hub_records
+    from dlr.data.schema import SkipCounter
+
+    fixture = str(ROOT / "data" / "fixtures" / "gsm8k.jsonl")
+    records = list(stream_hub_records("gsm8k", "test", SkipCounter(), local_path=fixture))
+    assert "<<" in (ROOT / "data" / "fixtures" / "gsm8k.jsonl").read_text()
+    settings = settings_from_yaml(
+        DLRSettings,
+        "dlr",
+        {
+            "readout": "answer",
+            "latent": {"max_steps": 40, "dim": 8},
+            "alignment": {"steps": 2, "init_from": None},
+            "rl": {"steps": 0, "beta": 0.0},
+            "max_new_tokens": {"rationale": 6, "answer": 2},
+        },
+    )
+    module = build_module(tiny_pair, settings)
+    chains = [module.readout.gold_chain(r) for r in records]
+    assert chains[0] == " She sells 36/3 = 12 muffins in the morning.\nSo 36 - 12 = 24 muffins are left."
+    assert not any("<<" in c or ">>" in c for c in chains)
+    ids, mask = module.gold_chain_tokens(records)
+    assert ids.shape[1] <= 40 and (mask.sum(1) >= 1).all()
+    data = ReasoningDataModule("gsm8k", 2, [1, 4], [1, 4], 0, 1, 1, local_path=fixture, test_size=2)
+    trainer = Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    before = module.policy.stop_head.weight.detach().clone()
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 2 and not torch.equal(module.policy.stop_head.weight, before)

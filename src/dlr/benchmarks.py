@@ -139,7 +139,8 @@ def dlr_module(
         DLRSettings,
         "dlr",
         {
-            "latent": {"steps": latent_steps, "dim": latent_dim},
+            # fixed-length parallel chains: one assistant pass (what the rollout and probe benchmarks time and read)
+            "latent": {"steps": latent_steps, "dim": latent_dim, "mode": "parallel", "projector": "mlp"},
             "alignment": {"steps": 0},
             "rl": {"num_samples": num_samples, "num_decoded": num_decoded, "beta": 0.0},
             "readout": readout,

@@ -14,6 +14,7 @@ import torch
 from dlr.benchmarks import Backbone, dlr_module
 from dlr.config import reward_from_yaml
 from dlr.data.datamodule import ReasoningDataModule
+from dlr.methods.losses import compress_chain_embeddings
 from dlr.methods.stage1 import load_stage1
 from dlr.models.backbones import weights_sha256
 from dlr.models.generation import greedy_complete, greedy_decode_embeds
@@ -70,7 +71,7 @@ def _probe_readout(
 
     def policy_span(chunk):
         ids, mask = module.encode_questions(chunk)
-        return module.projector(module.policy.mean_chain(ids, mask)[:, 0])
+        return module.projector(module.policy.mean_chain(ids, mask).mu[:, 0])
 
     def random_span(chunk):
         g = torch.Generator().manual_seed(0)
@@ -126,7 +127,7 @@ def probe_exploration(
     data = ReasoningDataModule("synthetic_math", 1, [1, 4], [min(depths), max(depths)], 0, 1000, per_depth)
     records = [r for r in data.test_records() if r.depth in depths]
     ids, mask = module.encode_questions(records)
-    mu = module.policy.mean_chain(ids, mask)[:, :1]  # [N, 1, T, Dz]
+    mu = module.policy.mean_chain(ids, mask).mu[:, :1]  # [N, 1, T, Dz]
     rows = []
     generator = torch.Generator(device=mu.device).manual_seed(0)
     for sigma in [0.0, *sigmas]:
@@ -165,33 +166,20 @@ def compress_chain(embeds: torch.Tensor, ratio: int, norm: float) -> torch.Tenso
     consecutive rows (the last run may be shorter), rescaled to L2 norm `norm`; [ceil(L / ratio), D].
     At ratio 1 the embeddings come back as they are (not rescaled), so the span equals the text."""
     check_ratio(ratio)
-    if ratio == 1:
-        return embeds
-    means = torch.stack([group.mean(0) for group in embeds.split(ratio)])  # [ceil(L / ratio), D]
-    return means / means.norm(dim=-1, keepdim=True).clamp(min=1e-12) * norm
+    mask = torch.ones(1, embeds.shape[0], dtype=torch.long, device=embeds.device)
+    return compress_chain_embeddings(embeds[None], mask, ratio, norm)[0][0]
 
 
 def span_main_inputs(
     main: torch.nn.Module, tokenizer, readout, questions: list[str], spans: list[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`latent_main_inputs` for spans of different lengths: each row `before span after` is built
-    alone, then all are left-padded (pad token's embedding, mask 0) into one batch, so every row's
-    real tokens end at the last column as they do in a left-padded text batch.
-    spans: N tensors [T_i, Dmain]. Returns (inputs_embeds [N, L, Dmain], attention_mask [N, L])."""
-
-    rows = [
-        latent_main_inputs(main, tokenizer, readout, [q], s[None])[0][0] for q, s in zip(questions, spans, strict=True)
-    ]
-    width = max(r.shape[0] for r in rows)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    embed = main.get_input_embeddings()
-    pad = embed(torch.tensor([pad_id], device=embed.weight.device))[0]  # [D]
-    embeds = pad.expand(len(rows), width, -1).clone()
-    mask = torch.zeros(len(rows), width, dtype=torch.long, device=embeds.device)
-    for i, r in enumerate(rows):
-        embeds[i, width - r.shape[0] :] = r
-        mask[i, width - r.shape[0] :] = 1
-    return embeds, mask
+    """`latent_main_inputs` for spans of different lengths (spans: N tensors [T_i, Dmain]), each row
+    `before span after`, left-padded. Returns (inputs_embeds [N, L, Dmain], attention_mask [N, L])."""
+    width = max(s.shape[0] for s in spans)
+    projected = torch.stack([torch.nn.functional.pad(s, (0, 0, 0, width - s.shape[0])) for s in spans])
+    lengths = torch.tensor([s.shape[0] for s in spans], device=projected.device)
+    step_mask = (torch.arange(width, device=projected.device) < lengths[:, None]).long()  # [N, width]
+    return latent_main_inputs(main, tokenizer, readout, questions, projected, step_mask)
 
 
 @torch.no_grad()

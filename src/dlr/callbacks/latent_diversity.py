@@ -52,7 +52,7 @@ class LatentDiversity(RolloutDiagnostic):
             {
                 "latent/cosine_distance": mean_pairwise_cosine_distance(rollout.z),
                 "latent/effective_rank": effective_rank(rollout.z),
-                "latent/sigma_mean": rollout.log_sigma.exp().mean(),
+                "latent/sigma_mean": rollout.sigma_mean(),  # over the real steps of recurrent chains
             },
         )
         board = next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)

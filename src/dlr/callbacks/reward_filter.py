@@ -36,6 +36,6 @@ class RewardFilter(RolloutDiagnostic):
         rollout = self.due_rollout(trainer, pl_module)
         if rollout is None:
             return
-        rewards = pl_module.decode_and_score(rollout.records, rollout.z)[..., TOTAL]  # [B, G]
+        rewards = pl_module.decode_and_score(rollout.records, rollout.z, step_mask=rollout.step_mask)[..., TOTAL]
         quality = filter_quality(rollout.predicted, rewards, rollout.kept.shape[1])
         log_now(trainer, {f"filter/{k}": v for k, v in quality.items()})

@@ -1,7 +1,8 @@
 """DLR: latent alignment (stage 1), then latent RL (stage 2), with a frozen main model (docs/design.md §7).
 
 Stage 1 runs for `alignment.steps` optimizer steps: the assistant's mean chain, projected into the main
-model's input, must make the frozen main model write the gold target. Stage 2 runs `rl.steps` more:
+model's input, must make the frozen main model write the gold target; recurrent chains (answer readout)
+are distilled from the gold chain itself (`chain_distillation_step`). Stage 2 runs `rl.steps` more:
 sample G chains per question, keep K by the critic's predicted reward, decode them once with the main
 model, reward them, and update the policy with the latent policy gradient, the bidirectional
 contrastive term, KL to the stage-1 policy and an entropy bonus; the critic learns the rewards.
@@ -24,10 +25,15 @@ from dlr.accounting import ModelCost, compute_parameters, model_cost
 from dlr.data.schema import Record
 from dlr.methods.losses import (
     LatentRLWeights,
+    RecurrentChains,
+    compress_chain_embeddings,
     group_advantages,
+    group_chain_tokens,
     latent_pull_loss,
     latent_rl_loss,
     mode_separation_loss,
+    soft_token_cross_entropy,
+    stop_cross_entropy,
 )
 from dlr.methods.rl_base import RLModule
 from dlr.methods.settings import DLRSettings
@@ -39,8 +45,8 @@ from dlr.models.generation import (
     greedy_decode_embeds,
     latent_target_nll,
 )
-from dlr.models.latent_policy import LatentPolicy
-from dlr.models.projector import LatentProjector, mean_embedding_norm
+from dlr.models.latent_policy import LatentDistribution, LatentPolicy
+from dlr.models.projector import LatentProjector, SoftTokenProjector, mean_embedding_norm
 from dlr.models.readout import Readout, latent_main_inputs, split_gold_completion
 from dlr.rewards import TOTAL, RewardConfig
 from dlr.scoring import DepthScore, score_by_depth
@@ -57,6 +63,15 @@ class Rollout:
     rewards: torch.Tensor  # [B, K] total reward of the decoded chains
     log_sigma: torch.Tensor  # [B, K, T, Dz]
     mu: torch.Tensor  # [B, K, T, Dz]
+    step_mask: torch.Tensor | None = None  # [B, G, T] recurrent: each sampled chain's real steps
+
+    def sigma_mean(self) -> torch.Tensor:
+        """Mean sigma of the decoded chains, over their real steps."""
+        sigma = self.log_sigma.exp()  # [B, K, T, Dz]
+        if self.step_mask is None:
+            return sigma.mean()
+        real = gather_samples(self.step_mask, self.kept)[..., : sigma.shape[2]].bool()  # [B, K, T]
+        return sigma[real].mean()
 
 
 def gather_samples(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -93,20 +108,25 @@ class DLRModule(RLModule):
         self.main = main.requires_grad_(False).eval()  # frozen: never given to an optimizer
         self.main_sha256 = main_sha256
         lat = settings.latent
+        main_dim = main.get_input_embeddings().embedding_dim
         self.policy = LatentPolicy(
             assistant,
             placeholder_id,
             lat.dim,
-            lat.steps,
+            lat.max_steps if lat.mode == "recurrent" else lat.steps,
             lat.log_sigma_min,
             lat.log_sigma_max,
             lat.log_sigma_init,
             lat.mode,
             lat.num_modes,
+            feedback_dim=main_dim if lat.mode == "recurrent" else None,
         )
-        main_dim = main.get_input_embeddings().embedding_dim
         self.embedding_norm = mean_embedding_norm(main)
-        self.projector = LatentProjector(lat.dim, main_dim, self.embedding_norm)
+        if lat.projector == "soft_tokens":
+            rescale = self.embedding_norm if lat.compression > 1 else None  # as the compressed targets are
+            self.projector = SoftTokenProjector(lat.dim, main.get_input_embeddings(), rescale)
+        else:
+            self.projector = LatentProjector(lat.dim, main_dim, self.embedding_norm)
         self.readout = Readout(settings.readout, fmt, settings.decode_tokens)
         self.critic = RewardCritic(assistant.get_input_embeddings().embedding_dim, lat.dim, settings.critic.hidden)
         # pi_ref for the KL term: a frozen copy, loaded with the policy's weights when stage 2 starts
@@ -115,10 +135,13 @@ class DLRModule(RLModule):
         self.register_buffer("reference_synced", torch.zeros((), dtype=torch.bool))
         # FLOPs (docs/design.md §5): bodies at every position, output heads only where logits are computed
         self.main_cost, self.assistant_cost = model_cost(main), model_cost(assistant)
-        latent_heads = (self.policy.mu_head, self.policy.log_sigma_head, self.policy.latent_to_input)
-        # mu, log-sigma and (recurrent) the input map run once per latent; no logits
+        policy = self.policy
+        latent_heads = (policy.mu_head, policy.log_sigma_head, policy.latent_to_input, policy.stop_head)
+        # mu, log-sigma and (recurrent) the stop head and input map run once per latent; no logits
         self.latent_heads_cost = ModelCost(sum(compute_parameters(m) for m in latent_heads if m is not None), 0)
         self.projector_cost, self.critic_cost = model_cost(self.projector), model_cost(self.critic)
+        if isinstance(self.projector, SoftTokenProjector):  # its expected embedding is a [V] x [V, D] product
+            self.projector_cost = ModelCost(self.projector_cost.body + main.get_input_embeddings().weight.numel(), 0)
         self.lora = any("lora_" in name for name, _ in assistant.named_parameters())
         self.assistant_backward = "activations" if self.lora else "weights"  # FLOPs factor of its backward passes
         self.last_rollout: Rollout | None = None
@@ -150,7 +173,8 @@ class DLRModule(RLModule):
         def adamw(groups):
             return torch.optim.AdamW(groups, weight_decay=s.weight_decay, betas=(0.9, 0.95))
 
-        align = adamw([{"params": self.policy_parameters() + list(self.projector.parameters()), "lr": s.alignment.lr}])
+        projector = [p for p in self.projector.parameters() if p.requires_grad]  # not the main's shared embeddings
+        align = adamw([{"params": self.policy_parameters() + projector, "lr": s.alignment.lr}])
         rl = adamw(
             [
                 {"params": self.policy_parameters(), "lr": s.rl.lr},
@@ -171,44 +195,86 @@ class DLRModule(RLModule):
         enc = self.assistant_tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         return enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
 
-    def main_inputs(self, records: Sequence[Record], chains: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """chains: [B, K, T, Dz] -> the main model's input for each of the B*K chains (question-major).
-        Only the questions are read: no other field of a record reaches the decode."""
+    def project_steps(self, chains: torch.Tensor, step_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """P(z) of chains [..., T, Dz] -> [..., T, Dmain]; with a step mask [..., T] only the real steps
+        are projected (the padding stays 0), so the projector runs, and is charged, once per real latent."""
+        if step_mask is None:
+            return self.projector(chains)
+        real = step_mask.bool()
+        projected = self.projector(chains[real])  # [n real, Dmain]
+        out = projected.new_zeros((*chains.shape[:-1], projected.shape[-1]))
+        return out.masked_scatter(real[..., None], projected)
+
+    def main_inputs(
+        self, records: Sequence[Record], chains: torch.Tensor, step_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """chains: [B, K, T, Dz] (step_mask [B, K, T] for recurrent chains) -> the main model's input
+        for each of the B*K chains (question-major). Only the questions are read: no other field of a
+        record reaches the decode."""
         K = chains.shape[1]
         questions = [r.question for r in records for _ in range(K)]
-        projected = self.projector(chains.flatten(0, 1))  # [B*K, T, Dmain]
-        return latent_main_inputs(self.main, self.main_tokenizer, self.readout, questions, projected)
+        mask = None if step_mask is None else step_mask.flatten(0, 1)  # [B*K, T]
+        projected = self.project_steps(chains.flatten(0, 1), mask)  # [B*K, T, Dmain]
+        return latent_main_inputs(self.main, self.main_tokenizer, self.readout, questions, projected, mask)
 
     def charge_policy(
-        self, rows: int, question_tokens: int, backward: str = "none", teacher_forced: bool = False
+        self,
+        rows: int,
+        question_tokens: int,
+        backward: str = "none",
+        teacher_forced: bool = False,
+        steps: int | None = None,
     ) -> None:
-        """`rows` latent chains of the assistant over the question and its T latent positions: the body
-        at every position; the assistant's own head (logits_to_keep=1) once per call, which is one call
-        in parallel mode or teacher forced and T cached calls in a recurrent rollout; the latent heads
-        once per latent."""
-        T = self.policy.num_steps
-        calls = 1 if self.policy.mode == "parallel" or teacher_forced else T
-        self.charge(self.assistant_cost, rows * (question_tokens + T), rows * calls, backward)
-        self.charge(self.latent_heads_cost, rows * T, 0, backward)
+        """`rows` latent chains of the assistant over the question and `steps` latent positions in all
+        (default rows * T: fixed-length chains): the body at every position; the assistant's own head
+        (logits_to_keep=1) once per call, which is one call in parallel mode or teacher forced and one
+        per latent in a recurrent rollout (a chain that has stopped leaves the batch, so a rollout's
+        `steps` are its chains' real steps; a teacher-forced pass computes its padding too, so its
+        `steps` are rows * the padded length); the latent heads once per latent."""
+        steps = rows * self.policy.num_steps if steps is None else steps
+        calls = rows if self.policy.mode == "parallel" or teacher_forced else steps
+        self.charge(self.assistant_cost, rows * question_tokens + steps, calls, backward)
+        self.charge(self.latent_heads_cost, steps, 0, backward)
+
+    def charge_rollout(self, rows: int, question_tokens: int, dist: LatentDistribution, backward: str = "none"):
+        """A recurrent rollout of `rows` chains (dist: their step mask): the assistant over their real
+        steps, and the projector feeding each latent but the last back."""
+        steps = int(dist.step_mask.sum())
+        self.charge_policy(rows, question_tokens, backward, steps=steps)
+        self.charge(self.projector_cost, steps - rows, 0, backward)
 
     @torch.no_grad()
-    def decode(self, records: Sequence[Record], chains: torch.Tensor, charge: bool = False) -> list[str]:
-        """One greedy decode of each chain [B, K, T, Dz] by the frozen main model, as the readout says
-        (its own chain and answer line, or the answer alone with the cue put back in front); returns
-        B*K completions scored like any text completion. `charge`: count its compute."""
-        embeds, mask = self.main_inputs(records, chains)
+    def decode(
+        self,
+        records: Sequence[Record],
+        chains: torch.Tensor,
+        charge: bool = False,
+        step_mask: torch.Tensor | None = None,
+    ) -> list[str]:
+        """One greedy decode of each chain [B, K, T, Dz] (step_mask [B, K, T]: recurrent chains' real
+        steps) by the frozen main model, as the readout says (its own chain and answer line, or the
+        answer alone with the cue put back in front); returns B*K completions scored like any text
+        completion. `charge`: count its compute."""
+        embeds, mask = self.main_inputs(records, chains, step_mask)
         texts, ids = greedy_decode_embeds(self.main, embeds, mask, self.main_tokenizer, self.readout.max_new_tokens)
         if charge:
-            self.charge(self.projector_cost, chains.shape[0] * chains.shape[1] * chains.shape[2], 0)  # per latent
+            latents = chains.shape[0] * chains.shape[1] * chains.shape[2] if step_mask is None else int(step_mask.sum())
+            self.charge(self.projector_cost, latents, 0)  # per real latent
             self.charge_generation(self.main_cost, embeds.shape[0], embeds.shape[1], ids.shape[1])
             self.generated_tokens += int(
                 completion_mask_after_eos(ids, eos_token_ids(self.main, self.main_tokenizer)).sum()
             )
         return [self.readout.scored_text(t) for t in texts]
 
-    def decode_and_score(self, records: Sequence[Record], chains: torch.Tensor, charge: bool = False) -> torch.Tensor:
+    def decode_and_score(
+        self,
+        records: Sequence[Record],
+        chains: torch.Tensor,
+        charge: bool = False,
+        step_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Scores [B, K, 3] (correct, format, total) of the decoded chains [B, K, T, Dz]."""
-        return self.score_rollouts(records, self.decode(records, chains, charge))
+        return self.score_rollouts(records, self.decode(records, chains, charge, step_mask))
 
     # --- training -----------------------------------------------------------------------------
 
@@ -222,9 +288,13 @@ class DLRModule(RLModule):
     def alignment_step(self, records: list[Record], optimizer) -> None:
         """Stage 1: the frozen main model's NLL of the gold completion given the projected mean chain
         (rationale readout on a plain prompt: the rest of the chain after the T tokens the latents
-        stand for), plus the pull of the latents toward those tokens' own embeddings."""
+        stand for), plus the pull of the latents toward those tokens' own embeddings. Recurrent
+        chains are distilled from the gold chain instead (`chain_distillation_step`)."""
+        if self.policy.mode == "recurrent":
+            self.chain_distillation_step(records, optimizer)
+            return
         ids, mask = self.encode_questions(records)
-        chains = self.policy.mean_chain(ids, mask)  # [B, M, T, Dz]
+        chains = self.policy.mean_chain(ids, mask).mu  # [B, M, T, Dz]
         B, M, T = chains.shape[:3]
         rows = [r for r in records for _ in range(M)]
         projected = self.projector(chains.flatten(0, 1))  # [B*M, T, Dmain]
@@ -264,6 +334,80 @@ class DLRModule(RLModule):
         self.last_scores = None  # stage 1 scores no completions
         self.log("nll", logs["train/align_nll"], prog_bar=True, logger=False, batch_size=B)
 
+    def gold_chain_tokens(self, records: Sequence[Record]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each record's gold chain (`Readout.gold_chain`) in the main's tokens, cut at the
+        `max_steps * compression` tokens a capped chain stands for: right-padded (ids [B, L], mask [B, L])."""
+        limit = self.policy.num_steps * self.settings.latent.compression
+        texts = [self.readout.gold_chain(r) for r in records]
+        rows = [ids[:limit] for ids in self.main_tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        pad = self.main_tokenizer.pad_token_id if self.main_tokenizer.pad_token_id is not None else 0
+        width = max(1, *(len(r) for r in rows))
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r, dtype=torch.long), 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def chain_distillation_step(self, records: list[Record], optimizer) -> None:
+        """Stage 1 of recurrent chains (answer readout). Targets y_1..y_T: the main's own frozen input
+        embeddings of the gold chain, compressed c to one (`compress_chain_embeddings`). Loss =
+          distill_weight * teacher-forced distillation: the assistant reads y_<t fed back, and its
+            latent mu_t must stand for y_t: squared distance of P(mu_t) to y_t in units of the mean
+            embedding norm (mlp projector), or the cross-entropy of its soft token to the gold tokens;
+          + stop_weight * the stop head's cross-entropy (stop at the chain's last step);
+          + answer_weight * the main's NLL of the answer given the chain the policy writes on its own
+            (closed loop: P(mu_t) fed back, its own stop decisions), so the chain works when it feeds
+            on itself; gradients run back through the whole chain.
+        A chain longer than max_steps * c tokens is cut there (no stop target: the cap ends it)."""
+        align, lat = self.settings.alignment, self.settings.latent
+        ids, mask = self.encode_questions(records)
+        B, Lq = ids.shape
+        chain_ids, chain_mask = self.gold_chain_tokens(records)  # [B, L]
+        with torch.no_grad():
+            gold = self.main.get_input_embeddings()(chain_ids).float()  # [B, L, Dmain]
+        targets, target_mask = compress_chain_embeddings(gold, chain_mask, lat.compression, self.embedding_norm)
+        T = targets.shape[1]
+        forced = self.policy(ids, mask, targets[:, None], target_mask[:, None])  # [B, 1, T, ...]
+        mu = forced.mu[:, 0]  # [B, T, Dz]
+        self.charge_policy(B, Lq, self.assistant_backward, teacher_forced=True, steps=B * T)
+        if isinstance(self.projector, SoftTokenProjector):
+            tokens, token_mask = group_chain_tokens(chain_ids, chain_mask, lat.compression)  # [B, T, c]
+            distill = soft_token_cross_entropy(self.projector.vocabulary_logits(mu), tokens, token_mask)
+            self.charge(model_cost(self.projector.to_vocabulary), B * T, 0, "weights")
+        else:
+            distill = latent_pull_loss(self.projector(mu), targets, target_mask, self.embedding_norm)
+            self.charge(self.projector_cost, B * T, 0, "weights")
+        stop = stop_cross_entropy(forced.stop_logit[:, 0], target_mask, self.policy.num_steps)  # [B]
+        loss = align.distill_weight * distill.mean() + align.stop_weight * stop.mean()
+        logs = {"train/align_distill": distill.detach().mean(), "train/align_stop": stop.detach().mean()}
+        if align.answer_weight > 0:
+            own = self.policy.mean_chain(ids, mask, self.projector)  # [B, 1, T', Dz], its own length
+            self.charge_rollout(B, Lq, own, self.assistant_backward)
+            embeds, emask = self.main_inputs(records, own.mu, own.step_mask)
+            eos = self.main_tokenizer.eos_token or ""
+            completions = [self.readout.gold_completion(r, eos) for r in records]
+            _, _, answer, answer_mask = (
+                t.to(self.device) for t in split_gold_completion(self.main_tokenizer, completions, 0, False)
+            )
+            nll = latent_target_nll(self.main, embeds, emask, answer, answer_mask)  # [B]
+            self.charge(self.projector_cost, int(own.step_mask.sum()), 0, "weights")
+            La = answer.shape[1]  # the main's logits at the La + 1 positions kept
+            self.charge(self.main_cost, B * (embeds.shape[1] + La), B * (La + 1), "activations")
+            loss = loss + align.answer_weight * nll.mean()
+            logs["train/align_nll"] = nll.detach().mean()
+            logs["train/chain_length"] = own.step_mask.sum(-1).float().mean()
+        logs["train/gold_chain_length"] = target_mask.sum(-1).float().mean()
+        norm = self._backward_and_step(loss, optimizer)
+        self.log_step(logs, norm)
+        self.last_grad_norm = float(norm) if norm is not None else None
+        self.last_scores = None  # stage 1 scores no completions
+        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=B)
+
+    def frozen_projection(self, z: torch.Tensor) -> torch.Tensor:
+        """P(z) with gradients to z only: stage 2 trains the policy, and leaves the projector as stage 1 made it."""
+        weights = {name: p.detach() for name, p in self.projector.named_parameters()}
+        return torch.func.functional_call(self.projector, weights, (z,))
+
     def rl_step(self, records: list[Record], optimizer) -> None:
         """Stage 2: sample G chains, decode the K the filter keeps, reward, and update (docs/design.md §7)."""
         s = self.settings.rl
@@ -274,22 +418,32 @@ class DLRModule(RLModule):
             self.reference_synced.fill_(True)
         ids, mask = self.encode_questions(records)
         B = ids.shape[0]
-        if self.policy.mode == "recurrent":
-            self.charge_policy(B * s.num_samples, ids.shape[1])
-            z_all, dist = self.policy.sample_recurrent(ids, mask, s.num_samples)  # [B, G, T, Dz]
+        recurrent = self.policy.mode == "recurrent"
+        if recurrent:
+            z_all, dist = self.policy.sample_recurrent(ids, mask, s.num_samples, self.projector)  # [B, G, T, Dz]
+            self.charge_rollout(B * s.num_samples, ids.shape[1], dist)
             modes = None
         else:
             dist = self.policy(ids, mask)  # mu: [B, M, T, Dz]
             z_all, modes = self.policy.sample(dist, s.num_samples)  # [B, G, T, Dz], [G]
+        all_steps = dist.step_mask  # [B, G, T] recurrent; None: fixed length
 
-        predicted = self.critic(dist.pooled, z_all)  # [B, G]
+        predicted = self.critic(dist.pooled, z_all, all_steps)  # [B, G]
         self.charge(self.critic_cost, B * s.num_samples, 0, "weights")  # with L_critic's backward
         use_critic = s.filter == "critic" and int(self.rl_batches) >= self.settings.critic.warmup
         method = s.filter if s.filter != "critic" or use_critic else "random"
         kept = select_latents(predicted.detach(), s.num_decoded, s.k_explore if use_critic else 0, method)  # [B, K]
         z = gather_samples(z_all, kept)  # [B, K, T, Dz]
+        step_mask, fed = None, None
+        if recurrent:  # the decoded chains, cut to the longest of them, and their P(z) for rescoring
+            step_mask = gather_samples(all_steps, kept)  # [B, K, T]
+            longest = int(step_mask.sum(-1).max())
+            z, step_mask = z[:, :, :longest], step_mask[:, :, :longest]
+            with torch.no_grad():
+                fed = self.project_steps(z, step_mask)  # [B, K, T, Dmain]
+            self.charge(self.projector_cost, int(step_mask.sum()), 0)
 
-        scores = self.decode_and_score(records, z, charge=True)  # [B, K, 3]
+        scores = self.decode_and_score(records, z, charge=True, step_mask=step_mask)  # [B, K, 3]
         rewards = scores[..., TOTAL]  # [B, K]
         critic_loss = F.mse_loss(gather_samples(predicted, kept), rewards)
         advantages, zero_spread = group_advantages(rewards, s.scale)  # [B, K], [B]
@@ -297,14 +451,15 @@ class DLRModule(RLModule):
 
         old_logp = None
         for epoch in range(s.ppo_epochs):
-            if epoch > 0 or self.policy.mode == "recurrent":
-                dist = self.policy(ids, mask, z if self.policy.mode == "recurrent" else None)
-            mu, log_sigma, anchors, ref = self._scored_latents(dist, ids, mask, z, kept, modes)
-            rows = B * (s.num_decoded if self.policy.mode == "recurrent" else self.policy.num_modes)
-            self.charge_policy(rows, ids.shape[1], self.assistant_backward, teacher_forced=True)
+            if epoch > 0 or recurrent:
+                dist = self.policy(ids, mask, fed, step_mask) if recurrent else self.policy(ids, mask)
+            mu, log_sigma, anchors, ref, chains = self._scored_latents(dist, ids, mask, kept, modes, fed, step_mask)
+            rows = B * (s.num_decoded if recurrent else self.policy.num_modes)
+            steps = rows * z.shape[2] if recurrent else None  # a teacher-forced pass computes the padding too
+            self.charge_policy(rows, ids.shape[1], self.assistant_backward, teacher_forced=True, steps=steps)
             if ref is not None:
-                self.charge_policy(rows, ids.shape[1], teacher_forced=True)
-            loss, terms = latent_rl_loss(mu, log_sigma, z, advantages, anchors, weights, ref, old_logp)
+                self.charge_policy(rows, ids.shape[1], teacher_forced=True, steps=steps)
+            loss, terms = latent_rl_loss(mu, log_sigma, z, advantages, anchors, weights, ref, old_logp, chains)
             if epoch == 0:
                 loss = loss + self.settings.critic.weight * critic_loss
             if s.ppo_epochs > 1 and epoch == 0:
@@ -313,7 +468,9 @@ class DLRModule(RLModule):
                 loss = loss + s.lambda_modes * mode_separation_loss(dist.mu, s.tau)
             norm = self._backward_and_step(loss, optimizer)
         self.rl_batches += 1
-        self.last_rollout = Rollout(records, z_all, predicted.detach(), kept, rewards, log_sigma.detach(), mu.detach())
+        self.last_rollout = Rollout(
+            records, z_all, predicted.detach(), kept, rewards, log_sigma.detach(), mu.detach(), all_steps
+        )
 
         logs = {
             "train/loss/pg": terms["pg"],
@@ -321,33 +478,41 @@ class DLRModule(RLModule):
             "train/loss/critic": critic_loss.detach(),
             "train/kl": terms["kl"],
             "train/entropy": terms["entropy"],
-            "train/sigma_mean": log_sigma.detach().exp().mean(),
+            "train/sigma_mean": self.last_rollout.sigma_mean(),
             "train/contrastive_skipped_questions": terms["contrastive_skipped"],
             "train/filter_uses_critic": float(use_critic),
         }
         self.finish_rl_batch(scores, zero_spread, norm, logs)
 
-    def _scored_latents(self, dist, ids, mask, z, kept, modes):
+    def _scored_latents(self, dist, ids, mask, kept, modes, fed, step_mask):
         """The current policy's (mu, log_sigma) for each decoded chain [B, K, T, Dz], the anchors
-        [B, T, Dz] and, when beta > 0, the reference policy's (mu, log_sigma) for the same chains."""
+        [B, T, Dz], when beta > 0 the reference policy's (mu, log_sigma) for the same chains and, for
+        recurrent chains, their stop logits and step masks (`RecurrentChains`)."""
+        chains = None
         if self.policy.mode == "recurrent":  # dist was teacher-forced on the K decoded chains
             mu, log_sigma = dist.mu, dist.log_sigma
-            anchors = self.policy.mean_chain(ids, mask)[:, 0]  # mu(q): the noise-free chain, with gradients
-            self.charge_policy(ids.shape[0], ids.shape[1], self.assistant_backward)
-        else:
-            mode_of = modes[kept]  # [B, K]
-            mu, log_sigma = gather_samples(dist.mu, mode_of), gather_samples(dist.log_sigma, mode_of)
-            anchors = dist.mu.mean(1)  # mean over modes: mu(q)
+            anchor = self.policy.mean_chain(ids, mask, self.frozen_projection)  # mu(q), with gradients
+            self.charge_rollout(ids.shape[0], ids.shape[1], anchor, self.assistant_backward)
+            anchors = anchor.mu[:, 0]
+            ref_stop = None
+            ref = None
+            if self.reference is not None:
+                with torch.no_grad():
+                    ref_dist = self.reference(ids, mask, fed, step_mask)
+                ref, ref_stop = (ref_dist.mu, ref_dist.log_sigma), ref_dist.stop_logit
+            chains = RecurrentChains(
+                dist.stop_logit, step_mask, anchor.step_mask[:, 0], self.policy.num_steps, ref_stop
+            )
+            return mu, log_sigma, anchors, ref, chains
+        mode_of = modes[kept]  # [B, K]
+        mu, log_sigma = gather_samples(dist.mu, mode_of), gather_samples(dist.log_sigma, mode_of)
+        anchors = dist.mu.mean(1)  # mean over modes: mu(q)
         ref = None
         if self.reference is not None:
             with torch.no_grad():
-                if self.policy.mode == "recurrent":
-                    ref_dist = self.reference(ids, mask, z)
-                    ref = (ref_dist.mu, ref_dist.log_sigma)
-                else:
-                    ref_dist = self.reference(ids, mask)
-                    ref = (gather_samples(ref_dist.mu, mode_of), gather_samples(ref_dist.log_sigma, mode_of))
-        return mu, log_sigma, anchors, ref
+                ref_dist = self.reference(ids, mask)
+                ref = (gather_samples(ref_dist.mu, mode_of), gather_samples(ref_dist.log_sigma, mode_of))
+        return mu, log_sigma, anchors, ref, chains
 
     # --- evaluation ---------------------------------------------------------------------------
 
@@ -356,7 +521,9 @@ class DLRModule(RLModule):
         """The noise-free chain (mode 0) of each question, decoded once by the main model. Reads
         only each record's question."""
         ids, mask = self.encode_questions(records)
-        return self.decode(records, self.policy.mean_chain(ids, mask)[:, :1])
+        chain = self.policy.mean_chain(ids, mask, self.projector)
+        step_mask = None if chain.step_mask is None else chain.step_mask[:, :1]
+        return self.decode(records, chain.mu[:, :1], step_mask=step_mask)
 
     @torch.no_grad()
     def evaluate_latent(self, records: Sequence[Record], label: str, batch_size: int) -> list[DepthScore]:
@@ -378,10 +545,11 @@ class DLRModule(RLModule):
         try:
             ids, mask = self.encode_questions(records)
             if self.policy.mode == "recurrent":
-                z, _ = self.policy.sample_recurrent(ids, mask, k)
+                z, dist = self.policy.sample_recurrent(ids, mask, k, self.projector)
+                texts = self.decode(records, z, step_mask=dist.step_mask)  # question-major: k per record
             else:
                 z, _ = self.policy.sample(self.policy(ids, mask), k)
-            texts = self.decode(records, z)  # question-major: k per record
+                texts = self.decode(records, z)
             return [texts[i * k : (i + 1) * k] for i in range(len(records))]
         finally:
             self.train(was_training)
@@ -393,9 +561,10 @@ class DLRModule(RLModule):
         return self.main_sha256
 
     def is_backbone_key(self, key: str) -> bool:
-        """Weights reloaded from the backbone at start: the main model, and the assistant's base
-        weights when it trains through LoRA adapters."""
-        if key.startswith("main."):
+        """Weights reloaded from the backbone at start: the main model (and its input embeddings,
+        which a soft-token projector shares), and the assistant's base weights when it trains through
+        LoRA adapters."""
+        if key.startswith(("main.", "projector.embeddings.")):
             return True
         in_assistant = key.startswith(("policy.assistant.", "reference.assistant."))
         return self.lora and in_assistant and "lora_" not in key

@@ -13,7 +13,14 @@ from typing import ClassVar
 from dlr.methods.losses import ADVANTAGE_SCALES, LOSS_TYPES
 from dlr.models.critic import FILTERS
 from dlr.models.latent_policy import LATENT_MODES
+from dlr.models.projector import PROJECTORS
 from dlr.models.readout import READOUTS
+
+# latent settings a readout decides when the config leaves them null (configs/method/dlr.yaml)
+READOUT_DEFAULTS = {
+    "rationale": {"mode": "parallel", "projector": "mlp"},
+    "answer": {"mode": "recurrent", "projector": "soft_tokens"},
+}
 
 
 def from_values(cls, values: dict, key: str):
@@ -36,9 +43,12 @@ def raise_first_failed(checks: list[tuple[bool, str]]) -> None:
 
 @dataclass(frozen=True)
 class LatentSettings:
-    steps: int  # T
+    steps: int  # T of parallel mode
+    max_steps: int  # recurrent mode: the cap on a chain's length
     dim: int  # Dz
-    mode: str
+    mode: str  # parallel | recurrent (DLRSettings.from_dict fills a null from READOUT_DEFAULTS)
+    projector: str  # mlp | soft_tokens (likewise)
+    compression: int  # c: gold-chain tokens per latent in stage 1's targets
     num_modes: int
     log_sigma_min: float
     log_sigma_max: float
@@ -50,6 +60,9 @@ class AlignmentSettings:
     steps: int
     lr: float
     pull_weight: float  # rationale readout: weight of the pull toward the chain's opening embeddings
+    distill_weight: float  # recurrent chains: teacher-forced distillation to the gold chain
+    stop_weight: float  # recurrent chains: the stop head's cross-entropy
+    answer_weight: float  # recurrent chains: the main's NLL of the answer given the policy's own chain
     init_from: str | None  # a shipped stage 1 (folder) to start from
     export_to: str | None  # save the state after stage 1 here (folder), with the main's hash
 
@@ -103,6 +116,10 @@ class DLRSettings:
         """From the resolved `cfg.method` (its `name`, the dispatch key, is not a setting)."""
         groups = dict(zip(cls.GROUPS, (LatentSettings, AlignmentSettings, RLSettings, CriticSettings), strict=True))
         kwargs = {k: v for k, v in values.items() if k != "name"}
+        latent, readout = kwargs.get("latent"), kwargs.get("readout")
+        if isinstance(latent, dict) and readout in READOUT_DEFAULTS:  # an unknown readout fails below, by name
+            defaults = READOUT_DEFAULTS[readout]
+            kwargs["latent"] = {**latent, **{k: defaults[k] for k in defaults if latent.get(k) is None}}
         for key, group in groups.items():
             if isinstance(kwargs.get(key), dict):
                 kwargs[key] = from_values(group, kwargs[key], f"method.{key}")
@@ -111,8 +128,36 @@ class DLRSettings:
     def __post_init__(self) -> None:
         rl, latent = self.rl, self.latent
         checks = [
-            (latent.mode in LATENT_MODES, f"method.latent.mode must be one of {LATENT_MODES}, got {latent.mode!r}"),
             (self.readout in READOUTS, f"method.readout must be one of {READOUTS}, got {self.readout!r}"),
+            (latent.mode in LATENT_MODES, f"method.latent.mode must be one of {LATENT_MODES}, got {latent.mode!r}"),
+            (
+                latent.projector in PROJECTORS,
+                f"method.latent.projector must be one of {PROJECTORS}, got {latent.projector!r}",
+            ),
+            (
+                isinstance(latent.max_steps, int) and latent.max_steps >= 1,
+                f"method.latent.max_steps must be a whole number >= 1, got {latent.max_steps!r}",
+            ),
+            (
+                isinstance(latent.compression, int)
+                and not isinstance(latent.compression, bool)
+                and latent.compression >= 1,
+                f"method.latent.compression (gold-chain tokens per latent) must be a whole number >= 1, "
+                f"got {latent.compression!r}",
+            ),
+            (
+                latent.mode != "recurrent" or self.readout == "answer",
+                "method.latent.mode=recurrent needs method.readout=answer: in the rationale readout the latents "
+                "stand for the first method.latent.steps tokens of the main's chain, a fixed length",
+            ),
+            (
+                latent.mode != "recurrent" or latent.num_modes == 1,
+                "method.latent.num_modes > 1 needs method.latent.mode=parallel (a recurrent chain has one start)",
+            ),
+            (
+                min(self.alignment.distill_weight, self.alignment.stop_weight, self.alignment.answer_weight) >= 0,
+                "method.alignment.distill_weight, stop_weight and answer_weight must be >= 0",
+            ),
             (
                 set(self.max_new_tokens) == set(READOUTS) and all(int(v) >= 1 for v in self.max_new_tokens.values()),
                 f"method.max_new_tokens needs a budget >= 1 for each readout {READOUTS}, got {self.max_new_tokens}",

@@ -17,7 +17,17 @@ from safetensors.torch import load_file, save_file
 
 STATE_FILE, INFO_FILE = "stage1.safetensors", "stage1.json"
 STAGE1_PREFIXES = ("policy.", "projector.")  # the critic and pi_ref are not stage 1's
-MATCHING_SETTINGS = ("steps", "dim", "mode", "num_modes")  # latent settings the state's shapes depend on
+# the latent settings a stage 1 was trained for, by mode: what its state's shapes and its chains' meaning depend on
+MATCHING_SETTINGS = {
+    "parallel": ("steps", "dim", "mode", "num_modes", "projector"),
+    "recurrent": ("max_steps", "dim", "mode", "compression", "projector"),
+}
+WRITTEN_BEFORE_THE_KEY = {"projector": "mlp"}  # folders that predate a key hold what was then the only choice
+
+
+def matching_settings(latent) -> dict:
+    """The latent settings a stage 1 must share with the run that loads it."""
+    return {key: getattr(latent, key) for key in MATCHING_SETTINGS[latent.mode]}
 
 
 def stage1_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -37,7 +47,7 @@ def export_stage1(module: torch.nn.Module, folder: Path, info: dict) -> None:
     header = {
         "main_sha256": module.main_sha256,
         "readout": settings.readout,
-        "latent": {key: getattr(settings.latent, key) for key in MATCHING_SETTINGS},
+        "latent": matching_settings(settings.latent),
     }
     (folder / INFO_FILE).write_text(json.dumps({**header, **info}, indent=2) + "\n")
 
@@ -62,8 +72,9 @@ def load_stage1(module: torch.nn.Module, folder: Path, regenerate: str) -> dict:
             f"this one is {str(module.main_sha256)[:12]}…): regenerate it with `{regenerate}`"
         )
     settings = module.settings
-    wanted = {"readout": settings.readout, **{key: getattr(settings.latent, key) for key in MATCHING_SETTINGS}}
-    shipped = {"readout": info["readout"], **info["latent"]}
+    wanted = {"readout": settings.readout, **matching_settings(settings.latent)}
+    shipped = {"readout": info["readout"], **WRITTEN_BEFORE_THE_KEY, **info["latent"]}
+    shipped = {key: shipped.get(key) for key in wanted}  # keys of the other mode are not compared
     if wanted != shipped:
         raise ValueError(f"the stage 1 in {folder} was trained with {shipped}, this run asks for {wanted}")
     state = load_file(str(folder / STATE_FILE))

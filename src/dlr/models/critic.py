@@ -10,7 +10,7 @@ FILTERS = ("critic", "random", "none")
 
 
 class RewardCritic(nn.Module):
-    """Small MLP on [pooled question state ; mean latent over steps]. Inputs are detached: the critic
+    """Small MLP on [pooled question state ; mean latent over the chain's steps]. Inputs are detached: the critic
     learns to judge the policy, never to move it."""
 
     def __init__(self, question_dim: int, latent_dim: int, hidden: int = 256) -> None:
@@ -23,11 +23,18 @@ class RewardCritic(nn.Module):
             nn.Linear(hidden, 1),
         )
 
-    def forward(self, pooled: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """pooled: [B, H]; z: [B, G, T, Dz] -> predicted reward [B, G]."""
+    def forward(self, pooled: torch.Tensor, z: torch.Tensor, step_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """pooled: [B, H]; z: [B, G, T, Dz]; step_mask [B, G, T]: recurrent chains' real steps, which
+        alone the mean latent averages. -> predicted reward [B, G]."""
         G = z.shape[1]
         question = pooled.detach().float()[:, None].expand(-1, G, -1)
-        features = torch.cat([question, z.detach().float().mean(2)], dim=-1)  # [B, G, H+Dz]
+        z = z.detach().float()
+        if step_mask is None:
+            mean_latent = z.mean(2)
+        else:
+            weights = step_mask.to(z.dtype)[..., None]  # [B, G, T, 1]
+            mean_latent = (z * weights).sum(2) / weights.sum(2).clamp(min=1)
+        features = torch.cat([question, mean_latent], dim=-1)  # [B, G, H+Dz]
         return self.net(features).squeeze(-1)
 
 

@@ -1,15 +1,20 @@
 """The latent policy pi(z | q): an assistant LM reads the question and T placeholder tokens; Gaussian
 heads on the placeholders' last hidden states give mu_t and a clamped log sigma_t (docs/design.md §7).
 
-`parallel` mode reads all T placeholders in one pass (SoftCoT-style). `recurrent` mode feeds each
-sampled z_t back, through a learned input projection, as the next input embedding (Coconut-style),
-so z_t depends on z_<t and the chain is sampled in T sequential steps. With `num_modes` M > 1, M learned
-start embeddings are added to the placeholders, giving M Gaussian modes per question.
+`parallel` mode reads all T placeholders in one pass (SoftCoT-style). `recurrent` mode (Coconut /
+CoLaR-style) reads one placeholder, then at each step t the last hidden state h_t gives mu_t, log
+sigma_t and a stop logit; z_t is sampled, and its projection into the main model's input space, P(z_t),
+is fed back through a learned input map as the assistant's next input. So z_t depends on z_<t, the
+chain ends when the drawn stop bit is 1 (z_t is then its last latent) or at `num_steps` (the cap,
+`latent.max_steps`), and the assistant reads the chain as the main model will: in the main's space,
+which is also what stage 1 teacher-forces with the gold chain's embeddings. With `num_modes` M > 1
+(parallel only), M learned start embeddings are added to the placeholders, giving M Gaussian modes.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +30,11 @@ class LatentDistribution:
     mu: torch.Tensor  # [B, M, T, Dz]
     log_sigma: torch.Tensor  # [B, M, T, Dz]
     pooled: torch.Tensor  # [B, H] mean of the assistant's last hidden state over the question tokens
+    stop_logit: torch.Tensor | None = None  # [B, M, T] recurrent: logit of "z_t is the chain's last latent"
+    step_mask: torch.Tensor | None = None  # [B, M, T] recurrent: 1 on each chain's real steps, 0 after its end
+
+
+Projection = Callable[[torch.Tensor], torch.Tensor]  # z [..., Dz] -> P(z) [..., Dmain], the main's input space
 
 
 def left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -44,7 +54,10 @@ class LatentPolicy(nn.Module):
         log_sigma_init: float = -1.0,
         mode: str = "parallel",
         num_modes: int = 1,
+        feedback_dim: int | None = None,
     ) -> None:
+        """num_steps: T in parallel mode, the cap on a chain's length in recurrent mode; feedback_dim
+        (recurrent): the width of the fed-back P(z_t), the main model's embedding width."""
         super().__init__()
         if mode not in LATENT_MODES:
             raise ValueError(f"latent.mode must be one of {LATENT_MODES}, got {mode!r}")
@@ -54,6 +67,8 @@ class LatentPolicy(nn.Module):
             )
         if mode == "recurrent" and num_modes > 1:
             raise ValueError("latent.num_modes > 1 needs latent.mode=parallel (recurrent chains have one start)")
+        if mode == "recurrent" and (feedback_dim is None or feedback_dim < 1):
+            raise ValueError("recurrent mode feeds P(z_t) back: give feedback_dim, the main model's embedding width")
         if not log_sigma_min < log_sigma_max:
             raise ValueError(f"latent.log_sigma_min must be < log_sigma_max, got {log_sigma_min} >= {log_sigma_max}")
         self.assistant = assistant
@@ -65,7 +80,9 @@ class LatentPolicy(nn.Module):
         nn.init.zeros_(self.log_sigma_head.weight)  # start with one sigma everywhere, then learn it
         nn.init.constant_(self.log_sigma_head.bias, log_sigma_init)
         self.mode_embeddings = nn.Parameter(torch.randn(num_modes, hidden) * 0.02) if num_modes > 1 else None
-        self.latent_to_input = nn.Linear(latent_dim, hidden) if mode == "recurrent" else None
+        recurrent = mode == "recurrent"
+        self.latent_to_input = nn.Linear(feedback_dim, hidden) if recurrent else None  # P(z_t) -> next input
+        self.stop_head = nn.Linear(hidden, 1) if recurrent else None
 
     @property
     def latent_dim(self) -> int:
@@ -83,6 +100,15 @@ class LatentPolicy(nn.Module):
             h = h.float()
             log_sigma = self.log_sigma_head(h).clamp(self.log_sigma_min, self.log_sigma_max)
             return self.mu_head(h), log_sigma
+
+    def _stop_logit(self, h: torch.Tensor) -> torch.Tensor:
+        """[..., H] -> [...], in float32 like the Gaussian heads."""
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            return self.stop_head(h.float()).squeeze(-1)
+
+    def _fed_back(self, projected: torch.Tensor) -> torch.Tensor:
+        """P(z_t) [..., Dmain] -> the assistant's next input embedding [..., H]."""
+        return self._as_input(self.latent_to_input(projected.float()))
 
     def _as_input(self, x: torch.Tensor) -> torch.Tensor:
         """Latent-side embeddings in the assistant's own dtype (it may run in bf16)."""
@@ -120,18 +146,24 @@ class LatentPolicy(nn.Module):
         return embeds.flatten(0, 1)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, z: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        fed: torch.Tensor | None = None,
+        step_mask: torch.Tensor | None = None,
     ) -> LatentDistribution:
         """The distribution of latent chains given left-padded questions [B, Lq].
 
         Parallel mode: one pass, M modes per question. Recurrent mode: the distribution of each step
-        given the sampled chain's earlier steps, teacher-forced in one pass (z: [B, G, T, Dz]); its
-        M axis is then the G samples.
+        given the chain's earlier steps, teacher-forced in one pass: fed [B, G, T, Dmain] holds each
+        chain's steps in the main's input space (P(z_t) of sampled chains, or stage 1's gold-chain
+        targets; the last step is never read) and step_mask [B, G, T] its real steps (all of them
+        when None); the M axis of the result is then the G chains.
         """
         if self.mode == "recurrent":
-            if z is None:
-                raise ValueError("recurrent mode scores given chains: pass z, or sample with sample_recurrent()")
-            return self._teacher_forced(input_ids, attention_mask, z)
+            if fed is None:
+                raise ValueError("recurrent mode scores given chains: pass fed, or sample with sample_recurrent()")
+            return self._teacher_forced(input_ids, attention_mask, fed, step_mask)
         B, M = input_ids.shape[0], self.num_modes
         ids, mask = input_ids.repeat_interleave(M, 0), attention_mask.repeat_interleave(M, 0)
         h, pooled, _, _ = self._question_pass(ids, mask, self._placeholders(B, input_ids.device))
@@ -141,22 +173,29 @@ class LatentPolicy(nn.Module):
         )
 
     def _teacher_forced(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, z: torch.Tensor
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, fed: torch.Tensor, step_mask: torch.Tensor | None
     ) -> LatentDistribution:
-        B, G, T, _ = z.shape
+        B, G, T, _ = fed.shape
         ids, mask = input_ids.repeat_interleave(G, 0), attention_mask.repeat_interleave(G, 0)
         start = self._placeholders(B * G, input_ids.device)[:, :1]  # [B*G, 1, H]
-        fed_back = self.latent_to_input(z[:, :, :-1].flatten(0, 1))  # [B*G, T-1, H]
-        h, pooled, _, _ = self._question_pass(ids, mask, torch.cat([start, fed_back], dim=1))
+        inputs = torch.cat([start, self._fed_back(fed[:, :, :-1].flatten(0, 1))], dim=1)  # [B*G, T, H]
+        # steps after a chain's end sit after its real ones: causal attention keeps them out of its steps
+        h, pooled, _, _ = self._question_pass(ids, mask, inputs)
         mu, log_sigma = self._heads(h)  # [B*G, T, Dz]
+        if step_mask is None:
+            step_mask = torch.ones(B, G, T, dtype=torch.long, device=fed.device)
         return LatentDistribution(
-            mu.unflatten(0, (B, G)), log_sigma.unflatten(0, (B, G)), pooled.unflatten(0, (B, G))[:, 0]
+            mu.unflatten(0, (B, G)),
+            log_sigma.unflatten(0, (B, G)),
+            pooled.unflatten(0, (B, G))[:, 0],
+            self._stop_logit(h).unflatten(0, (B, G)),
+            step_mask,
         )
 
     def sample(
         self, dist: LatentDistribution, num_samples: int, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """G chains per question, spread evenly over the modes. Returns (z [B, G, T, Dz], mode index [G])."""
+        """Parallel mode: G chains per question, spread evenly over the modes. Returns (z [B, G, T, Dz], mode index [G])."""
         B, M, T, Dz = dist.mu.shape
         modes = torch.arange(num_samples, device=dist.mu.device) % M  # [G]
         mu, log_sigma = dist.mu[:, modes], dist.log_sigma[:, modes]  # [B, G, T, Dz]
@@ -169,48 +208,70 @@ class LatentPolicy(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         num_samples: int,
+        project: Projection,
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, LatentDistribution]:
-        """Recurrent mode: sample G chains per question step by step, each z_t fed back as the next
-        input. Returns (z [B, G, T, Dz] detached, the per-step distributions, with M axis = G)."""
-        return self._recurrent_rollout(input_ids, attention_mask, num_samples, generator, noise=True)
+        """Recurrent mode: sample G chains per question step by step, each P(z_t) fed back as the next
+        input and each stop bit drawn. Returns (z [B, G, T, Dz] detached, 0 after each chain's end; the
+        per-step distributions with their stop logits and step mask, M axis = G), T the longest chain."""
+        return self._recurrent_rollout(input_ids, attention_mask, num_samples, project, generator, noise=True)
 
-    def mean_chain(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The noise-free chain, with gradients: mu of every mode [B, M, T, Dz] in parallel mode; in
-        recurrent mode [B, 1, T, Dz], each mu_t fed back as the next input. Stage 1 trains it and
-        greedy evaluation decodes it."""
+    def mean_chain(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, project: Projection | None = None
+    ) -> LatentDistribution:
+        """The noise-free chain, with gradients, as its distribution's mu: of every mode [B, M, T, Dz]
+        in parallel mode; in recurrent mode [B, 1, T, Dz], each P(mu_t) fed back as the next input
+        (`project` required) and the chain ending where the stop head's probability passes 1/2, with
+        its step mask. Stage 1 trains it, greedy evaluation decodes it and stage 2 anchors on it."""
         if self.mode == "parallel":
-            return self(input_ids, attention_mask).mu
-        return self._recurrent_rollout(input_ids, attention_mask, 1, None, noise=False)[0]
+            return self(input_ids, attention_mask)
+        if project is None:
+            raise ValueError("a recurrent mean chain feeds P(mu_t) back: pass the projector")
+        return self._recurrent_rollout(input_ids, attention_mask, 1, project, None, noise=False)[1]
 
     def _recurrent_rollout(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         num_samples: int,
+        project: Projection,
         generator: torch.Generator | None,
         noise: bool,
     ) -> tuple[torch.Tensor, LatentDistribution]:
+        """The B*G chains step together on one KV cache; a chain that has stopped leaves the batch (its
+        cache rows are dropped), so every assistant call computes real steps only."""
         if self.mode != "recurrent":
             raise RuntimeError("recurrent rollouts need latent.mode=recurrent")
         B, G = input_ids.shape[0], num_samples
+        N = B * G
         ids, mask = input_ids.repeat_interleave(G, 0), attention_mask.repeat_interleave(G, 0)
-        start = self._placeholders(B * G, input_ids.device)[:, :1]  # [B*G, 1, H]
+        start = self._placeholders(N, input_ids.device)[:, :1]  # [N, 1, H]
         h, pooled, cache, full_mask = self._question_pass(ids, mask, start, use_cache=True)
-        mus, log_sigmas, zs = [], [], []
+        h = h[:, -1]  # [N, H]
+        running = torch.arange(N, device=input_ids.device)  # the chains still going, by row
+        lengths = torch.zeros(N, dtype=torch.long, device=input_ids.device)
+        steps: list[tuple[torch.Tensor, ...]] = []  # per step (mu, log_sigma, stop_logit, z) of all N rows
         for t in range(self.num_steps):
-            mu, log_sigma = self._heads(h[:, -1])  # [B*G, Dz]
-            z = mu
+            mu, log_sigma = self._heads(h)  # [n, Dz]
+            stop_logit = self._stop_logit(h)  # [n]
             if noise:
-                z = (
-                    mu + log_sigma.exp() * torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
-                ).detach()
-            mus.append(mu), log_sigmas.append(log_sigma), zs.append(z)
-            if t + 1 == self.num_steps:
+                eps = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
+                z = (mu + log_sigma.exp() * eps).detach()
+                u = torch.rand(stop_logit.shape, device=mu.device, generator=generator)
+                stop = u < torch.sigmoid(stop_logit)
+            else:
+                z, stop = mu, stop_logit > 0
+            steps.append(tuple(_scatter_rows(x, running, N) for x in (mu, log_sigma, stop_logit, z)))
+            lengths[running] += 1
+            going = (~stop).nonzero().squeeze(1)
+            if t + 1 == self.num_steps or going.numel() == 0:
                 break
-            full_mask = torch.cat([full_mask, full_mask.new_ones(B * G, 1)], dim=1)
+            if going.numel() < running.numel():  # drop the finished chains from the batch and the cache
+                running, z, full_mask = running[going], z[going], full_mask[going]
+                cache.batch_select_indices(going)
+            full_mask = torch.cat([full_mask, full_mask.new_ones(running.numel(), 1)], dim=1)
             out = self.assistant(
-                inputs_embeds=self._as_input(self.latent_to_input(z)[:, None]),
+                inputs_embeds=self._fed_back(project(z))[:, None],
                 attention_mask=full_mask,
                 position_ids=left_padded_positions(full_mask)[:, -1:],
                 past_key_values=cache,
@@ -218,10 +279,18 @@ class LatentPolicy(nn.Module):
                 use_cache=True,
                 logits_to_keep=1,
             )
-            h, cache = out.hidden_states[-1], out.past_key_values
+            h, cache = out.hidden_states[-1][:, -1], out.past_key_values
 
-        def stack(steps: list[torch.Tensor]) -> torch.Tensor:
-            return torch.stack(steps, dim=1).unflatten(0, (B, G))  # [B, G, T, Dz]
+        mu, log_sigma, stop_logit, z = (
+            torch.stack(parts, dim=1).unflatten(0, (B, G)) for parts in zip(*steps, strict=True)
+        )
+        step_mask = torch.arange(len(steps), device=lengths.device) < lengths[:, None]  # [N, T]
+        dist = LatentDistribution(
+            mu, log_sigma, pooled.unflatten(0, (B, G))[:, 0], stop_logit, step_mask.long().unflatten(0, (B, G))
+        )
+        return z, dist
 
-        dist = LatentDistribution(stack(mus), stack(log_sigmas), pooled.unflatten(0, (B, G))[:, 0])
-        return stack(zs), dist
+
+def _scatter_rows(values: torch.Tensor, rows: torch.Tensor, total: int) -> torch.Tensor:
+    """values [n, ...] of the given rows placed into zeros [total, ...] (differentiable)."""
+    return values.new_zeros((total, *values.shape[1:])).index_copy(0, rows, values)

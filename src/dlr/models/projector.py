@@ -33,3 +33,38 @@ class LatentProjector(nn.Module):
         x = self.net(z)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return x * self.gain * self.scale
+
+
+PROJECTORS = ("mlp", "soft_tokens")
+
+
+class SoftTokenProjector(nn.Module):
+    """P(z) = softmax(W z + b) @ E: the expected input embedding of the frozen main model under a
+    distribution over its own vocabulary (a "soft token"), so a latent that puts its mass on one token
+    is exactly that token's embedding. Stage 1 distils the distribution to the gold chain's tokens by
+    cross-entropy (`vocabulary_logits`).
+
+    `embeddings` is the main model's own input-embedding layer, shared, frozen and never saved with
+    the DLR state (DLRModule.is_backbone_key). At compression c > 1 a latent stands for c tokens: the
+    expected embedding is then rescaled to `rescale_to` (the mean embedding norm), as the targets are.
+    """
+
+    def __init__(self, latent_dim: int, embeddings: nn.Embedding, rescale_to: float | None = None) -> None:
+        super().__init__()
+        if rescale_to is not None and rescale_to <= 0:
+            raise ValueError(f"soft-token projector rescale norm must be > 0, got {rescale_to}")
+        self.to_vocabulary = nn.Linear(latent_dim, embeddings.num_embeddings)
+        self.embeddings = embeddings
+        self.rescale_to = rescale_to
+
+    def vocabulary_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """z: [..., Dz] -> logits over the main's vocabulary [..., V], in float32."""
+        return self.to_vocabulary(z.float())
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z: [..., T, Dz] -> [..., T, Dmain]."""
+        weight = self.embeddings.weight.detach().float()  # [V, Dmain]
+        x = torch.softmax(self.vocabulary_logits(z), dim=-1) @ weight
+        if self.rescale_to is not None:
+            x = x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12) * self.rescale_to
+        return x

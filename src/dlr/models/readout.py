@@ -70,6 +70,11 @@ class Readout:
             return f"{record.cot}\n{self.fmt.answer_cue} {record.answer}{eos}"
         return f" {record.cot} {self.fmt.eol} {self.fmt.answer_cue} {record.answer}{eos}"
 
+    def gold_chain(self, record: Record) -> str:
+        """The gold reasoning a recurrent chain stands for in stage 1 (answer readout): the record's
+        `cot` as the main model reads it after `<bol>` (GSM8K's comes without its `<<...>>` notes)."""
+        return f" {record.cot}"
+
     def scored_text(self, decoded: str) -> str:
         """The decoded text as the reward reads it: the answer readout gets its cue back."""
         return f"{self.fmt.answer_cue} {decoded}".strip() if self.kind == "answer" else decoded
@@ -81,11 +86,15 @@ def latent_main_inputs(
     readout: Readout,
     questions: list[str],
     projected: torch.Tensor,
+    step_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The main model's input for one decode per chain: `before P(z_1)..P(z_T) after`.
 
     questions: N questions (each row's own); projected: [N, T, Dmain] latents already in the main
-    model's embedding space. Returns left-padded (inputs_embeds [N, L, Dmain], attention_mask [N, L]).
+    model's embedding space; step_mask [N, T]: each chain's real steps (recurrent chains; None: all T).
+    With a step mask each row is `before P(z_1)..P(z_Ti) after`, its padding moved to the left (the
+    pad token's embedding, mask 0), so every row ends at the last column as in a left-padded text batch.
+    Returns left-padded (inputs_embeds [N, L, Dmain], attention_mask [N, L]).
     """
     device = projected.device
     embed = main.get_input_embeddings()
@@ -103,8 +112,17 @@ def latent_main_inputs(
         after_len = after_ids.shape[1]
         pieces.append(embed(after_ids).expand(N, -1, -1))
     embeds = torch.cat(pieces, dim=1)  # [N, Lb + T + La, D]
-    mask = torch.cat([before.attention_mask, before.attention_mask.new_ones(N, T + after_len)], dim=1)
-    return embeds, mask
+    if step_mask is None:
+        mask = torch.cat([before.attention_mask, before.attention_mask.new_ones(N, T + after_len)], dim=1)
+        return embeds, mask
+    ones = before.attention_mask.new_ones(N, after_len)
+    mask = torch.cat([before.attention_mask, step_mask.to(ones.dtype), ones], dim=1)  # [N, Lb + T + La]
+    order = torch.sort(mask, dim=1, stable=True).indices  # padding first, real positions in their order
+    mask = mask.gather(1, order)
+    embeds = embeds.gather(1, order[..., None].expand_as(embeds))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = embed(torch.tensor([pad_id], device=device))  # [1, D]
+    return torch.where(mask.bool()[..., None], embeds, pad.to(embeds.dtype)), mask
 
 
 def split_gold_completion(
