@@ -150,7 +150,7 @@ def test_each_readout_gets_its_latent_mode_and_projector_unless_the_config_names
     rationale = settings_from_yaml(DLRSettings, "dlr")
     assert (rationale.latent.mode, rationale.latent.projector) == ("parallel", "mlp")
     answer = settings_from_yaml(DLRSettings, "dlr", {"readout": "answer"})
-    assert (answer.latent.mode, answer.latent.projector, answer.latent.compression) == ("recurrent", "soft_tokens", 1)
+    assert (answer.latent.mode, answer.latent.projector, answer.latent.compression) == ("recurrent", "mlp", 1)
     assert answer.latent.max_steps == 80  # the tiny backbone's cap: depth-8 chains have 72 tokens
     chosen = settings_from_yaml(
         DLRSettings, "dlr", {"readout": "answer", "latent": {"mode": "parallel", "projector": "mlp"}}
@@ -187,21 +187,21 @@ def build_module(tiny_pair, settings: DLRSettings, assistant_dtype: str = "float
 
 
 @pytest.mark.parametrize(
-    ("readout", "num_modes", "ppo_epochs"),
-    [("rationale", 1, 1), ("answer", 1, 1), ("answer", 1, 2), ("rationale", 2, 2)],
+    ("readout", "projector", "num_modes", "ppo_epochs"),
+    [("rationale", "mlp", 1, 1), ("answer", "mlp", 1, 1), ("answer", "soft_tokens", 1, 2), ("rationale", "mlp", 2, 2)],
 )
 def test_both_stages_train_exactly_the_dlr_parameters_and_never_the_main_model(
-    tiny_pair, tmp_path, readout, num_modes, ppo_epochs
+    tiny_pair, tmp_path, readout, projector, num_modes, ppo_epochs
 ):
-    """rationale: parallel chains and the MLP projector; answer: recurrent chains with a stop head and
-    soft tokens (stage 1: chain distillation), rolled out with chains of their own lengths."""
+    """rationale: parallel chains; answer: recurrent chains with a stop head (stage 1: chain
+    distillation, closed loop included), rolled out with chains of their own lengths."""
     settings = settings_from_yaml(
         DLRSettings,
         "dlr",
         {
             "readout": readout,
-            "latent": {"steps": 3, "max_steps": 3, "dim": 8, "num_modes": num_modes},
-            "alignment": {"steps": 2},
+            "latent": {"steps": 3, "max_steps": 3, "dim": 8, "num_modes": num_modes, "projector": projector},
+            "alignment": {"steps": 2, "answer_weight": 1.0},  # recurrent: the closed-loop term too
             "rl": {
                 "steps": 3,
                 "num_samples": 6,
@@ -258,9 +258,8 @@ def test_both_stages_train_exactly_the_dlr_parameters_and_never_the_main_model(
     assert weights_sha256(module.main) == main_hash
     assert not any(k.startswith("policy.assistant") and "lora_" not in k for k in changed)
     moving = ("policy.mu_head", "policy.log_sigma_head", "critic.net")
-    moving += (
-        ("projector.to_vocabulary", "policy.stop_head", "policy.latent_to_input") if recurrent else ("projector.net",)
-    )
+    moving += ("projector.to_vocabulary",) if projector == "soft_tokens" else ("projector.net",)
+    moving += ("policy.stop_head", "policy.latent_to_input") if recurrent else ()
     for prefix in moving:
         assert any(k.startswith(prefix) for k in changed), prefix  # every trainable part moved
     assert any("lora_B" in k for k in changed)
@@ -283,7 +282,13 @@ def test_a_charged_decode_counts_the_projector_and_the_main_head_only_at_new_tok
         "dlr",
         {
             "readout": "answer" if mode == "recurrent" else "rationale",
-            "latent": {"steps": 3, "max_steps": 3, "dim": 8, "mode": mode},
+            "latent": {
+                "steps": 3,
+                "max_steps": 3,
+                "dim": 8,
+                "mode": mode,
+                "projector": "soft_tokens" if mode == "recurrent" else "mlp",
+            },
             "critic": {"hidden": 16},
             "max_new_tokens": {"rationale": 5, "answer": 2},
         },

@@ -156,7 +156,7 @@ def test_a_recurrent_stage1_loads_only_with_its_cap_compression_and_projector(ti
         "dlr",
         {
             "readout": "answer",
-            "latent": {"max_steps": 5, "dim": 8},
+            "latent": {"max_steps": 5, "dim": 8, "projector": "soft_tokens"},
             "rl": {"beta": 0.0},
             "max_new_tokens": {"rationale": 6, "answer": 2},
         },
@@ -182,7 +182,7 @@ def test_a_recurrent_stage1_loads_only_with_its_cap_compression_and_projector(ti
     torch.testing.assert_close(fresh.policy.stop_head.bias, trained.policy.stop_head.bias)
     records = _records(3)
     assert fresh.greedy_completions(records) == trained.greedy_completions(records)
-    for change in ({"max_steps": 6}, {"compression": 2}, {"projector": "mlp"}):
+    for change in ({"max_steps": 6}, {"compression": 2}, {"projector": "mlp"}):  # each alone refuses it
         other = dataclasses.replace(settings, latent=dataclasses.replace(settings.latent, **change))
         with pytest.raises(ValueError, match="this run asks for"):
             load_stage1(build_module(tiny_pair, other), tmp_path / "s1", "REGENERATE")

@@ -17,10 +17,7 @@ from dlr.models.projector import PROJECTORS
 from dlr.models.readout import READOUTS
 
 # latent settings a readout decides when the config leaves them null (configs/method/dlr.yaml)
-READOUT_DEFAULTS = {
-    "rationale": {"mode": "parallel", "projector": "mlp"},
-    "answer": {"mode": "recurrent", "projector": "soft_tokens"},
-}
+READOUT_DEFAULTS = {"rationale": {"mode": "parallel"}, "answer": {"mode": "recurrent"}}
 
 
 def from_values(cls, values: dict, key: str):
@@ -47,7 +44,7 @@ class LatentSettings:
     max_steps: int  # recurrent mode: the cap on a chain's length
     dim: int  # Dz
     mode: str  # parallel | recurrent (DLRSettings.from_dict fills a null from READOUT_DEFAULTS)
-    projector: str  # mlp | soft_tokens (likewise)
+    projector: str  # mlp | soft_tokens
     compression: int  # c: gold-chain tokens per latent in stage 1's targets
     num_modes: int
     log_sigma_min: float
