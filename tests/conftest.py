@@ -16,7 +16,7 @@ from dlr.config import CONFIG_DIR, compose_config, reward_from_yaml, settings_fr
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
-__all__ = ["CONFIG_DIR", "compose_config", "reward_from_yaml", "run_train", "settings_from_yaml"]
+__all__ = ["CONFIG_DIR", "compose_config", "quiet_cpu_trainer", "reward_from_yaml", "run_train", "settings_from_yaml"]
 
 
 def run_train(args: list[str], timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -29,6 +29,21 @@ def run_train(args: list[str], timeout: float = 600, env: dict | None = None) ->
         timeout=timeout,
         env={**os.environ, **(env or {})},
         stdin=subprocess.DEVNULL,
+    )
+
+
+def quiet_cpu_trainer(tmp_path: Path, max_steps: int):
+    """A Lightning Trainer for in-process fits of a module: CPU, no logger, checkpoints, bar or summary."""
+    from lightning import Trainer
+
+    return Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
     )
 
 

@@ -8,9 +8,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning import Trainer
 
-from conftest import reward_from_yaml, run_train, settings_from_yaml
+from conftest import quiet_cpu_trainer, reward_from_yaml, run_train, settings_from_yaml
 from dlr.callbacks.latent_diversity import effective_rank, mean_pairwise_cosine_distance
 from dlr.callbacks.reward_filter import filter_quality
 from dlr.data.datamodule import ReasoningDataModule
@@ -230,15 +229,7 @@ def test_both_stages_train_exactly_the_dlr_parameters_and_never_the_main_model(
         mix_weights={"math": 0.5, "logic": 0.5},
     )
     total = settings.alignment.steps + settings.rl.steps * ppo_epochs  # each PPO epoch is an optimizer step
-    trainer = Trainer(
-        max_steps=total,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_cpu_trainer(tmp_path, total)
     trainer.fit(module, datamodule=data)
     assert trainer.global_step == total and int(module.rl_batches) == 3
 
@@ -547,15 +538,7 @@ def test_an_injected_nan_skips_one_step_and_training_goes_on(tiny_pair, tmp_path
         test_per_depth=1,
         mix_weights={"math": 0.5, "logic": 0.5},
     )
-    trainer = Trainer(
-        max_steps=4,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_cpu_trainer(tmp_path, 4)
     trainer.fit(module, datamodule=data)
     assert trainer.global_step == 4 and module.guard.skipped == 1 and module.guard.consecutive == 0
     assert all(torch.isfinite(p).all() for p in module.parameters() if p.requires_grad)

@@ -6,9 +6,8 @@ import json
 
 import pytest
 import torch
-from lightning import Trainer
 
-from conftest import reward_from_yaml, run_train, settings_from_yaml
+from conftest import quiet_cpu_trainer, reward_from_yaml, run_train, settings_from_yaml
 from dlr.accounting import compute_parameters
 from dlr.data.datamodule import ReasoningDataModule
 from dlr.methods.grpo_module import GRPOModule, GRPOSettings
@@ -127,15 +126,7 @@ def test_a_grpo_step_changes_only_lora_weights(tiny_pair, tmp_path):
         test_per_depth=1,
         mix_weights={"math": 0.5, "logic": 0.5},
     )
-    trainer = Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_cpu_trainer(tmp_path, 2)
     shapes = []
     rollout = module.rollout
 

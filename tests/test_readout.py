@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import settings_from_yaml
+from conftest import quiet_cpu_trainer, settings_from_yaml
 from dlr.data.schema import Record
 from dlr.data.synthetic_logic import generate as generate_logic
 from dlr.data.synthetic_math import generate as generate_math
@@ -191,8 +191,6 @@ def test_a_recurrent_stage1_loads_only_with_its_cap_compression_and_projector(ti
 def test_chain_distillation_trains_on_gsm8k_rationales_without_their_calculator_notes(tiny_pair, tmp_path):
     """The GSM8K fixture's rationales (with `<<36/3=12>>` notes in the release) become gold chains
     without them, and stage 1 of the answer readout runs on them."""
-    from lightning import Trainer
-
     from dlr.data.datamodule import ReasoningDataModule
     from dlr.data.hub import stream_hub_records
     from dlr.data.schema import SkipCounter
@@ -218,15 +216,7 @@ def test_chain_distillation_trains_on_gsm8k_rationales_without_their_calculator_
     ids, mask = module.gold_chain_tokens(records)
     assert ids.shape[1] <= 40 and (mask.sum(1) >= 1).all()
     data = ReasoningDataModule("gsm8k", 2, [1, 4], [1, 4], 0, 1, 1, local_path=fixture, test_size=2)
-    trainer = Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_cpu_trainer(tmp_path, 2)
     before = module.policy.stop_head.weight.detach().clone()
     trainer.fit(module, datamodule=data)
     assert trainer.global_step == 2 and not torch.equal(module.policy.stop_head.weight, before)
