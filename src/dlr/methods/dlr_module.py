@@ -47,7 +47,7 @@ from dlr.models.generation import (
 )
 from dlr.models.latent_policy import LatentDistribution, LatentPolicy
 from dlr.models.projector import LatentProjector, SoftTokenProjector, mean_embedding_norm
-from dlr.models.readout import Readout, latent_main_inputs, split_gold_completion
+from dlr.models.readout import Readout, latent_main_inputs, right_padded, split_gold_completion
 from dlr.rewards import TOTAL, RewardConfig
 from dlr.scoring import DepthScore, score_by_depth
 
@@ -341,11 +341,7 @@ class DLRModule(RLModule):
         texts = [self.readout.gold_chain(r) for r in records]
         rows = [ids[:limit] for ids in self.main_tokenizer(texts, add_special_tokens=False)["input_ids"]]
         pad = self.main_tokenizer.pad_token_id if self.main_tokenizer.pad_token_id is not None else 0
-        width = max(1, *(len(r) for r in rows))
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r, dtype=torch.long), 1
+        ids, mask = right_padded(rows, max(1, *(len(r) for r in rows)), pad)
         return ids.to(self.device), mask.to(self.device)
 
     def chain_distillation_step(self, records: list[Record], optimizer) -> None:

@@ -147,12 +147,14 @@ def split_gold_completion(
         openings.append(ids[:num_latents])
         targets.append(ids[num_latents:] if opens_chain else ids)
 
-    def padded(seqs: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        out = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-            mask[i, : len(s)] = 1
-        return out, mask
+    return (*right_padded(openings, num_latents, pad), *right_padded(targets, max(len(t) for t in targets), pad))
 
-    return (*padded(openings, num_latents), *padded(targets, max(len(t) for t in targets)))
+
+def right_padded(seqs: list[list[int]], width: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows as (ids [N, width], mask [N, width]), right-padded with `pad` (mask 0)."""
+    out = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return out, mask
