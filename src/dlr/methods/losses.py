@@ -27,13 +27,16 @@ def _gaussian_log_density(z: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Te
     return -0.5 * ((z - mu) * torch.exp(-log_sigma)) ** 2 - log_sigma - 0.5 * LOG_2PI
 
 
+def _real_step_sum(per_dim: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:
+    """Sum of [..., T, Dz] over the dimensions of the real steps (step_mask [..., T]) -> [...]."""
+    return torch.where(step_mask.bool()[..., None], per_dim, torch.zeros_like(per_dim)).sum((-2, -1))
+
+
 def _masked_step_mean(per_dim: torch.Tensor, step_mask: torch.Tensor | None) -> torch.Tensor:
     """Mean of [..., T, Dz] over the dimensions of the real steps (all of them without a mask) -> [...]."""
     if step_mask is None:
         return per_dim.flatten(-2).mean(-1)
-    keep = step_mask.bool()[..., None].expand_as(per_dim)
-    total = torch.where(keep, per_dim, torch.zeros_like(per_dim)).flatten(-2).sum(-1)
-    return total / keep.flatten(-2).sum(-1).clamp(min=1)
+    return _real_step_sum(per_dim, step_mask) / (step_mask.bool().sum(-1) * per_dim.shape[-1]).clamp(min=1)
 
 
 def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
@@ -111,7 +114,7 @@ def chain_log_prob(
     """
     real = step_mask.bool()
     per_dim = _gaussian_log_density(z, mu, log_sigma)  # [..., T, Dz]
-    gaussian = torch.where(real[..., None], per_dim, torch.zeros_like(per_dim)).sum((-2, -1))
+    gaussian = _real_step_sum(per_dim, step_mask)
     bits, drawn = stop_bits(step_mask, max_steps)
     bernoulli = -F.binary_cross_entropy_with_logits(stop_logit.float(), bits, reduction="none")  # [..., T]
     log_prob = gaussian + (bernoulli * drawn).sum(-1)
@@ -133,7 +136,7 @@ def chain_kl(
     as `chain_log_prob` counts. Gaussians [..., T, Dz], stop logits and step_mask [..., T] -> [...]."""
     real = step_mask.bool()
     per_dim = _gaussian_kl_per_dim(mu, log_sigma, ref_mu, ref_log_sigma)
-    gaussian = torch.where(real[..., None], per_dim, torch.zeros_like(per_dim)).sum((-2, -1))
+    gaussian = _real_step_sum(per_dim, step_mask)
     p, log_p, log_not_p = torch.sigmoid(stop_logit), F.logsigmoid(stop_logit), F.logsigmoid(-stop_logit)
     bernoulli = p * (log_p - F.logsigmoid(ref_stop_logit)) + (1 - p) * (log_not_p - F.logsigmoid(-ref_stop_logit))
     _, drawn = stop_bits(step_mask, max_steps)
