@@ -4,7 +4,7 @@ python src/bench.py rollout                      # DLR vs GRPO seconds per attem
 python src/bench.py decode --batch-sizes 16 64 256 --backbone qwen2.5-0.5b+1.5b --device cuda
 python src/bench.py memory --backbone qwen2.5-0.5b+7b --device cuda --G 64 --K 16 --T 32
 python src/bench.py probe --T 4                  # what the frozen tiny main reads in its latent span, by readout
-python src/bench.py explore --G 8                # reward spread and accuracy of noisy latents, by sigma and depth
+python src/bench.py explore --G 8 [--readout answer]  # reward spread and accuracy of noisy latents, by sigma and depth
 python src/bench.py compress --ratios 1 2 4      # answer readout: the gold chain's embeddings, c tokens per latent
 """
 
@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--K", type=int, default=4, help="attempts decoded per question (both arms)")
     parser.add_argument("--T", type=int, default=8, help="DLR latent steps")
     parser.add_argument("--Dz", type=int, default=64, help="DLR latent width")
-    parser.add_argument("--readout", choices=["rationale", "answer"], default="rationale", help="DLR's readout")
+    parser.add_argument(
+        "--readout", choices=["rationale", "answer"], default="rationale", help="rollout, explore: DLR's readout"
+    )
     parser.add_argument(
         "--dlr-decode-tokens",
         type=int,
@@ -85,7 +87,9 @@ def main(argv: list[str] | None = None) -> dict:
         rows = result["rows"]
     elif args.command == "explore":
         stage1_root = PROJECT_ROOT / "data" / "backbones" / "tiny" / "dlr_stage1"
-        result = probes.probe_exploration(bb, stage1_root, args.sigmas, args.per_depth, args.G, args.depths)
+        result = probes.probe_exploration(
+            bb, stage1_root, args.sigmas, args.per_depth, args.G, args.depths, args.readout
+        )
         rows = result["rows"]
     elif args.command == "probe":
         from dlr.scoring import DepthScore, depth_table

@@ -220,3 +220,62 @@ def test_chain_distillation_trains_on_gsm8k_rationales_without_their_calculator_
     before = module.policy.stop_head.weight.detach().clone()
     trainer.fit(module, datamodule=data)
     assert trainer.global_step == 2 and not torch.equal(module.policy.stop_head.weight, before)
+
+
+def test_stage1_learning_rate_warms_up_then_falls_along_a_cosine_to_its_floor():
+    from dlr.methods.schedule import warmup_cosine
+
+    # warm-up of 2 steps to 1, then a cosine over steps 2..6 from 1 to the floor 0.2
+    assert [warmup_cosine(s, 2, 6, 0.2) for s in (0, 1)] == [0.5, 1.0]
+    assert warmup_cosine(2, 2, 6, 0.2) == pytest.approx(1.0)
+    assert warmup_cosine(4, 2, 6, 0.2) == pytest.approx(0.2 + 0.8 * 0.5)  # halfway: cos(pi/2) = 0
+    assert warmup_cosine(6, 2, 6, 0.2) == pytest.approx(0.2)
+    assert warmup_cosine(9, 2, 6, 0.2) == pytest.approx(0.2)  # after the last step it stays at the floor
+    assert {warmup_cosine(s, 0, 6, 1.0) for s in range(8)} == {1.0}  # floor 1, no warm-up: constant
+
+
+@pytest.mark.parametrize(("override", "message"), [({"lr_floor": 0.0}, "lr_floor"), ({"self_feed": 1.5}, "self_feed")])
+def test_bad_stage1_schedules_fail_with_the_key_named(override, message):
+    with pytest.raises(ValueError, match=message):
+        settings_from_yaml(DLRSettings, "dlr", {"readout": "answer", "alignment": override})
+
+
+def test_self_fed_distillation_reads_the_policy_s_own_latents_back_at_the_set_learning_rate(tiny_pair, tmp_path):
+    """self_feed=1: the pass that trains reads back P(mu_t) of a first, gold-fed pass at every step,
+    not the gold targets; the stage-1 optimizer runs at lr * warmup_cosine(step)."""
+    from dlr.data.datamodule import ReasoningDataModule
+
+    settings = settings_from_yaml(
+        DLRSettings,
+        "dlr",
+        {
+            "readout": "answer",
+            "latent": {"max_steps": 12, "dim": 8},
+            "alignment": {"steps": 3, "init_from": None, "self_feed": 1.0, "warmup_steps": 2, "lr_floor": 0.5},
+            "rl": {"steps": 0, "beta": 0.0},
+            "max_new_tokens": {"rationale": 6, "answer": 2},
+        },
+    )
+    module = build_module(tiny_pair, settings)
+    fed_back, own_latents, lrs = [], [], []
+    forward, align = module.policy.forward, module.alignment_step
+
+    def recording_forward(ids, mask, fed, step_mask):
+        dist = forward(ids, mask, fed, step_mask)
+        fed_back.append(fed.detach().clone())
+        if not torch.is_grad_enabled():  # the gold-fed pass: what the policy's own latents project to
+            own_latents.append(module.projector(dist.mu))
+        return dist
+
+    def recording_step(records, optimizer):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        align(records, optimizer)
+
+    module.policy.forward, module.alignment_step = recording_forward, recording_step
+    data = ReasoningDataModule("synthetic_math", 2, [1, 2], [1, 2], 0, 1, 1, test_size=2)
+    quiet_cpu_trainer(tmp_path, 3).fit(module, datamodule=data)
+    assert len(fed_back) == 6 and len(own_latents) == 3  # two passes per step: gold-fed, then self-fed
+    for gold, own, self_fed in zip(fed_back[0::2], own_latents, fed_back[1::2], strict=True):
+        assert torch.allclose(self_fed, own) and not torch.allclose(self_fed, gold)
+    lr = settings.alignment.lr
+    assert lrs == pytest.approx([0.5 * lr, lr, lr])  # warm-up over 2 steps, then the cosine's start

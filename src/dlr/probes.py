@@ -15,7 +15,7 @@ from dlr.benchmarks import Backbone, dlr_module
 from dlr.config import reward_from_yaml
 from dlr.data.datamodule import ReasoningDataModule
 from dlr.methods.losses import compress_chain_embeddings
-from dlr.methods.stage1 import load_stage1
+from dlr.methods.stage1 import STAGE1_COMMANDS, load_stage1
 from dlr.models.backbones import weights_sha256
 from dlr.models.generation import greedy_complete, greedy_decode_embeds
 from dlr.models.projector import mean_embedding_norm
@@ -104,55 +104,106 @@ def _probe_readout(
         shipped = json.loads((stage1 / "stage1.json").read_text())["latent"]
         module = dlr_module(bb, 4, 1, shipped["steps"], shipped["dim"], decode_tokens, readout)
         module.main_sha256 = main_sha
-        load_stage1(module, stage1, "python src/train.py experiment=dlr_stage1_tiny")
+        load_stage1(module, stage1, STAGE1_COMMANDS[readout])
         scores += latent_span(f"{readout}/shipped stage 1", policy_span)
     return scores
 
 
 @torch.no_grad()
+def shipped_stage1_module(bb: Backbone, stage1_root: Path, readout: str, samples: int):
+    """A DLR module with the shipped stage 1 of `readout` loaded (its latent settings read from the
+    folder's stage1.json), G = `samples` chains per question."""
+    from dlr.config import settings_from_yaml
+    from dlr.methods.dlr_module import DLRModule, DLRSettings
+
+    info = json.loads((stage1_root / readout / "stage1.json").read_text())
+    settings = settings_from_yaml(
+        DLRSettings,
+        "dlr",
+        {
+            "readout": readout,
+            "latent": info["latent"],
+            "alignment": {"steps": 0},
+            "rl": {"num_samples": samples, "num_decoded": 1, "beta": 0.0},
+        },
+    )
+    module = DLRModule(
+        bb.main,
+        bb.main_tokenizer,
+        bb.assistant,
+        bb.assistant_tokenizer,
+        bb.fmt,
+        settings,
+        reward_from_yaml(),
+        bb.placeholder,
+        main_sha256=weights_sha256(bb.main),
+    ).to(bb.device)
+    load_stage1(module, stage1_root, STAGE1_COMMANDS[readout])
+    return module
+
+
 def probe_exploration(
-    bb: Backbone, stage1: Path, sigmas: list[float], per_depth: int, samples: int, depths: list[int]
+    bb: Backbone,
+    stage1: Path,
+    sigmas: list[float],
+    per_depth: int,
+    samples: int,
+    depths: list[int],
+    readout: str = "rationale",
 ) -> dict:
     """How much reward spread latent noise buys, and what it costs in accuracy: for each sigma (in the
     latent space the policy samples), `samples` chains z = mu + sigma * eps per math question of the
-    fixed test set, each decoded greedily by the frozen main (rationale readout, shipped stage 1).
-    By depth: accuracy of the mean chain, of the sampled chains, the share of questions whose samples
-    disagree in reward (the groups RL can learn from), and how far the noise moves the projected
-    latents (||P(z) - P(mu)|| / ||P(mu)||)."""
-
-    info = json.loads((stage1 / "rationale" / "stage1.json").read_text())
-    module = dlr_module(bb, samples, 1, info["latent"]["steps"], info["latent"]["dim"], 64, "rationale")
-    module.main_sha256 = weights_sha256(bb.main)
-    load_stage1(module, stage1, "python src/train.py experiment=dlr_stage1_tiny")
+    fixed test set, each decoded greedily by the frozen main through the shipped stage 1 of `readout`
+    (answer: recurrent chains, each sampled z_t fed back and each stop bit drawn, as stage 2 samples
+    them). By depth: accuracy of the mean chain, of the sampled chains, the share of questions whose
+    samples disagree in reward (the groups RL can learn from), how far the noise moves the projected
+    latents (||P(z_t) - P(mu_t)|| / ||P(mu_t)||, mu_t the mean given the sampled prefix) and the
+    chains' mean length."""
+    module = shipped_stage1_module(bb, stage1, readout, samples)
     data = ReasoningDataModule("synthetic_math", 1, [1, 4], [min(depths), max(depths)], 0, 1000, per_depth)
     records = [r for r in data.test_records() if r.depth in depths]
     ids, mask = module.encode_questions(records)
-    mu = module.policy.mean_chain(ids, mask).mu[:, :1]  # [N, 1, T, Dz]
+    policy, recurrent = module.policy, module.policy.mode == "recurrent"
     rows = []
-    generator = torch.Generator(device=mu.device).manual_seed(0)
-    for sigma in [0.0, *sigmas]:
-        z = mu + sigma * torch.randn((mu.shape[0], samples, *mu.shape[2:]), generator=generator, device=mu.device)
-        if sigma == 0.0:
-            z = mu
-        k = z.shape[1]
-        texts = module.decode(records, z)  # question-major
-        golds = [r.answer for r in records for _ in range(k)]
-        tasks = [r.task for r in records for _ in range(k)]
-        correct = reward_from_yaml().score_batch(texts, golds, tasks)[:, CORRECT].reshape(-1, k)
-        moved = (module.projector(z) - module.projector(mu)).norm(dim=-1) / module.projector(mu).norm(dim=-1)
-        for depth in depths:
-            rows_at = [i for i, r in enumerate(records) if r.depth == depth]
-            c = correct[rows_at]
-            rows.append(
-                {
-                    "sigma": sigma,
-                    "depth": depth,
-                    "accuracy": float(c.mean()),
-                    "groups_with_spread": float(((c.max(1).values - c.min(1).values) > 0).float().mean()),
-                    "latent_moved": float(moved[rows_at].mean()),
-                }
-            )
-    return {"samples": samples, "per_depth": per_depth, "rows": rows}
+    generator = torch.Generator(device=ids.device).manual_seed(0)
+    with torch.no_grad():
+        for sigma in [0.0, *sigmas]:
+            if recurrent:
+                if sigma == 0.0:
+                    dist = policy.mean_chain(ids, mask, module.projector)
+                    z = dist.mu
+                else:
+                    policy.set_sigma(sigma)
+                    z, dist = policy.sample_recurrent(ids, mask, samples, module.projector, generator)
+                mu, step_mask = dist.mu, dist.step_mask  # [N, k, T, Dz], [N, k, T]
+            else:
+                mu = policy.mean_chain(ids, mask).mu[:, :1]  # [N, 1, T, Dz]
+                noise = torch.randn((mu.shape[0], samples, *mu.shape[2:]), generator=generator, device=mu.device)
+                z = mu if sigma == 0.0 else mu + sigma * noise
+                step_mask = torch.ones(z.shape[:3], dtype=torch.long, device=z.device)
+            k = z.shape[1]
+            texts = module.decode(records, z, step_mask=step_mask if recurrent else None)  # question-major
+            golds = [r.answer for r in records for _ in range(k)]
+            tasks = [r.task for r in records for _ in range(k)]
+            correct = reward_from_yaml().score_batch(texts, golds, tasks)[:, CORRECT].reshape(-1, k)
+            moved_steps = (module.projector(z) - module.projector(mu)).norm(dim=-1) / module.projector(mu).norm(dim=-1)
+            real = step_mask.float()
+            moved = (moved_steps * real).sum((1, 2)) / real.sum((1, 2))  # [N]
+            length = real.sum(-1).mean(-1)  # [N], mean over the question's chains
+            for depth in depths:
+                rows_at = [i for i, r in enumerate(records) if r.depth == depth]
+                c = correct[rows_at]
+                rows.append(
+                    {
+                        "sigma": sigma,
+                        "depth": depth,
+                        "accuracy": float(c.mean()),
+                        "groups_with_spread": float(((c.max(1).values - c.min(1).values) > 0).float().mean()),
+                        "latent_moved": float(moved[rows_at].mean()),
+                        "chain_length": float(length[rows_at].mean()),
+                    }
+                )
+    return {"readout": readout, "samples": samples, "per_depth": per_depth, "rows": rows}
 
 
 def check_ratio(ratio: int) -> None:

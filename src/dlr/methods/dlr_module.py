@@ -36,6 +36,7 @@ from dlr.methods.losses import (
     stop_cross_entropy,
 )
 from dlr.methods.rl_base import RLModule
+from dlr.methods.schedule import warmup_cosine
 from dlr.methods.settings import DLRSettings
 from dlr.models.backbones import PromptFormat
 from dlr.models.critic import RewardCritic, select_latents
@@ -281,6 +282,10 @@ class DLRModule(RLModule):
     def train_batch(self, batch: list[Record]) -> None:
         align_opt, rl_opt = self.optimizers()
         if self.stage == "alignment":
+            a = self.settings.alignment
+            rate = a.lr * warmup_cosine(self.trainer.global_step, a.warmup_steps, a.steps, a.lr_floor)
+            for group in align_opt.param_groups:
+                group["lr"] = rate
             self.alignment_step(batch, align_opt)
         else:
             self.rl_step(batch, rl_opt)
@@ -348,7 +353,9 @@ class DLRModule(RLModule):
         """Stage 1 of recurrent chains (answer readout). Targets y_1..y_T: the main's own frozen input
         embeddings of the gold chain, compressed c to one (`compress_chain_embeddings`). Loss =
           distill_weight * teacher-forced distillation: the assistant reads y_<t fed back, and its
-            latent mu_t must stand for y_t: squared distance of P(mu_t) to y_t in units of the mean
+            latent mu_t must stand for y_t (with `self_feed` > 0 that share of the fed-back steps holds
+            the policy's own P(mu_t) from a first gold-fed pass instead, so it learns to read its own
+            latents, as it must at inference): squared distance of P(mu_t) to y_t in units of the mean
             embedding norm (mlp projector), or the cross-entropy of its soft token to the gold tokens;
           + stop_weight * the stop head's cross-entropy (stop at the chain's last step);
           + answer_weight * the main's NLL of the answer given the chain the policy writes on its own
@@ -363,7 +370,15 @@ class DLRModule(RLModule):
             gold = self.main.get_input_embeddings()(chain_ids).float()  # [B, L, Dmain]
         targets, target_mask = compress_chain_embeddings(gold, chain_mask, lat.compression, self.embedding_norm)
         T = targets.shape[1]
-        forced = self.policy(ids, mask, targets[:, None], target_mask[:, None])  # [B, 1, T, ...]
+        fed = targets  # [B, T, Dmain], what the assistant reads back at each step
+        if align.self_feed > 0:  # scheduled sampling: some steps read the policy's own P(mu_t), as at inference
+            with torch.no_grad():
+                own = self.projector(self.policy(ids, mask, targets[:, None], target_mask[:, None]).mu[:, 0])
+            self.charge_policy(B, Lq, teacher_forced=True, steps=B * T)
+            self.charge(self.projector_cost, B * T, 0)
+            swap = torch.rand(B, T, 1, device=targets.device) < align.self_feed
+            fed = torch.where(swap, own, targets)
+        forced = self.policy(ids, mask, fed[:, None], target_mask[:, None])  # [B, 1, T, ...]
         mu = forced.mu[:, 0]  # [B, T, Dz]
         self.charge_policy(B, Lq, self.assistant_backward, teacher_forced=True, steps=B * T)
         if isinstance(self.projector, SoftTokenProjector):

@@ -56,6 +56,9 @@ class LatentSettings:
 class AlignmentSettings:
     steps: int
     lr: float
+    warmup_steps: int  # linear warm-up of the learning rate
+    lr_floor: float  # the cosine's end, a fraction of lr (1 with no warm-up: constant)
+    self_feed: float  # recurrent chains: share of fed-back steps that hold the policy's own latent
     pull_weight: float  # rationale readout: weight of the pull toward the chain's opening embeddings
     distill_weight: float  # recurrent chains: teacher-forced distillation to the gold chain
     stop_weight: float  # recurrent chains: the stop head's cross-entropy
@@ -164,6 +167,16 @@ class DLRSettings:
                 or self.max_new_tokens.get("rationale", 0) > self.max_new_tokens.get("answer", 0),
                 "method.max_new_tokens.rationale must exceed method.max_new_tokens.answer: the main writes its chain "
                 f"and then the answer line, got {self.max_new_tokens}",
+            ),
+            (
+                self.alignment.warmup_steps >= 0 and 0 < self.alignment.lr_floor <= 1,
+                "method.alignment.warmup_steps must be >= 0 and method.alignment.lr_floor in (0, 1], got "
+                f"{self.alignment.warmup_steps} and {self.alignment.lr_floor}",
+            ),
+            (
+                0 <= self.alignment.self_feed <= 1,
+                f"method.alignment.self_feed (a share of the fed-back steps) must be in [0, 1], got "
+                f"{self.alignment.self_feed}",
             ),
             (
                 self.alignment.pull_weight >= 0,

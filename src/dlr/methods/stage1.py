@@ -1,8 +1,8 @@
 """A shipped DLR stage 1: the state latent alignment trains (assistant adapters, heads, projector),
 saved with the hash of the frozen main it was trained against and what it cost.
 
-Stage 1 of the rationale readout needs more compute than the CPU main job's budget holds, so it is
-trained once (`python src/train.py experiment=dlr_stage1_tiny`), shipped under
+Stage 1 needs more compute than the CPU main job's budget holds, so it is trained once per readout
+(`STAGE1_COMMANDS`: `experiment=dlr_stage1_tiny` and `dlr_stage1_tiny_answer`), shipped under
 `data/backbones/tiny/dlr_stage1/<readout>/`, and loaded by `method.alignment.init_from`. Loading
 it over another main model, another readout or other latent sizes fails, saying which.
 """
@@ -16,6 +16,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 STATE_FILE, INFO_FILE = "stage1.safetensors", "stage1.json"
+STAGE1_COMMANDS = {  # what regenerates the tiny backbone's shipped stage 1 of each readout
+    "rationale": "python src/train.py experiment=dlr_stage1_tiny",
+    "answer": "python src/train.py experiment=dlr_stage1_tiny_answer",
+}
 STAGE1_PREFIXES = ("policy.", "projector.")  # the critic and pi_ref are not stage 1's
 # the latent settings a stage 1 was trained for, by mode: what its state's shapes and its chains' meaning depend on
 MATCHING_SETTINGS = {

@@ -8,7 +8,6 @@ accuracy is the "no reasoning" reference DLR has to beat.
 
 from __future__ import annotations
 
-import math
 import random
 
 import torch
@@ -16,6 +15,7 @@ from lightning import LightningModule
 from transformers import PreTrainedTokenizerBase
 
 from dlr.data.schema import Record
+from dlr.methods.schedule import warmup_cosine
 from dlr.models.backbones import PromptFormat
 
 
@@ -97,12 +97,7 @@ class WarmStartModule(LightningModule):
             betas=(0.9, 0.95),
         )
         total = max(self.trainer.max_steps, 1)
-
-        def warmup_cosine(step: int) -> float:
-            if step < self.warmup_steps:
-                return (step + 1) / self.warmup_steps
-            progress = min(1.0, (step - self.warmup_steps) / max(1, total - self.warmup_steps))
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, self.warmup_steps, total, floor=0.1)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -19,7 +19,7 @@ from dlr.data.schema import Record
 from dlr.methods.dlr_module import DLRModule, DLRSettings
 from dlr.methods.grpo_module import GRPOModule, GRPOSettings
 from dlr.methods.guard import NonFiniteGuard, NonFiniteTraining
-from dlr.methods.stage1 import load_stage1
+from dlr.methods.stage1 import STAGE1_COMMANDS, load_stage1
 from dlr.models.backbones import add_lora, load_assistant, load_main, load_tokenizer, weights_sha256
 from dlr.runner.common import (
     build_trainer,
@@ -69,9 +69,6 @@ def arm_fault_injection(cfg: DictConfig, module) -> None:
         )
 
 
-STAGE1_COMMAND = "python src/train.py experiment=dlr_stage1_tiny"  # regenerates the shipped tiny stage 1
-
-
 def setup_dlr(cfg: DictConfig) -> Arm:
     """Frozen main + LoRA assistant + latent policy, projector and critic."""
     settings = method_settings(DLRSettings, cfg)
@@ -96,7 +93,7 @@ def setup_dlr(cfg: DictConfig) -> Arm:
     if settings.alignment.init_from:
         folder = project_path(settings.alignment.init_from, cfg.paths.root_dir)
         try:
-            module.stage1_info = load_stage1(module, folder, STAGE1_COMMAND)
+            module.stage1_info = load_stage1(module, folder, STAGE1_COMMANDS[settings.readout])
         except ValueError as err:
             raise SystemExit(f"error: {err}") from None
         log.info("DLR starts from the shipped stage 1 in %s", folder)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -15,11 +16,11 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerBase, Qwen2ForCaus
 
 from dlr.callbacks.evaluation import AlignmentEval
 from dlr.data.datamodule import ReasoningDataModule
-from dlr.methods.stage1 import export_stage1
+from dlr.methods.stage1 import STAGE1_COMMANDS, export_stage1
 from dlr.methods.warmstart_module import WarmStartModule
 from dlr.models import tiny
 from dlr.models.backbones import ModelSpec, PromptFormat, load_assistant, load_main, load_tokenizer
-from dlr.runner.arms import STAGE1_COMMAND, Arm, check_protected, fit, setup_dlr, setup_grpo
+from dlr.runner.arms import Arm, check_protected, fit, setup_dlr, setup_grpo
 from dlr.runner.common import (
     build_trainer,
     device_name,
@@ -209,14 +210,13 @@ def export_dlr_stage1(cfg: DictConfig, arm: Arm, aligned: list[DepthScore], seco
     info = {
         "alignment_steps": settings.alignment.steps,
         "batch_size": cfg.data.batch_size,
-        "lr": settings.alignment.lr,
-        "pull_weight": settings.alignment.pull_weight,
+        "alignment": {k: v for k, v in asdict(settings.alignment).items() if k not in ("init_from", "export_to")},
         "data": OmegaConf.to_container(cfg.data, resolve=True),
         "flops": float(arm.module.flops_spent),
         "process_seconds": seconds,  # training only, on this machine
         "device": device_name(cfg.trainer.accelerator),
         "accuracy_by_depth": {f"{s.task}/{s.depth}": s.accuracy for s in aligned},
-        "command": STAGE1_COMMAND,
+        "command": STAGE1_COMMANDS[settings.readout],
     }
     export_stage1(arm.module, folder, info)
     print(f"exported the stage-1 state to {folder}")
