@@ -69,7 +69,9 @@ def arm_fault_injection(cfg: DictConfig, module) -> None:
         )
 
 
-STAGE1_COMMAND = "python src/train.py experiment=dlr_stage1_tiny"  # regenerates the shipped tiny stage 1
+def stage1_command(readout: str) -> str:
+    """The command that regenerates the shipped tiny stage 1 of `readout` (one folder per readout)."""
+    return f"python src/train.py experiment=dlr_stage1_tiny method.readout={readout}"
 
 
 def setup_dlr(cfg: DictConfig) -> Arm:
@@ -96,7 +98,7 @@ def setup_dlr(cfg: DictConfig) -> Arm:
     if settings.alignment.init_from:
         folder = project_path(settings.alignment.init_from, cfg.paths.root_dir)
         try:
-            module.stage1_info = load_stage1(module, folder, STAGE1_COMMAND)
+            module.stage1_info = load_stage1(module, folder, stage1_command(settings.readout))
         except ValueError as err:
             raise SystemExit(f"error: {err}") from None
         log.info("DLR starts from the shipped stage 1 in %s", folder)

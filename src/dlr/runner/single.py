@@ -19,7 +19,7 @@ from dlr.methods.stage1 import export_stage1
 from dlr.methods.warmstart_module import WarmStartModule
 from dlr.models import tiny
 from dlr.models.backbones import ModelSpec, PromptFormat, load_assistant, load_main, load_tokenizer
-from dlr.runner.arms import STAGE1_COMMAND, Arm, check_protected, fit, setup_dlr, setup_grpo
+from dlr.runner.arms import Arm, check_protected, fit, setup_dlr, setup_grpo, stage1_command
 from dlr.runner.common import (
     build_trainer,
     device_name,
@@ -216,7 +216,7 @@ def export_dlr_stage1(cfg: DictConfig, arm: Arm, aligned: list[DepthScore], seco
         "process_seconds": seconds,  # training only, on this machine
         "device": device_name(cfg.trainer.accelerator),
         "accuracy_by_depth": {f"{s.task}/{s.depth}": s.accuracy for s in aligned},
-        "command": STAGE1_COMMAND,
+        "command": stage1_command(settings.readout),
     }
     export_stage1(arm.module, folder, info)
     print(f"exported the stage-1 state to {folder}")
