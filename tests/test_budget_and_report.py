@@ -276,6 +276,9 @@ def test_shortened_main_job_writes_a_valid_summary_and_every_plot(tmp_path):
     assert len(starts) == 1  # one common start for the forgetting check: the frozen main's own chain
     dlr = summary["arms"]["dlr"]
     assert dlr["readout"] == "rationale" and set(dlr["after_alignment"]["accuracy_by_depth"]) == {"1", "2", "3"}
+    assert {name: a["method"] for name, a in summary["arms"].items()} == {"dlr": "dlr", "grpo": "grpo"}
+    for arm in summary["arms"].values():  # both write their own answer line: their format rates are earned
+        assert arm["format_rate_not_applicable"] is None and 0 <= arm["format_rate"] <= 1
     assert dlr["alignment"]["source"] == "shipped" and dlr["alignment"]["steps"] == 400 + 2
     assert dlr["alignment"]["counted_in_budget"] is False and dlr["alignment"]["flops"] > 1e12
     assert all(set(a["start_accuracy_by_depth"]) == {"1", "2", "3"} for a in summary["arms"].values())
@@ -348,7 +351,7 @@ def test_report_of_a_continual_run_shows_retention_and_missing_forgetting_as_das
         "experiment": "continual_math_logic",
         "device": "CPU",
         "budget": {"kind": "seconds", "amount": 1.0},
-        "arms": {"grpo": arm_summary(results["grpo"])},
+        "arms": {"grpo": arm_summary(results["grpo"], "grpo")},
     }
     short = write_report(summary, results, tmp_path)
     saved = json.loads((tmp_path / "summary.json").read_text())
@@ -357,6 +360,82 @@ def test_report_of_a_continual_run_shows_retention_and_missing_forgetting_as_das
     report = (tmp_path / "report.md").read_text()
     assert "| grpo | synthetic_logic | 60.0% | 60.0% |" in report and "| grpo | – | – | – | – |" in report
     assert len(short) == 3 and "60.0%" in short[1] and "unchanged in every run: yes" in short[2]
+
+
+def test_an_arm_given_the_answer_cue_reports_no_format_rate_and_the_others_keep_theirs(tmp_path):
+    """DLR's answer readout reads `<eol> ####` and gets `####` put back in front of its answer, so its
+    format rate of 1 is not earned: null in summary.json and n/a in report.md, with the reason; GRPO and
+    the rationale readout, which write their own answer line, keep their numbers. Every arm says what it is."""
+    from dlr.report.report import SeedResult, arm_summary, write_report
+
+    def result(format_rate_at_depth_1: float, arm_info: dict) -> SeedResult:
+        scores = [DepthScore("m", "math", 1, 10, 0.5, format_rate_at_depth_1), DepthScore("m", "math", 2, 30, 0.5, 1.0)]
+        return SeedResult(
+            seed=0,
+            curve=[{"budget_fraction": 0.0, "accuracy": 0.5}, {"budget_fraction": 1.0, "accuracy": 0.5}],
+            final_scores=scores,
+            spent={"seconds": 1.0, "flops": 1e12, "generated_tokens": 5, "peak_memory_gb": 1.0},
+            other_task_before=None,
+            other_task_after=None,
+            heldout_nll_before=None,
+            heldout_nll_after=None,
+            grad_norm_cv=0.1,
+            protected_unchanged=True,
+            trace={"reward": [[0.5, 1.0], [1.0, 1.2]], "grad_norm": [], "diversity": []},
+            start_scores=scores,
+            arm_info=arm_info,
+        )
+
+    def dlr_info(readout: str, free_answer_cue: bool) -> dict:
+        alignment = {"source": "shipped", "steps": 1, "flops": 1e12, "process_seconds": 1.0, "counted_in_budget": False}
+        after = [{"model": "m", "task": "math", "depth": 1, "n": 10, "accuracy": 0.9, "format_rate": 1.0}]
+        return {
+            "readout": readout,
+            "free_answer_cue": free_answer_cue,
+            "filter": "critic",
+            "alignment": alignment,
+            "after_alignment": after,
+        }
+
+    results = {
+        "dlr": [result(0.6, dlr_info("rationale", False))],
+        "dlr_latent": [result(1.0, dlr_info("answer", True))],
+        "grpo": [result(0.2, {})],
+    }
+    methods = {"dlr": "dlr", "dlr_latent": "dlr", "grpo": "grpo"}
+    summary = {
+        "experiment": "dlr_readouts",
+        "device": "CPU",
+        "budget": {"kind": "flops", "amount": 1e12},
+        "arms": {name: arm_summary(seeds, methods[name]) for name, seeds in results.items()},
+    }
+    write_report(summary, results, tmp_path)
+    arms = json.loads((tmp_path / "summary.json").read_text())["arms"]
+    assert {name: (a["method"], a.get("readout")) for name, a in arms.items()} == {
+        "dlr": ("dlr", "rationale"),
+        "dlr_latent": ("dlr", "answer"),
+        "grpo": ("grpo", None),
+    }
+    assert arms["dlr"]["format_rate"] == pytest.approx((0.6 * 10 + 1.0 * 30) / 40)  # count-weighted: 0.9
+    assert arms["dlr"]["format_rate_by_depth"] == {"1": pytest.approx(0.6), "2": 1.0}
+    assert arms["grpo"]["format_rate"] == pytest.approx((0.2 * 10 + 1.0 * 30) / 40)  # 0.8
+    assert arms["dlr"]["format_rate_not_applicable"] is None and arms["grpo"]["format_rate_not_applicable"] is None
+    latent = arms["dlr_latent"]
+    assert latent["format_rate"] is None and latent["format_rate_by_depth"] is None
+    assert (
+        "`<eol> ####`" in latent["format_rate_not_applicable"]
+        and "by construction" in latent["format_rate_not_applicable"]
+    )
+    assert latent["after_alignment"]["accuracy_by_depth"] == {"1": 0.9}
+    report = (tmp_path / "report.md").read_text()
+    ranking = {name: f"| {rank} | {name} | " for rank, name in enumerate(results, 1)}  # equal accuracy: arm order
+    rows = {
+        name: next(line for line in report.splitlines() if line.startswith(start)) for name, start in ranking.items()
+    }
+    assert "| DLR, `rationale` readout |" in rows["dlr"] and "| 90.0% |" in rows["dlr"]
+    assert "| DLR, `answer` readout |" in rows["dlr_latent"] and "| n/a (cue given) |" in rows["dlr_latent"]
+    assert "| GRPO |" in rows["grpo"] and "| 80.0% |" in rows["grpo"]
+    assert "dlr_latent: readout `answer` (format rate not applicable: the main's input ends with" in report
 
 
 def test_pass_at_k_counts_a_problem_solved_by_any_attempt():

@@ -133,6 +133,7 @@ def dlr_arm_info(arm: Arm, meter, aligner: list) -> dict:
     after = aligner[0].scores if aligner else meter.points[0].scores  # no steps in the run: the start is stage 1
     return {
         "readout": module.settings.readout,
+        "free_answer_cue": module.readout.free_answer_cue,  # the report marks its format rate not applicable
         "filter": module.settings.rl.filter,
         "alignment": alignment,
         "after_alignment": scores_as_dicts(after),
@@ -365,7 +366,7 @@ def run_dlr_vs_grpo(cfg: DictConfig, out: Path) -> None:
         "device": device_name(cfg.trainer.accelerator),
         "budget": {"kind": cfg.budget.kind, "amount": float(cfg.budget.amount)},
         "pass_at_k": cfg.method.pass_at_k,
-        "arms": {name: arm_summary(seed_results) for name, seed_results in results.items()},
+        "arms": {name: arm_summary(seed_results, kinds[name]) for name, seed_results in results.items()},
     }
     summary["claims"] = claims_table(summary, results, list(cfg.data.train_depths), cfg.method.other_task)
     short = write_report(summary, results, out)
