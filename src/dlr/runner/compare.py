@@ -23,12 +23,21 @@ from dlr.data.datamodule import ReasoningDataModule
 from dlr.data.schema import Record
 from dlr.methods.dlr_module import DLRSettings
 from dlr.methods.grpo_module import GRPOSettings
+from dlr.methods.stage1 import shipped_stage1_folder
 from dlr.methods.warmstart_module import encode_sft_batch, sft_completion
 from dlr.models.backbones import PromptFormat
 from dlr.report.claims import claims_table
 from dlr.report.report import SeedResult, arm_summary, overall_accuracy, write_report
-from dlr.runner.arms import ARMS, Arm, check_protected, fit, method_settings, own_chain_scores
-from dlr.runner.common import device_name, evaluation_device, is_rank_zero, prompt_format, reward_config, write_json
+from dlr.runner.arms import ARMS, Arm, check_protected, fit, method_settings, own_chain_scores, stage1_command
+from dlr.runner.common import (
+    device_name,
+    evaluation_device,
+    is_rank_zero,
+    project_path,
+    prompt_format,
+    reward_config,
+    write_json,
+)
 from dlr.scoring import DepthScore, pass_at_k_by_depth, scores_as_dicts
 
 log = logging.getLogger(__name__)
@@ -353,6 +362,7 @@ def run_dlr_vs_grpo(cfg: DictConfig, out: Path) -> None:
         else ([0, 1, 2] if evaluation_device(cfg.trainer.accelerator) == "cuda" else [0, 1])
     )
     kinds = check_comparison(cfg, seeds, out)
+    check_shipped_stage1(cfg, kinds, seeds, out)
     fractions = [round(cfg.method.eval_every * i, 6) for i in range(1, int(round(1 / cfg.method.eval_every)) + 1)]
     common_start: dict = {}
     results = {
@@ -397,3 +407,19 @@ def check_comparison(cfg: DictConfig, seeds: Sequence[int], out: Path) -> dict[s
     for name, kind in kinds.items():
         method_settings({"dlr": DLRSettings, "grpo": GRPOSettings}[kind], arm_config(cfg, name, seeds[0], out))
     return kinds
+
+
+def check_shipped_stage1(cfg: DictConfig, kinds: dict[str, str], seeds: Sequence[int], out: Path) -> None:
+    """Every DLR arm that starts from a shipped stage 1 (`method.alignment.init_from`) finds its
+    readout's files now, before any model loads, not when its turn comes after the other arms trained."""
+    for name, kind in kinds.items():
+        if kind != "dlr":
+            continue
+        settings = method_settings(DLRSettings, arm_config(cfg, name, seeds[0], out))
+        if not settings.alignment.init_from:
+            continue
+        path = project_path(settings.alignment.init_from, cfg.paths.root_dir)
+        try:
+            shipped_stage1_folder(path, settings.readout, stage1_command(settings.readout))
+        except ValueError as err:
+            raise SystemExit(f"error: arm {name}: {err}") from None
