@@ -323,6 +323,80 @@ def test_ablation_variants_merge_their_overrides_into_full_dlr(tmp_path):
         assert name == "dlr_4_modes" or variant.alignment == full.alignment, name
 
 
+def test_dlr_readouts_runs_grpo_and_both_readouts_on_the_main_jobs_budget_seeds_and_test_set(tiny_pair, tmp_path):
+    """`experiment=dlr_readouts`: the main job with a third arm, `dlr_latent`, whose one override
+    `readout: answer` switches everything a readout decides (recurrent chains, the answer's decode
+    budget, its own stage-1 folder, the text evaluation and pass@k score) and nothing else."""
+    import dataclasses
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from conftest import compose_config
+    from dlr.data.schema import Record
+    from dlr.methods.dlr_module import DLRSettings
+    from dlr.methods.stage1 import stage1_folder
+    from dlr.runner.compare import arm_config, check_comparison
+    from test_dlr import build_module
+
+    cfg = compose_config(["experiment=dlr_readouts", f"paths.output_dir={tmp_path}"])
+    main_job = compose_config(["experiment=dlr_vs_grpo", f"paths.output_dir={tmp_path}"])
+    assert cfg.task_name == "dlr_readouts" and list(cfg.method.arms) == ["dlr", "dlr_latent", "grpo"]
+    for key in ("budget", "data", "eval", "backbone", "reward"):  # same budget, test set and models
+        assert cfg[key] == main_job[key], key
+    for key in ("seeds", "eval_every", "pass_at_k", "other_task"):
+        assert cfg.method[key] == main_job.method[key], key
+    assert check_comparison(cfg, [0], tmp_path) == {"dlr": "dlr", "dlr_latent": "dlr", "grpo": "grpo"}
+
+    def settings(config, name: str) -> DLRSettings:
+        return DLRSettings.from_dict(OmegaConf.to_container(arm_config(config, name, 0, tmp_path).method, resolve=True))
+
+    rationale, answer = settings(cfg, "dlr"), settings(cfg, "dlr_latent")
+    assert rationale == settings(main_job, "dlr")  # arm dlr is the main job's DLR
+    assert (rationale.readout, rationale.latent.mode, rationale.decode_tokens) == ("rationale", "parallel", 64)
+    assert (answer.readout, answer.latent.mode) == ("answer", "recurrent")  # latent.mode null: the readout's
+    assert answer.decode_tokens == cfg.backbone.dlr_scale.answer_tokens == 4
+    assert dataclasses.replace(answer, readout="rationale", latent=rationale.latent) == rationale  # nothing else
+    shipped = Path(answer.alignment.init_from)  # one folder, a sub-folder per readout
+    assert stage1_folder(shipped, "answer") == shipped / "answer"
+    assert stage1_folder(shipped, "rationale") == shipped / "rationale"
+
+    module = build_module(tiny_pair, answer)  # the arm's module reads and scores as the answer readout
+    assert (module.readout.kind, module.readout.max_new_tokens, module.policy.mode) == ("answer", 4, "recurrent")
+    records = [Record(f"q{i}", "math", f"ana has {i} pens . how many pens ?", "x", str(i), 1, "t") for i in range(2)]
+    assert all(text.startswith("####") for text in module.greedy_completions(records))  # evaluation
+    assert all(text.startswith("####") for attempts in module.sample_attempts(records, 2) for text in attempts)
+
+
+def test_dlr_readouts_without_the_answer_readouts_stage1_stops_before_any_model_loads(tmp_path):
+    """Until `data/backbones/tiny/dlr_stage1/answer/` is shipped, the comparison stops at once naming
+    the arm, the folder and the command that builds it, not after GRPO and the rationale arm trained."""
+    from pathlib import Path
+
+    from conftest import compose_config
+    from dlr.runner.compare import check_shipped_stage1
+
+    shipped = tmp_path / "dlr_stage1"
+    shipped.mkdir()
+    root = Path(__file__).resolve().parents[1]
+    (shipped / "rationale").symlink_to(root / "data" / "backbones" / "tiny" / "dlr_stage1" / "rationale")
+    result = run_train(
+        ["experiment=dlr_readouts", f"backbone.dlr_scale.stage1={shipped}", f"hydra.run.dir={tmp_path / 'run'}"],
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert f"error: arm dlr_latent: method.alignment.init_from={shipped} holds no" in result.stderr
+    assert f"{shipped / 'answer'}" in result.stderr
+    assert "`python src/train.py experiment=dlr_stage1_tiny method.readout=answer`" in result.stderr
+    assert "Loading weights" not in result.stderr and not (tmp_path / "run" / "dlr").exists()
+
+    (shipped / "answer").mkdir()  # once both readouts' files are there, the check passes
+    for name in ("stage1.safetensors", "stage1.json"):
+        (shipped / "answer" / name).write_text("")
+    cfg = compose_config(["experiment=dlr_readouts", f"backbone.dlr_scale.stage1={shipped}"])
+    check_shipped_stage1(cfg, {"dlr": "dlr", "dlr_latent": "dlr", "grpo": "grpo"}, [0], tmp_path)
+
+
 def test_report_of_a_continual_run_shows_retention_and_missing_forgetting_as_dashes(tmp_path):
     from dlr.report.report import SeedResult, arm_summary, write_report
 
