@@ -368,6 +368,40 @@ def test_dlr_readouts_runs_grpo_and_both_readouts_on_the_main_jobs_budget_seeds_
     assert all(text.startswith("####") for attempts in module.sample_attempts(records, 2) for text in attempts)
 
 
+def test_the_answer_readout_arm_of_dlr_readouts_reports_its_stage1_scores_and_no_format_rate(tmp_path):
+    """dlr_latent through the comparison runner (its own 2-step stage 1 in place of the shipped one,
+    a few problems): summary.json holds its greedy accuracy after stage 1 by depth and marks its
+    format rate not applicable, while the per-seed result keeps the raw scores (format 1 everywhere)."""
+    run_dir = tmp_path / "run"
+    result = run_train(
+        [
+            "experiment=dlr_readouts",
+            "method.arms=[dlr_latent]",
+            "method.seeds=[0]",
+            "budget.amount=1e10",
+            "data.test_per_depth=1",
+            "data.eval_depths=[1,2]",
+            "method.eval_every=1.0",
+            "method.pass_at_k=2",
+            "+method.variants.dlr_latent.overrides.alignment.init_from=null",
+            "+method.variants.dlr_latent.overrides.alignment.steps=2",
+            "trainer.enable_progress_bar=false",
+            f"hydra.run.dir={run_dir}",
+        ],
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    latent = json.loads((run_dir / "summary.json").read_text())["arms"]["dlr_latent"]
+    assert (latent["method"], latent["readout"]) == ("dlr", "answer")
+    assert set(latent["after_alignment"]["accuracy_by_depth"]) == {"1", "2"}
+    assert latent["format_rate"] is None and latent["format_rate_by_depth"] is None
+    assert "by construction" in latent["format_rate_not_applicable"]
+    assert 0 <= latent["pass_at_k"]["mean"] <= 1
+    raw = json.loads((run_dir / "dlr_latent" / "seed_0" / "result.json").read_text())
+    assert raw["arm_info"]["free_answer_cue"] is True and all(s["format_rate"] == 1.0 for s in raw["final_scores"])
+    assert "| dlr_latent | DLR, `answer` readout |" in (run_dir / "report.md").read_text()
+
+
 def test_dlr_readouts_without_the_answer_readouts_stage1_stops_before_any_model_loads(tmp_path):
     """Until `data/backbones/tiny/dlr_stage1/answer/` is shipped, the comparison stops at once naming
     the arm, the folder and the command that builds it, not after GRPO and the rationale arm trained."""
