@@ -276,6 +276,9 @@ def test_shortened_main_job_writes_a_valid_summary_and_every_plot(tmp_path):
     assert len(starts) == 1  # one common start for the forgetting check: the frozen main's own chain
     dlr = summary["arms"]["dlr"]
     assert dlr["readout"] == "rationale" and set(dlr["after_alignment"]["accuracy_by_depth"]) == {"1", "2", "3"}
+    assert {name: a["method"] for name, a in summary["arms"].items()} == {"dlr": "dlr", "grpo": "grpo"}
+    for arm in summary["arms"].values():  # both write their own answer line: their format rates are earned
+        assert arm["format_rate_not_applicable"] is None and 0 <= arm["format_rate"] <= 1
     assert dlr["alignment"]["source"] == "shipped" and dlr["alignment"]["steps"] == 400 + 2
     assert dlr["alignment"]["counted_in_budget"] is False and dlr["alignment"]["flops"] > 1e12
     assert all(set(a["start_accuracy_by_depth"]) == {"1", "2", "3"} for a in summary["arms"].values())
@@ -320,6 +323,114 @@ def test_ablation_variants_merge_their_overrides_into_full_dlr(tmp_path):
         assert name == "dlr_4_modes" or variant.alignment == full.alignment, name
 
 
+def test_dlr_readouts_runs_grpo_and_both_readouts_on_the_main_jobs_budget_seeds_and_test_set(tiny_pair, tmp_path):
+    """`experiment=dlr_readouts`: the main job with a third arm, `dlr_latent`, whose one override
+    `readout: answer` switches everything a readout decides (recurrent chains, the answer's decode
+    budget, its own stage-1 folder, the text evaluation and pass@k score) and nothing else."""
+    import dataclasses
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from conftest import compose_config
+    from dlr.data.schema import Record
+    from dlr.methods.dlr_module import DLRSettings
+    from dlr.methods.stage1 import stage1_folder
+    from dlr.runner.compare import arm_config, check_comparison
+    from test_dlr import build_module
+
+    cfg = compose_config(["experiment=dlr_readouts", f"paths.output_dir={tmp_path}"])
+    main_job = compose_config(["experiment=dlr_vs_grpo", f"paths.output_dir={tmp_path}"])
+    assert cfg.task_name == "dlr_readouts" and list(cfg.method.arms) == ["dlr", "dlr_latent", "grpo"]
+    for key in ("budget", "data", "eval", "backbone", "reward"):  # same budget, test set and models
+        assert cfg[key] == main_job[key], key
+    for key in ("seeds", "eval_every", "pass_at_k", "other_task"):
+        assert cfg.method[key] == main_job.method[key], key
+    assert check_comparison(cfg, [0], tmp_path) == {"dlr": "dlr", "dlr_latent": "dlr", "grpo": "grpo"}
+
+    def settings(config, name: str) -> DLRSettings:
+        return DLRSettings.from_dict(OmegaConf.to_container(arm_config(config, name, 0, tmp_path).method, resolve=True))
+
+    rationale, answer = settings(cfg, "dlr"), settings(cfg, "dlr_latent")
+    assert rationale == settings(main_job, "dlr")  # arm dlr is the main job's DLR
+    assert (rationale.readout, rationale.latent.mode, rationale.decode_tokens) == ("rationale", "parallel", 64)
+    assert (answer.readout, answer.latent.mode) == ("answer", "recurrent")  # latent.mode null: the readout's
+    assert answer.decode_tokens == cfg.backbone.dlr_scale.answer_tokens == 4
+    assert dataclasses.replace(answer, readout="rationale", latent=rationale.latent) == rationale  # nothing else
+    shipped = Path(answer.alignment.init_from)  # one folder, a sub-folder per readout
+    assert stage1_folder(shipped, "answer") == shipped / "answer"
+    assert stage1_folder(shipped, "rationale") == shipped / "rationale"
+
+    module = build_module(tiny_pair, answer)  # the arm's module reads and scores as the answer readout
+    assert (module.readout.kind, module.readout.max_new_tokens, module.policy.mode) == ("answer", 4, "recurrent")
+    records = [Record(f"q{i}", "math", f"ana has {i} pens . how many pens ?", "x", str(i), 1, "t") for i in range(2)]
+    assert all(text.startswith("####") for text in module.greedy_completions(records))  # evaluation
+    assert all(text.startswith("####") for attempts in module.sample_attempts(records, 2) for text in attempts)
+
+
+def test_the_answer_readout_arm_of_dlr_readouts_reports_its_stage1_scores_and_no_format_rate(tmp_path):
+    """dlr_latent through the comparison runner (its own 2-step stage 1 in place of the shipped one,
+    a few problems): summary.json holds its greedy accuracy after stage 1 by depth and marks its
+    format rate not applicable, while the per-seed result keeps the raw scores (format 1 everywhere)."""
+    run_dir = tmp_path / "run"
+    result = run_train(
+        [
+            "experiment=dlr_readouts",
+            "method.arms=[dlr_latent]",
+            "method.seeds=[0]",
+            "budget.amount=1e10",
+            "data.test_per_depth=1",
+            "data.eval_depths=[1,2]",
+            "method.eval_every=1.0",
+            "method.pass_at_k=2",
+            "+method.variants.dlr_latent.overrides.alignment.init_from=null",
+            "+method.variants.dlr_latent.overrides.alignment.steps=2",
+            "trainer.enable_progress_bar=false",
+            f"hydra.run.dir={run_dir}",
+        ],
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    latent = json.loads((run_dir / "summary.json").read_text())["arms"]["dlr_latent"]
+    assert (latent["method"], latent["readout"]) == ("dlr", "answer")
+    assert set(latent["after_alignment"]["accuracy_by_depth"]) == {"1", "2"}
+    assert latent["format_rate"] is None and latent["format_rate_by_depth"] is None
+    assert "by construction" in latent["format_rate_not_applicable"]
+    assert 0 <= latent["pass_at_k"]["mean"] <= 1
+    raw = json.loads((run_dir / "dlr_latent" / "seed_0" / "result.json").read_text())
+    assert raw["arm_info"]["free_answer_cue"] is True and all(s["format_rate"] == 1.0 for s in raw["final_scores"])
+    assert "| dlr_latent | DLR, `answer` readout |" in (run_dir / "report.md").read_text()
+
+
+def test_dlr_readouts_without_the_answer_readouts_stage1_stops_before_any_model_loads(tmp_path):
+    """Until `data/backbones/tiny/dlr_stage1/answer/` is shipped, the comparison stops at once naming
+    the arm, the folder and the command that builds it, not after GRPO and the rationale arm trained."""
+    from pathlib import Path
+
+    from conftest import compose_config
+    from dlr.runner.compare import check_shipped_stage1
+
+    shipped = tmp_path / "dlr_stage1"
+    shipped.mkdir()
+    root = Path(__file__).resolve().parents[1]
+    (shipped / "rationale").symlink_to(root / "data" / "backbones" / "tiny" / "dlr_stage1" / "rationale")
+    result = run_train(
+        ["experiment=dlr_readouts", f"backbone.dlr_scale.stage1={shipped}", f"hydra.run.dir={tmp_path / 'run'}"],
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert f"error: arm dlr_latent: method.alignment.init_from={shipped} holds no" in result.stderr
+    assert f"{shipped / 'answer'}" in result.stderr
+    assert "`python src/train.py experiment=dlr_stage1_tiny_answer`" in result.stderr
+    assert "Loading weights" not in result.stderr and not (tmp_path / "run" / "dlr").exists()
+
+    (shipped / "answer").mkdir()  # once both readouts' files are there, the check passes
+    for name in ("stage1.safetensors", "stage1.json"):
+        (shipped / "answer" / name).write_text("")
+    cfg = compose_config(["experiment=dlr_readouts", f"backbone.dlr_scale.stage1={shipped}"])
+    check_shipped_stage1(cfg, {"dlr": "dlr", "dlr_latent": "dlr", "grpo": "grpo"}, [0], tmp_path)
+
+
 def test_report_of_a_continual_run_shows_retention_and_missing_forgetting_as_dashes(tmp_path):
     from dlr.report.report import SeedResult, arm_summary, write_report
 
@@ -348,7 +459,7 @@ def test_report_of_a_continual_run_shows_retention_and_missing_forgetting_as_das
         "experiment": "continual_math_logic",
         "device": "CPU",
         "budget": {"kind": "seconds", "amount": 1.0},
-        "arms": {"grpo": arm_summary(results["grpo"])},
+        "arms": {"grpo": arm_summary(results["grpo"], "grpo")},
     }
     short = write_report(summary, results, tmp_path)
     saved = json.loads((tmp_path / "summary.json").read_text())
@@ -357,6 +468,82 @@ def test_report_of_a_continual_run_shows_retention_and_missing_forgetting_as_das
     report = (tmp_path / "report.md").read_text()
     assert "| grpo | synthetic_logic | 60.0% | 60.0% |" in report and "| grpo | – | – | – | – |" in report
     assert len(short) == 3 and "60.0%" in short[1] and "unchanged in every run: yes" in short[2]
+
+
+def test_an_arm_given_the_answer_cue_reports_no_format_rate_and_the_others_keep_theirs(tmp_path):
+    """DLR's answer readout reads `<eol> ####` and gets `####` put back in front of its answer, so its
+    format rate of 1 is not earned: null in summary.json and n/a in report.md, with the reason; GRPO and
+    the rationale readout, which write their own answer line, keep their numbers. Every arm says what it is."""
+    from dlr.report.report import SeedResult, arm_summary, write_report
+
+    def result(format_rate_at_depth_1: float, arm_info: dict) -> SeedResult:
+        scores = [DepthScore("m", "math", 1, 10, 0.5, format_rate_at_depth_1), DepthScore("m", "math", 2, 30, 0.5, 1.0)]
+        return SeedResult(
+            seed=0,
+            curve=[{"budget_fraction": 0.0, "accuracy": 0.5}, {"budget_fraction": 1.0, "accuracy": 0.5}],
+            final_scores=scores,
+            spent={"seconds": 1.0, "flops": 1e12, "generated_tokens": 5, "peak_memory_gb": 1.0},
+            other_task_before=None,
+            other_task_after=None,
+            heldout_nll_before=None,
+            heldout_nll_after=None,
+            grad_norm_cv=0.1,
+            protected_unchanged=True,
+            trace={"reward": [[0.5, 1.0], [1.0, 1.2]], "grad_norm": [], "diversity": []},
+            start_scores=scores,
+            arm_info=arm_info,
+        )
+
+    def dlr_info(readout: str, free_answer_cue: bool) -> dict:
+        alignment = {"source": "shipped", "steps": 1, "flops": 1e12, "process_seconds": 1.0, "counted_in_budget": False}
+        after = [{"model": "m", "task": "math", "depth": 1, "n": 10, "accuracy": 0.9, "format_rate": 1.0}]
+        return {
+            "readout": readout,
+            "free_answer_cue": free_answer_cue,
+            "filter": "critic",
+            "alignment": alignment,
+            "after_alignment": after,
+        }
+
+    results = {
+        "dlr": [result(0.6, dlr_info("rationale", False))],
+        "dlr_latent": [result(1.0, dlr_info("answer", True))],
+        "grpo": [result(0.2, {})],
+    }
+    methods = {"dlr": "dlr", "dlr_latent": "dlr", "grpo": "grpo"}
+    summary = {
+        "experiment": "dlr_readouts",
+        "device": "CPU",
+        "budget": {"kind": "flops", "amount": 1e12},
+        "arms": {name: arm_summary(seeds, methods[name]) for name, seeds in results.items()},
+    }
+    write_report(summary, results, tmp_path)
+    arms = json.loads((tmp_path / "summary.json").read_text())["arms"]
+    assert {name: (a["method"], a.get("readout")) for name, a in arms.items()} == {
+        "dlr": ("dlr", "rationale"),
+        "dlr_latent": ("dlr", "answer"),
+        "grpo": ("grpo", None),
+    }
+    assert arms["dlr"]["format_rate"] == pytest.approx((0.6 * 10 + 1.0 * 30) / 40)  # count-weighted: 0.9
+    assert arms["dlr"]["format_rate_by_depth"] == {"1": pytest.approx(0.6), "2": 1.0}
+    assert arms["grpo"]["format_rate"] == pytest.approx((0.2 * 10 + 1.0 * 30) / 40)  # 0.8
+    assert arms["dlr"]["format_rate_not_applicable"] is None and arms["grpo"]["format_rate_not_applicable"] is None
+    latent = arms["dlr_latent"]
+    assert latent["format_rate"] is None and latent["format_rate_by_depth"] is None
+    assert (
+        "`<eol> ####`" in latent["format_rate_not_applicable"]
+        and "by construction" in latent["format_rate_not_applicable"]
+    )
+    assert latent["after_alignment"]["accuracy_by_depth"] == {"1": 0.9}
+    report = (tmp_path / "report.md").read_text()
+    ranking = {name: f"| {rank} | {name} | " for rank, name in enumerate(results, 1)}  # equal accuracy: arm order
+    rows = {
+        name: next(line for line in report.splitlines() if line.startswith(start)) for name, start in ranking.items()
+    }
+    assert "| DLR, `rationale` readout |" in rows["dlr"] and "| 90.0% |" in rows["dlr"]
+    assert "| DLR, `answer` readout |" in rows["dlr_latent"] and "| n/a (cue given) |" in rows["dlr_latent"]
+    assert "| GRPO |" in rows["grpo"] and "| 80.0% |" in rows["grpo"]
+    assert "dlr_latent: readout `answer` (format rate not applicable: the main's input ends with" in report
 
 
 def test_pass_at_k_counts_a_problem_solved_by_any_attempt():

@@ -12,6 +12,7 @@ from dlr.scoring import DepthScore
 
 DLR_INFO = {
     "readout": "rationale",
+    "free_answer_cue": False,
     "filter": "critic",
     "alignment": {"source": "shipped", "steps": 400, "flops": 2e13, "process_seconds": 900, "counted_in_budget": False},
     "after_alignment": [],
@@ -59,7 +60,7 @@ def test_claims_of_a_dlr_arm_that_wins_against_grpo(tmp_path):
         "experiment": "dlr_vs_grpo",
         "device": "CPU",
         "budget": {"kind": "flops", "amount": 2e12},
-        "arms": {name: arm_summary(seeds) for name, seeds in results.items()},
+        "arms": {name: arm_summary(seeds, name) for name, seeds in results.items()},
     }
     rows = claims_table(summary, results, [1, 2], "synthetic_math")
     by_claim = {r["claim"]: r for r in rows if r["arm"] == "dlr"}
@@ -82,12 +83,12 @@ def test_claims_of_a_dlr_arm_that_wins_against_grpo(tmp_path):
 
 def test_forgetting_on_logic_at_chance_is_not_testable_and_a_lost_task_is_not_supported():
     chance = {"dlr": [seed_result(10, 0.4, 0.4, 0.3, [0.4, 0.4], other=(0.52, 0.5))]}
-    summary = {"budget": {"kind": "flops", "amount": 1e12}, "arms": {"dlr": arm_summary(chance["dlr"])}}
+    summary = {"budget": {"kind": "flops", "amount": 1e12}, "arms": {"dlr": arm_summary(chance["dlr"], "dlr")}}
     rows = claims_table(summary, chance, [1, 2], "synthetic_logic")
     forgetting = next(r for r in rows if r["claim"].startswith("accumulation"))
     assert forgetting["verdict"] == "not testable yet" and "logic at chance" in forgetting["evidence"]
     assert rows[0]["verdict"] == "not testable yet" and "no GRPO arm" in rows[0]["evidence"]
     lost = {"dlr": [seed_result(s, 0.4, 0.4, 0.3, [0.4, 0.4], other=(0.9, 0.6)) for s in (10, 11)]}
-    summary = {"budget": {"kind": "flops", "amount": 1e12}, "arms": {"dlr": arm_summary(lost["dlr"])}}
+    summary = {"budget": {"kind": "flops", "amount": 1e12}, "arms": {"dlr": arm_summary(lost["dlr"], "dlr")}}
     forgetting = next(r for r in claims_table(summary, lost, [1, 2], "synthetic_math") if "accumulation" in r["claim"])
     assert forgetting["verdict"] == "not supported"  # 30 points lost on every seed

@@ -188,6 +188,22 @@ def test_a_recurrent_stage1_loads_only_with_its_cap_compression_and_projector(ti
             load_stage1(build_module(tiny_pair, other), tmp_path / "s1", "REGENERATE")
 
 
+def test_a_folder_of_stage1s_by_readout_names_the_missing_readouts_folder_and_command(tmp_path):
+    """`data/backbones/tiny/dlr_stage1/` holds one sub-folder per readout: the answer readout looks in
+    `answer/` even when only `rationale/` exists, and its absence names that folder and the command."""
+    from dlr.methods.stage1 import shipped_stage1_folder, stage1_folder
+
+    shipped = tmp_path / "dlr_stage1"
+    (shipped / "rationale").mkdir(parents=True)
+    for name in ("stage1.safetensors", "stage1.json"):
+        (shipped / "rationale" / name).write_text("")
+    assert shipped_stage1_folder(shipped, "rationale", "REGENERATE") == shipped / "rationale"
+    assert stage1_folder(shipped, "answer") == shipped / "answer"
+    with pytest.raises(ValueError, match=r"for the answer readout \(looked in .*dlr_stage1/answer\).*`REGENERATE`"):
+        shipped_stage1_folder(shipped, "answer", "REGENERATE")
+    assert stage1_folder(shipped / "rationale", "answer") == shipped / "rationale"  # one stage 1: itself
+
+
 def test_chain_distillation_trains_on_gsm8k_rationales_without_their_calculator_notes(tiny_pair, tmp_path):
     """The GSM8K fixture's rationales (with `<<36/3=12>>` notes in the release) become gold chains
     without them, and stage 1 of the answer readout runs on them."""

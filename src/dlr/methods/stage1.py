@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from dlr.models.readout import READOUTS
+
 STATE_FILE, INFO_FILE = "stage1.safetensors", "stage1.json"
 STAGE1_COMMANDS = {  # what regenerates the tiny backbone's shipped stage 1 of each readout
     "rationale": "python src/train.py experiment=dlr_stage1_tiny",
@@ -57,18 +59,28 @@ def export_stage1(module: torch.nn.Module, folder: Path, info: dict) -> None:
 
 
 def stage1_folder(path: Path, readout: str) -> Path:
-    """`path` holds one stage 1, or one sub-folder of them per readout: the one for `readout`."""
-    return path / readout if not (path / INFO_FILE).is_file() and (path / readout).is_dir() else path
+    """`path` holds one stage 1, or one sub-folder of them per readout: the one for `readout`, named
+    even when only another readout's sub-folder exists (so a missing one is reported by its own path)."""
+    by_readout = not (path / INFO_FILE).is_file() and any((path / kind).is_dir() for kind in READOUTS)
+    return path / readout if by_readout else path
+
+
+def shipped_stage1_folder(path: Path, readout: str, regenerate: str) -> Path:
+    """The folder of `readout`'s stage 1 under `path` (`stage1_folder`), holding its state and info;
+    ValueError naming that folder and `regenerate`, the command that builds it, when they are missing."""
+    folder = stage1_folder(path, readout)
+    if not (folder / STATE_FILE).is_file() or not (folder / INFO_FILE).is_file():
+        raise ValueError(
+            f"method.alignment.init_from={path} holds no {STATE_FILE} + {INFO_FILE} for the {readout} readout "
+            f"(looked in {folder}); build it with `{regenerate}`"
+        )
+    return folder
 
 
 def load_stage1(module: torch.nn.Module, folder: Path, regenerate: str) -> dict:
     """Load a shipped stage 1 into `module` (from `folder` or its sub-folder for the module's
     readout); returns its info. `regenerate` is the command that rebuilds it, quoted in the errors."""
-    folder = stage1_folder(folder, module.settings.readout)
-    if not (folder / STATE_FILE).is_file() or not (folder / INFO_FILE).is_file():
-        raise ValueError(
-            f"method.alignment.init_from={folder} holds no {STATE_FILE} + {INFO_FILE}; build it with `{regenerate}`"
-        )
+    folder = shipped_stage1_folder(folder, module.settings.readout, regenerate)
     info = json.loads((folder / INFO_FILE).read_text())
     if info["main_sha256"] != module.main_sha256:
         raise ValueError(

@@ -77,6 +77,19 @@ def mean_or_none(values: Sequence[float | None]) -> float | None:
     return statistics.fmean(present) if present else None
 
 
+def overall_format_rate(scores: Sequence[DepthScore]) -> float:
+    """Share of well-formed completions over all problems (each cell weighted by its count)."""
+    total = sum(s.n for s in scores)
+    return sum(s.format_rate * s.n for s in scores) / total if total else 0.0
+
+
+# Why an arm given the answer cue reports no format rate (DLR's `answer` readout: Readout.free_answer_cue)
+FREE_ANSWER_CUE = (
+    "the main's input ends with `<eol> ####` and `####` is put back in front of the answer it writes, so every "
+    "completion is well formed by construction: its format rate and format reward of 1 are not earned"
+)
+
+
 def mean_accuracy_by_depth(runs: Sequence[Sequence[DepthScore]]) -> dict[str, float]:
     """Accuracy by depth (all tasks pooled), averaged over runs: {"1": 0.95, ...}; {} without scores."""
     runs = [r for r in runs if r]
@@ -84,7 +97,9 @@ def mean_accuracy_by_depth(runs: Sequence[Sequence[DepthScore]]) -> dict[str, fl
     return {str(d): statistics.fmean(accuracy_by_depth(r).get(d, 0.0) for r in runs) for d in depths}
 
 
-def arm_summary(results: Sequence[SeedResult]) -> dict:
+def arm_summary(results: Sequence[SeedResult], method: str) -> dict:
+    """One arm's entry in `summary.json` from its seeds' results; `method`: dlr or grpo, what the arm is.
+    An arm given the answer cue has its format rate null, with the reason beside it."""
     finals = [overall_accuracy(r.final_scores) for r in results]
     fractions = sorted({round(p["budget_fraction"], 6) for r in results for p in r.curve})
     curve = []
@@ -97,17 +112,15 @@ def arm_summary(results: Sequence[SeedResult]) -> dict:
     by_depth = {
         str(d): statistics.fmean(accuracy_by_depth(r.final_scores).get(d, 0.0) for r in results) for d in depths
     }
+    format_rate = statistics.fmean(overall_format_rate(r.final_scores) for r in results)
     format_by_depth = {
-        str(d): statistics.fmean(
-            sum(s.format_rate * s.n for s in r.final_scores if s.depth == d)
-            / max(1, sum(s.n for s in r.final_scores if s.depth == d))
-            for r in results
-        )
+        str(d): statistics.fmean(overall_format_rate([s for s in r.final_scores if s.depth == d]) for r in results)
         for d in depths
     }
-    dlr_info = {}
+    dlr_info, free_answer_cue = {}, False
     if results[0].arm_info:  # a DLR arm
         aligned = [[DepthScore(**s) for s in r.arm_info["after_alignment"]] for r in results]
+        free_answer_cue = results[0].arm_info["free_answer_cue"]
         dlr_info = {
             "readout": results[0].arm_info["readout"],
             "filter": results[0].arm_info.get("filter"),
@@ -116,6 +129,7 @@ def arm_summary(results: Sequence[SeedResult]) -> dict:
         }
     zero_std = [v for r in results for _, v in r.trace.get("frac_reward_zero_std", [])]
     return {
+        "method": method,
         **dlr_info,
         "train": {"frac_reward_zero_std": statistics.fmean(zero_std) if zero_std else None},  # over RL batches, seeds
         "start_accuracy_by_depth": mean_accuracy_by_depth([r.start_scores for r in results]),
@@ -128,7 +142,9 @@ def arm_summary(results: Sequence[SeedResult]) -> dict:
         },
         "final_accuracy": {"mean": statistics.fmean(finals), "ci95": list(bootstrap_ci(finals)), "per_seed": finals},
         "accuracy_by_depth": by_depth,
-        "format_rate_by_depth": format_by_depth,
+        "format_rate": None if free_answer_cue else format_rate,
+        "format_rate_by_depth": None if free_answer_cue else format_by_depth,
+        "format_rate_not_applicable": FREE_ANSWER_CUE if free_answer_cue else None,  # why format_rate is null
         "pass_at_k": {"mean": mean_or_none([r.pass_at_k for r in results]), "per_seed": [r.pass_at_k for r in results]},
         "curve": curve,
         "forgetting": {
@@ -199,15 +215,25 @@ def plot(summary: dict, results: dict[str, Sequence[SeedResult]], out: Path) -> 
     ):
         fig, ax = plt.subplots(figsize=(6, 4))
         for arm, seeds in results.items():
+            # the training reward of an arm given the answer cue holds a format reward it did not earn
+            free = key == "reward" and summary["arms"][arm]["format_rate_not_applicable"]
+            given = " (format reward given)" if free else ""
             for r in seeds:
                 pairs = r.trace.get(key, [])
                 if pairs:
-                    ax.plot([f for f, _ in pairs], [v for _, v in pairs], alpha=0.7, label=f"{arm} seed {r.seed}")
+                    ax.plot(
+                        [f for f, _ in pairs], [v for _, v in pairs], alpha=0.7, label=f"{arm} seed {r.seed}{given}"
+                    )
         ax.set(xlabel="fraction of the budget", ylabel=label)
         if ax.lines:
             ax.legend()
         save(fig, name)
     return names
+
+
+def arm_description(arm: dict) -> str:
+    """What an arm of `summary.json` is, for the report's tables: its method and, for DLR, its readout."""
+    return "GRPO" if arm["method"] == "grpo" else f"DLR, `{arm['readout']}` readout"
 
 
 def percent(x: float | None) -> str:
@@ -242,15 +268,17 @@ def write_report(summary: dict, results: dict[str, Sequence[SeedResult]], out: P
         f"Device: {summary['device']}. Budget per arm and seed: {amount} (training only; evaluation is not charged).",
         "",
         *claims_markdown(summary.get("claims", [])),
-        f"| rank | arm | final accuracy (mean) | 95% CI over seeds | per seed | pass@{summary.get('pass_at_k') or 'k'} | seconds | TFLOPs | generated tokens | weights kept |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| rank | arm | what it is | final accuracy (mean) | 95% CI over seeds | per seed | pass@{summary.get('pass_at_k') or 'k'} | format rate | seconds | TFLOPs | generated tokens | weights kept |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for rank, arm in enumerate(ranked, 1):
         s = summary["arms"][arm]
         fa = s["final_accuracy"]
         lines.append(
-            f"| {rank} | {arm} | {percent(fa['mean'])} | {percent(fa['ci95'][0])}–{percent(fa['ci95'][1])} | "
+            f"| {rank} | {arm} | {arm_description(s)} | {percent(fa['mean'])} | "
+            f"{percent(fa['ci95'][0])}–{percent(fa['ci95'][1])} | "
             f"{', '.join(percent(v) for v in fa['per_seed'])} | {percent(s['pass_at_k']['mean'])} | "
+            f"{'n/a (cue given)' if s['format_rate_not_applicable'] else percent(s['format_rate'])} | "
             f"{statistics.fmean(s['spent']['seconds']):.0f} | "
             f"{statistics.fmean(s['spent']['flops']) / 1e12:.2f} | {statistics.fmean(s['spent']['generated_tokens']):.0f} | "
             f"{'yes' if s['main_weights_unchanged'] else 'NO'} |"
@@ -263,8 +291,8 @@ def write_report(summary: dict, results: dict[str, Sequence[SeedResult]], out: P
                 "",
                 f"{arm}: readout `{s['readout']}`"
                 + (
-                    " (the answer cue `####` is given, so its format rate is 1 by construction)"
-                    if s["readout"] == "answer"
+                    f" (format rate not applicable: {s['format_rate_not_applicable']})"
+                    if s["format_rate_not_applicable"]
                     else ""
                 )
                 + f"; stage 1 {a['source']}, {a['steps']} steps, {a['flops'] / 1e12:.2f} TFLOPs, "

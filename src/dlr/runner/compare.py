@@ -23,12 +23,21 @@ from dlr.data.datamodule import ReasoningDataModule
 from dlr.data.schema import Record
 from dlr.methods.dlr_module import DLRSettings
 from dlr.methods.grpo_module import GRPOSettings
+from dlr.methods.stage1 import STAGE1_COMMANDS, shipped_stage1_folder
 from dlr.methods.warmstart_module import encode_sft_batch, sft_completion
 from dlr.models.backbones import PromptFormat
 from dlr.report.claims import claims_table
 from dlr.report.report import SeedResult, arm_summary, overall_accuracy, write_report
 from dlr.runner.arms import ARMS, Arm, check_protected, fit, method_settings, own_chain_scores
-from dlr.runner.common import device_name, evaluation_device, is_rank_zero, prompt_format, reward_config, write_json
+from dlr.runner.common import (
+    device_name,
+    evaluation_device,
+    is_rank_zero,
+    project_path,
+    prompt_format,
+    reward_config,
+    write_json,
+)
 from dlr.scoring import DepthScore, pass_at_k_by_depth, scores_as_dicts
 
 log = logging.getLogger(__name__)
@@ -133,6 +142,7 @@ def dlr_arm_info(arm: Arm, meter, aligner: list) -> dict:
     after = aligner[0].scores if aligner else meter.points[0].scores  # no steps in the run: the start is stage 1
     return {
         "readout": module.settings.readout,
+        "free_answer_cue": module.readout.free_answer_cue,  # the report marks its format rate not applicable
         "filter": module.settings.rl.filter,
         "alignment": alignment,
         "after_alignment": scores_as_dicts(after),
@@ -352,6 +362,7 @@ def run_dlr_vs_grpo(cfg: DictConfig, out: Path) -> None:
         else ([0, 1, 2] if evaluation_device(cfg.trainer.accelerator) == "cuda" else [0, 1])
     )
     kinds = check_comparison(cfg, seeds, out)
+    check_shipped_stage1(cfg, kinds, seeds, out)
     fractions = [round(cfg.method.eval_every * i, 6) for i in range(1, int(round(1 / cfg.method.eval_every)) + 1)]
     common_start: dict = {}
     results = {
@@ -365,7 +376,7 @@ def run_dlr_vs_grpo(cfg: DictConfig, out: Path) -> None:
         "device": device_name(cfg.trainer.accelerator),
         "budget": {"kind": cfg.budget.kind, "amount": float(cfg.budget.amount)},
         "pass_at_k": cfg.method.pass_at_k,
-        "arms": {name: arm_summary(seed_results) for name, seed_results in results.items()},
+        "arms": {name: arm_summary(seed_results, kinds[name]) for name, seed_results in results.items()},
     }
     summary["claims"] = claims_table(summary, results, list(cfg.data.train_depths), cfg.method.other_task)
     short = write_report(summary, results, out)
@@ -396,3 +407,19 @@ def check_comparison(cfg: DictConfig, seeds: Sequence[int], out: Path) -> dict[s
     for name, kind in kinds.items():
         method_settings({"dlr": DLRSettings, "grpo": GRPOSettings}[kind], arm_config(cfg, name, seeds[0], out))
     return kinds
+
+
+def check_shipped_stage1(cfg: DictConfig, kinds: dict[str, str], seeds: Sequence[int], out: Path) -> None:
+    """Every DLR arm that starts from a shipped stage 1 (`method.alignment.init_from`) finds its
+    readout's files now, before any model loads, not when its turn comes after the other arms trained."""
+    for name, kind in kinds.items():
+        if kind != "dlr":
+            continue
+        settings = method_settings(DLRSettings, arm_config(cfg, name, seeds[0], out))
+        if not settings.alignment.init_from:
+            continue
+        path = project_path(settings.alignment.init_from, cfg.paths.root_dir)
+        try:
+            shipped_stage1_folder(path, settings.readout, STAGE1_COMMANDS[settings.readout])
+        except ValueError as err:
+            raise SystemExit(f"error: arm {name}: {err}") from None
