@@ -250,7 +250,10 @@ def test_stage1_learning_rate_warms_up_then_falls_along_a_cosine_to_its_floor():
     assert {warmup_cosine(s, 0, 6, 1.0) for s in range(8)} == {1.0}  # floor 1, no warm-up: constant
 
 
-@pytest.mark.parametrize(("override", "message"), [({"lr_floor": 0.0}, "lr_floor"), ({"self_feed": 1.5}, "self_feed")])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [({"lr_floor": 0.0}, "lr_floor"), ({"self_feed": 1.5}, "self_feed"), ({"answer_chain": "gold"}, "answer_chain")],
+)
 def test_bad_stage1_schedules_fail_with_the_key_named(override, message):
     with pytest.raises(ValueError, match=message):
         settings_from_yaml(DLRSettings, "dlr", {"readout": "answer", "alignment": override})
@@ -295,3 +298,42 @@ def test_self_fed_distillation_reads_the_policy_s_own_latents_back_at_the_set_le
         assert torch.allclose(self_fed, own) and not torch.allclose(self_fed, gold)
     lr = settings.alignment.lr
     assert lrs == pytest.approx([0.5 * lr, lr, lr])  # warm-up over 2 steps, then the cosine's start
+
+
+def test_the_forced_answer_term_reads_the_teacher_forced_chain_without_a_rollout(tiny_pair, tmp_path, monkeypatch):
+    """answer_chain=forced: the main's answer NLL is taken after P(mu_1..T) of the teacher-forced pass
+    (T = the gold chain's length, every row's span its own chain's length); the policy never rolls out."""
+    from dlr.data.datamodule import ReasoningDataModule
+    from dlr.methods import dlr_module
+
+    settings = settings_from_yaml(
+        DLRSettings,
+        "dlr",
+        {
+            "readout": "answer",
+            "latent": {"max_steps": 40, "dim": 8},
+            "alignment": {"steps": 2, "init_from": None, "answer_weight": 1.0, "answer_chain": "forced"},
+            "rl": {"steps": 0, "beta": 0.0},
+            "max_new_tokens": {"rationale": 6, "answer": 2},
+        },
+    )
+    module = build_module(tiny_pair, settings)
+    module.policy.mean_chain = lambda *args, **kwargs: pytest.fail("the forced answer term rolled the policy out")
+    spans, nll = [], dlr_module.latent_target_nll
+
+    def recording_nll(main, embeds, mask, target, target_mask):
+        spans.append(mask.sum(1))  # real input positions per row: prompt + markers + the chain's latents
+        return nll(main, embeds, mask, target, target_mask)
+
+    monkeypatch.setattr(dlr_module, "latent_target_nll", recording_nll)
+    batches = []
+    gold = module.gold_chain_tokens
+    module.gold_chain_tokens = lambda records: batches.append(records) or gold(records)
+    data = ReasoningDataModule("synthetic_math", 2, [1, 3], [1, 3], 0, 1, 1, test_size=2)
+    quiet_cpu_trainer(tmp_path, 2).fit(module, datamodule=data)
+    assert len(spans) == len(batches) == 2
+    for span, records in zip(spans, batches, strict=True):
+        _, chain_mask = gold(records)  # [B, T]: one latent per gold-chain token
+        zeros = torch.zeros(*chain_mask.shape, settings.latent.dim)[:, None]  # [B, 1, T, Dz]
+        expected = module.main_inputs(records, zeros, chain_mask[:, None])[1].sum(1)
+        assert torch.equal(span, expected)

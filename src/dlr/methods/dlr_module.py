@@ -358,9 +358,11 @@ class DLRModule(RLModule):
             latents, as it must at inference): squared distance of P(mu_t) to y_t in units of the mean
             embedding norm (mlp projector), or the cross-entropy of its soft token to the gold tokens;
           + stop_weight * the stop head's cross-entropy (stop at the chain's last step);
-          + answer_weight * the main's NLL of the answer given the chain the policy writes on its own
-            (closed loop: P(mu_t) fed back, its own stop decisions), so the chain works when it feeds
-            on itself; gradients run back through the whole chain.
+          + answer_weight * the main's NLL of the answer given the chain: with answer_chain=own the
+            chain the policy writes on its own (closed loop: P(mu_t) fed back, its own stop decisions),
+            so the chain works when it feeds on itself, gradients running back through the whole chain;
+            with answer_chain=forced the teacher-forced chain, so each latent is made readable to the
+            main in the gold context (the distance alone leaves errors the main misreads).
         A chain longer than max_steps * c tokens is cut there (no stop target: the cap ends it)."""
         align, lat = self.settings.alignment, self.settings.latent
         ids, mask = self.encode_questions(records)
@@ -392,21 +394,25 @@ class DLRModule(RLModule):
         loss = align.distill_weight * distill.mean() + align.stop_weight * stop.mean()
         logs = {"train/align_distill": distill.detach().mean(), "train/align_stop": stop.detach().mean()}
         if align.answer_weight > 0:
-            own = self.policy.mean_chain(ids, mask, self.projector)  # [B, 1, T', Dz], its own length
-            self.charge_rollout(B, Lq, own, self.assistant_backward)
-            embeds, emask = self.main_inputs(records, own.mu, own.step_mask)
+            if align.answer_chain == "own":
+                own = self.policy.mean_chain(ids, mask, self.projector)  # [B, 1, T', Dz], its own length
+                self.charge_rollout(B, Lq, own, self.assistant_backward)
+                chain, chain_mask = own.mu, own.step_mask
+                logs["train/chain_length"] = own.step_mask.sum(-1).float().mean()
+            else:  # the teacher-forced chain: each latent is read in the gold context, no backprop through the recurrence
+                chain, chain_mask = forced.mu, target_mask[:, None]  # [B, 1, T, Dz]
+            embeds, emask = self.main_inputs(records, chain, chain_mask)
             eos = self.main_tokenizer.eos_token or ""
             completions = [self.readout.gold_completion(r, eos) for r in records]
             _, _, answer, answer_mask = (
                 t.to(self.device) for t in split_gold_completion(self.main_tokenizer, completions, 0, False)
             )
             nll = latent_target_nll(self.main, embeds, emask, answer, answer_mask)  # [B]
-            self.charge(self.projector_cost, int(own.step_mask.sum()), 0, "weights")
+            self.charge(self.projector_cost, int(chain_mask.sum()), 0, "weights")
             La = answer.shape[1]  # the main's logits at the La + 1 positions kept
             self.charge(self.main_cost, B * (embeds.shape[1] + La), B * (La + 1), "activations")
             loss = loss + align.answer_weight * nll.mean()
             logs["train/align_nll"] = nll.detach().mean()
-            logs["train/chain_length"] = own.step_mask.sum(-1).float().mean()
         logs["train/gold_chain_length"] = target_mask.sum(-1).float().mean()
         norm = self._backward_and_step(loss, optimizer)
         self.log_step(logs, norm)

@@ -16,6 +16,7 @@ from dlr.models.latent_policy import LATENT_MODES
 from dlr.models.projector import PROJECTORS
 from dlr.models.readout import READOUTS
 
+ANSWER_CHAINS = ("own", "forced")  # the chain stage 1's answer term reads (alignment.answer_chain)
 # latent settings a readout decides when the config leaves them null (configs/method/dlr.yaml)
 READOUT_DEFAULTS = {"rationale": {"mode": "parallel"}, "answer": {"mode": "recurrent"}}
 
@@ -62,7 +63,8 @@ class AlignmentSettings:
     pull_weight: float  # rationale readout: weight of the pull toward the chain's opening embeddings
     distill_weight: float  # recurrent chains: teacher-forced distillation to the gold chain
     stop_weight: float  # recurrent chains: the stop head's cross-entropy
-    answer_weight: float  # recurrent chains: the main's NLL of the answer given the policy's own chain
+    answer_weight: float  # recurrent chains: the main's NLL of the answer given the chain
+    answer_chain: str  # own: the chain the policy writes on its own (closed loop) | forced: the teacher-forced one
     init_from: str | None  # a shipped stage 1 (folder) to start from
     export_to: str | None  # save the state after stage 1 here (folder), with the main's hash
 
@@ -172,6 +174,10 @@ class DLRSettings:
                 self.alignment.warmup_steps >= 0 and 0 < self.alignment.lr_floor <= 1,
                 "method.alignment.warmup_steps must be >= 0 and method.alignment.lr_floor in (0, 1], got "
                 f"{self.alignment.warmup_steps} and {self.alignment.lr_floor}",
+            ),
+            (
+                self.alignment.answer_chain in ANSWER_CHAINS,
+                f"method.alignment.answer_chain must be one of {ANSWER_CHAINS}, got {self.alignment.answer_chain!r}",
             ),
             (
                 0 <= self.alignment.self_feed <= 1,
