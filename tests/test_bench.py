@@ -87,16 +87,18 @@ def test_probe_reads_the_shipped_stage1_as_well_as_the_main_s_own_chain(tmp_path
     by = {(s["model"], s["task"], s["depth"]): s["accuracy"] for s in result["scores"]}
     assert by[("rationale/no latents (own chain)", "math", 1)] == 1.0
     assert by[("rationale/shipped stage 1", "math", 1)] == 1.0
+    assert by[("answer/shipped stage 1", "math", 1)] == 1.0  # its recurrent chain, read at once
     assert by[("answer/gold chain (c=1)", "math", 1)] == 1.0
     models = {m for m, _, _ in by}
     assert {"rationale/4 random latents", "rationale/untrained policy", "answer/empty span (direct)"} <= models
     assert {d for _, _, d in by} == set(range(1, 9))
 
 
-def test_explore_reports_spread_and_accuracy_by_sigma(tmp_path):
+@pytest.mark.parametrize("readout", ["rationale", "answer"])
+def test_explore_reports_spread_and_accuracy_by_sigma(tmp_path, readout):
     result = bench.main(
         ["explore", "--device", "cpu", "--G", "2", "--per-depth", "2", "--sigmas", "1.0", "--depths", "1", "5",
-         "--out", str(tmp_path / "e.json")]
+         "--readout", readout, "--out", str(tmp_path / "e.json")]
     )  # fmt: skip
     rows = {(r["sigma"], r["depth"]): r for r in result["rows"]}
     assert set(rows) == {(0.0, 1), (0.0, 5), (1.0, 1), (1.0, 5)}
@@ -104,6 +106,8 @@ def test_explore_reports_spread_and_accuracy_by_sigma(tmp_path):
         assert rows[(0.0, depth)]["groups_with_spread"] == 0.0 and rows[(0.0, depth)]["latent_moved"] == 0.0
         assert rows[(1.0, depth)]["latent_moved"] > 0.0
     assert rows[(0.0, 1)]["accuracy"] == 1.0  # the shipped stage 1 at math depth 1
+    if readout == "answer":  # a recurrent chain: about one latent per gold-chain token (9 per math step)
+        assert 5 <= rows[(0.0, 1)]["chain_length"] <= 13
 
 
 def test_compress_chain_averages_runs_of_c_tokens_and_rescales_each_mean():

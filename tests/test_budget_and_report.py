@@ -395,7 +395,7 @@ def test_the_answer_readout_arm_of_dlr_readouts_reports_its_stage1_scores_and_no
     assert (latent["method"], latent["readout"]) == ("dlr", "answer")
     assert set(latent["after_alignment"]["accuracy_by_depth"]) == {"1", "2"}
     assert latent["format_rate"] is None and latent["format_rate_by_depth"] is None
-    assert "by construction" in latent["format_rate_not_applicable"]
+    assert "not earned" in latent["format_rate_not_applicable"]
     assert 0 <= latent["pass_at_k"]["mean"] <= 1
     raw = json.loads((run_dir / "dlr_latent" / "seed_0" / "result.json").read_text())
     assert raw["arm_info"]["free_answer_cue"] is True and all(s["format_rate"] == 1.0 for s in raw["final_scores"])
@@ -531,8 +531,7 @@ def test_an_arm_given_the_answer_cue_reports_no_format_rate_and_the_others_keep_
     latent = arms["dlr_latent"]
     assert latent["format_rate"] is None and latent["format_rate_by_depth"] is None
     assert (
-        "`<eol> ####`" in latent["format_rate_not_applicable"]
-        and "by construction" in latent["format_rate_not_applicable"]
+        "`<eol> ####`" in latent["format_rate_not_applicable"] and "not earned" in latent["format_rate_not_applicable"]
     )
     assert latent["after_alignment"]["accuracy_by_depth"] == {"1": 0.9}
     report = (tmp_path / "report.md").read_text()

@@ -136,6 +136,8 @@ def test_diversity_metrics_on_hand_made_chains():
         ({"latent": {"mode": "recurrent"}}, "method.latent.mode=recurrent needs method.readout=answer"),
         ({"readout": "answer", "latent": {"num_modes": 2}}, "num_modes > 1 needs method.latent.mode=parallel"),
         ({"alignment": {"stop_weight": -1.0}}, "stop_weight"),
+        ({"latent": {"init": "tied"}}, "method.latent.init must be one of"),
+        ({"readout": "answer", "latent": {"init": "assistant", "projector": "mlp"}}, "method.latent.init=assistant"),
         ({"latent": {"width": 3}}, "unknown settings"),
         ({"rl": {"ppo_epochs": 2}, "accumulate_grad_batches": 2}, "ppo_epochs"),
     ],
@@ -147,14 +149,25 @@ def test_bad_dlr_settings_fail_with_the_key_named(override, message):
 
 def test_each_readout_gets_its_latent_mode_and_projector_unless_the_config_names_them():
     rationale = settings_from_yaml(DLRSettings, "dlr")
-    assert (rationale.latent.mode, rationale.latent.projector) == ("parallel", "mlp")
+    assert (rationale.latent.mode, rationale.latent.projector, rationale.latent.init) == ("parallel", "mlp", "random")
     answer = settings_from_yaml(DLRSettings, "dlr", {"readout": "answer"})
-    assert (answer.latent.mode, answer.latent.projector, answer.latent.compression) == ("recurrent", "mlp", 1)
+    latent = answer.latent
+    assert (latent.mode, latent.projector, latent.compression, latent.init) == (
+        "recurrent",
+        "soft_tokens",
+        1,
+        "assistant",
+    )
     assert answer.latent.max_steps == 80  # the tiny backbone's cap: depth-8 chains have 72 tokens
     chosen = settings_from_yaml(
         DLRSettings, "dlr", {"readout": "answer", "latent": {"mode": "parallel", "projector": "mlp"}}
     )
-    assert (chosen.latent.mode, chosen.latent.projector) == ("parallel", "mlp")
+    assert (chosen.latent.mode, chosen.latent.projector, chosen.latent.init) == ("parallel", "mlp", "random")
+    mlp = settings_from_yaml(DLRSettings, "dlr", {"readout": "answer", "latent": {"projector": "mlp"}})
+    assert (mlp.latent.mode, mlp.latent.init) == (
+        "recurrent",
+        "random",
+    )  # fresh heads where the text start does not apply
 
 
 def test_a_bad_latent_setting_fails_before_any_model_loads(tmp_path):
@@ -410,9 +423,8 @@ def test_dlr_runs_end_to_end_from_the_command_line_and_resumes(tmp_path):
     assert "after latent alignment" not in result.stdout  # restored from the checkpoint, not re-evaluated
 
 
-def test_the_answer_readout_trains_its_own_stage1_and_gets_its_format_for_free(tmp_path):
-    """`readout=answer` has no shipped stage 1: it trains one in the run; the main answers at once
-    after `<eol> ####`, so every DLR completion is well-formed by construction."""
+def test_the_answer_readout_trains_its_own_stage1_when_told_to(tmp_path):
+    """`readout=answer` with init_from=null trains its stage 1 in the run, then RL, and evaluates both."""
     result = run_train(
         [
             "experiment=dlr",
@@ -436,7 +448,7 @@ def test_the_answer_readout_trains_its_own_stage1_and_gets_its_format_for_free(t
     scores = json.loads((tmp_path / "eval.json").read_text())["scores"]
     latent = [s for s in scores if s["model"].startswith("dlr/")]
     assert {s["model"] for s in latent} == {"dlr/after_alignment", "dlr/final"}
-    assert all(s["format_rate"] == 1.0 for s in latent)
+    assert {s["depth"] for s in latent} == set(range(1, 9))
 
 
 def test_the_shipped_stage1_fails_over_other_latent_sizes_before_training(tmp_path):

@@ -190,3 +190,29 @@ def test_critic_reads_detached_inputs():
     garbled = z.detach().clone()
     garbled[:, :, 2] = 1e3
     torch.testing.assert_close(critic(pooled, garbled, step_mask), critic(pooled, z[:, :, :2]))
+
+
+@pytest.mark.parametrize("latent_dim", [64, 16])  # tiny_pair's assistant is H = 64 wide: full rank, then rank 16
+def test_a_chain_started_as_text_reads_the_assistant_s_own_next_token_head(tiny_pair, tokenizer, latent_dim):
+    """latent.init=assistant: the soft token's logits are the assistant's next-token logits W h (exactly
+    at Dz >= H, their best rank-Dz approximation below), padding rows of the main's vocabulary are never
+    chosen, and the input map takes each main token embedding to the assistant's own."""
+    from dlr.models.latent_policy import start_as_text_chain
+
+    assistant = AutoModelForCausalLM.from_pretrained(tiny_pair / "assistant")
+    main_embeddings = torch.randn(len(tokenizer) + 3, 128)  # Dmain = 128, three padding rows past the vocabulary
+    policy = LatentPolicy(assistant, 0, latent_dim, 6, mode="recurrent", feedback_dim=128)
+    to_vocabulary = torch.nn.Linear(latent_dim, len(tokenizer) + 3)
+    start_as_text_chain(policy, to_vocabulary, main_embeddings, len(tokenizer))
+    W = assistant.get_output_embeddings().weight.detach()  # [V, H]
+    h = torch.randn(5, W.shape[1])
+    logits = to_vocabulary(policy.mu_head(h))  # [5, V + 3]
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    k = min(latent_dim, W.shape[1])
+    best = h @ (U[:, :k] * S[:k] @ Vh[:k]).T  # the rank-k truncation of W h
+    torch.testing.assert_close(logits[:, : len(tokenizer)], best, atol=1e-4, rtol=1e-4)
+    if k == W.shape[1]:
+        torch.testing.assert_close(logits[:, : len(tokenizer)], h @ W.T, atol=1e-4, rtol=1e-4)
+    assert (logits[:, len(tokenizer) :] == -30.0).all()
+    fed = policy.latent_to_input(main_embeddings[: len(tokenizer)])  # V = 116 rows, Dmain + 1 = 129 unknowns: exact
+    torch.testing.assert_close(fed, assistant.get_input_embeddings().weight.detach(), atol=1e-4, rtol=1e-4)

@@ -150,13 +150,13 @@ def test_a_shipped_stage1_loads_over_its_own_main_only(tiny_pair, tmp_path):
     load_stage1(build_module(tiny_pair, settings), tmp_path / "s1", "REGENERATE")
 
 
-def test_a_recurrent_stage1_loads_only_with_its_cap_compression_and_projector(tiny_pair, tmp_path):
+def test_a_recurrent_stage1_loads_only_with_its_cap_compression_projector_and_start(tiny_pair, tmp_path):
     settings = settings_from_yaml(
         DLRSettings,
         "dlr",
         {
             "readout": "answer",
-            "latent": {"max_steps": 5, "dim": 8, "projector": "soft_tokens"},
+            "latent": {"max_steps": 5, "dim": 8, "projector": "soft_tokens", "init": "random"},
             "rl": {"beta": 0.0},
             "max_new_tokens": {"rationale": 6, "answer": 2},
         },
@@ -173,6 +173,7 @@ def test_a_recurrent_stage1_loads_only_with_its_cap_compression_and_projector(ti
         "mode": "recurrent",
         "compression": 1,
         "projector": "soft_tokens",
+        "init": "random",
     }
     state = load_file(str(tmp_path / "s1" / "stage1.safetensors"))
     assert "policy.stop_head.bias" in state and not any(k.startswith("projector.embeddings") for k in state)
@@ -182,7 +183,8 @@ def test_a_recurrent_stage1_loads_only_with_its_cap_compression_and_projector(ti
     torch.testing.assert_close(fresh.policy.stop_head.bias, trained.policy.stop_head.bias)
     records = _records(3)
     assert fresh.greedy_completions(records) == trained.greedy_completions(records)
-    for change in ({"max_steps": 6}, {"compression": 2}, {"projector": "mlp"}):  # each alone refuses it
+    # each alone refuses it; init=assistant opens the chain with another token
+    for change in ({"max_steps": 6}, {"compression": 2}, {"projector": "mlp"}, {"init": "assistant"}):
         other = dataclasses.replace(settings, latent=dataclasses.replace(settings.latent, **change))
         with pytest.raises(ValueError, match="this run asks for"):
             load_stage1(build_module(tiny_pair, other), tmp_path / "s1", "REGENERATE")

@@ -5,6 +5,7 @@ test set by task and depth, before any RL, on a backbone loaded by `dlr.benchmar
 
 from __future__ import annotations
 
+import copy
 import json
 import zlib
 from pathlib import Path
@@ -100,19 +101,18 @@ def _probe_readout(
         scores += text_span("answer/gold chain (c=1)", lambda r: r.cot)
     scores += latent_span(f"{readout}/{latent_steps} random latents", random_span)
     scores += latent_span(f"{readout}/untrained policy", policy_span)
-    if (stage1 / "stage1.json").is_file():  # a module of the shipped stage 1's own latent sizes
-        shipped = json.loads((stage1 / "stage1.json").read_text())["latent"]
-        module = dlr_module(bb, 4, 1, shipped["steps"], shipped["dim"], decode_tokens, readout)
-        module.main_sha256 = main_sha
-        load_stage1(module, stage1, STAGE1_COMMANDS[readout])
-        scores += latent_span(f"{readout}/shipped stage 1", policy_span)
+    if (stage1 / "stage1.json").is_file():  # its own latent settings (answer: a recurrent chain of its own length)
+        shipped = shipped_stage1_module(bb, stage1.parent, readout, 1).eval()
+        scores += score_by_depth(
+            records, shipped.greedy_completions, label=f"{readout}/shipped stage 1", batch_size=n, reward=reward
+        )
     return scores
 
 
 @torch.no_grad()
 def shipped_stage1_module(bb: Backbone, stage1_root: Path, readout: str, samples: int):
     """A DLR module with the shipped stage 1 of `readout` loaded (its latent settings read from the
-    folder's stage1.json), G = `samples` chains per question."""
+    folder's stage1.json), G = `samples` chains per question, on its own copy of the assistant."""
     from dlr.config import settings_from_yaml
     from dlr.methods.dlr_module import DLRModule, DLRSettings
 
@@ -130,7 +130,7 @@ def shipped_stage1_module(bb: Backbone, stage1_root: Path, readout: str, samples
     module = DLRModule(
         bb.main,
         bb.main_tokenizer,
-        bb.assistant,
+        copy.deepcopy(bb.assistant),  # its own adapters: loading them must not change the backbone's
         bb.assistant_tokenizer,
         bb.fmt,
         settings,

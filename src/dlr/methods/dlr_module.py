@@ -46,7 +46,7 @@ from dlr.models.generation import (
     greedy_decode_embeds,
     latent_target_nll,
 )
-from dlr.models.latent_policy import LatentDistribution, LatentPolicy
+from dlr.models.latent_policy import LatentDistribution, LatentPolicy, start_as_text_chain
 from dlr.models.projector import LatentProjector, SoftTokenProjector, mean_embedding_norm
 from dlr.models.readout import Readout, latent_main_inputs, right_padded, split_gold_completion
 from dlr.rewards import TOTAL, RewardConfig
@@ -102,13 +102,20 @@ class DLRModule(RLModule):
         for marker in (fmt.bol, fmt.eol):
             if main_tokenizer.convert_tokens_to_ids(marker) in (None, main_tokenizer.unk_token_id):
                 raise ValueError(f"the main tokenizer has no token {marker!r}: pick an existing token as latent marker")
+        lat = settings.latent
+        if lat.init == "assistant":  # the chain opens as the assistant's text chain does, after the opening marker
+            if assistant_tokenizer.get_vocab() != main_tokenizer.get_vocab():
+                raise ValueError(
+                    "method.latent.init=assistant reads the assistant's next-token head as a distribution over the "
+                    "main's vocabulary: the two tokenizers must share one vocabulary (use latent.init=random)"
+                )
+            placeholder = fmt.bol
         placeholder_id = assistant_tokenizer.convert_tokens_to_ids(placeholder)
         if placeholder_id in (None, assistant_tokenizer.unk_token_id):
             raise ValueError(f"the assistant tokenizer has no placeholder token {placeholder!r} (backbone.placeholder)")
 
         self.main = main.requires_grad_(False).eval()  # frozen: never given to an optimizer
         self.main_sha256 = main_sha256
-        lat = settings.latent
         main_dim = main.get_input_embeddings().embedding_dim
         self.policy = LatentPolicy(
             assistant,
@@ -126,6 +133,10 @@ class DLRModule(RLModule):
         if lat.projector == "soft_tokens":
             rescale = self.embedding_norm if lat.compression > 1 else None  # as the compressed targets are
             self.projector = SoftTokenProjector(lat.dim, main.get_input_embeddings(), rescale)
+            if lat.init == "assistant":
+                start_as_text_chain(
+                    self.policy, self.projector.to_vocabulary, main.get_input_embeddings().weight, len(main_tokenizer)
+                )
         else:
             self.projector = LatentProjector(lat.dim, main_dim, self.embedding_norm)
         self.readout = Readout(settings.readout, fmt, settings.decode_tokens)

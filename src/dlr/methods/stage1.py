@@ -26,9 +26,12 @@ STAGE1_PREFIXES = ("policy.", "projector.")  # the critic and pi_ref are not sta
 # the latent settings a stage 1 was trained for, by mode: what its state's shapes and its chains' meaning depend on
 MATCHING_SETTINGS = {
     "parallel": ("steps", "dim", "mode", "num_modes", "projector"),
-    "recurrent": ("max_steps", "dim", "mode", "compression", "projector"),
+    "recurrent": ("max_steps", "dim", "mode", "compression", "projector", "init"),  # init: the chain's start token
 }
-WRITTEN_BEFORE_THE_KEY = {"projector": "mlp"}  # folders that predate a key hold what was then the only choice
+WRITTEN_BEFORE_THE_KEY = {
+    "projector": "mlp",
+    "init": "random",
+}  # folders that predate a key hold what was then the only choice
 
 
 def matching_settings(latent) -> dict:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 LATENT_MODES = ("parallel", "recurrent")
+LATENT_INITS = ("random", "assistant")  # latent.init: fresh heads, or the assistant's own text chain
 
 
 @dataclass
@@ -294,3 +295,37 @@ class LatentPolicy(nn.Module):
 def _scatter_rows(values: torch.Tensor, rows: torch.Tensor, total: int) -> torch.Tensor:
     """values [n, ...] of the given rows placed into zeros [total, ...] (differentiable)."""
     return values.new_zeros((total, *values.shape[1:])).index_copy(0, rows, values)
+
+
+@torch.no_grad()
+def start_as_text_chain(
+    policy: LatentPolicy, to_vocabulary: nn.Linear, main_embeddings: torch.Tensor, vocab_size: int
+) -> None:
+    """Make a recurrent soft-token chain start as the assistant's own text chain (latent.init=assistant),
+    for an assistant and a main that share one vocabulary of `vocab_size` tokens (rows past it are padding):
+    - the latent head: to_vocabulary(mu_head(h)) is the assistant's next-token logits W h, truncated to
+      rank Dz by an SVD of W [V, H] (mu_head = sqrt(S_k) V_k^T, to_vocabulary = U_k sqrt(S_k), no
+      bias; padding rows of the main's vocabulary get a bias of -30, never chosen), so the soft token
+      is the assistant's next-token distribution;
+    - the input map: the least-squares (minimum-norm) affine map taking each of the main's token
+      embeddings to the assistant's own (main_embeddings: [>= V, Dmain]), so a fed-back soft token
+      reads as the assistant's expected input embedding under the same distribution.
+    The mean chain is then what the assistant would write as text, read by the main in soft tokens."""
+    if policy.mode != "recurrent":
+        raise ValueError("latent.init=assistant starts a recurrent chain: set latent.mode=recurrent")
+    head = policy.assistant.get_output_embeddings().weight.float()[:vocab_size]  # [V, H]
+    inputs = policy.assistant.get_input_embeddings().weight.float()[:vocab_size]  # [V, H]
+    U, S, Vh = torch.linalg.svd(head, full_matrices=False)
+    k = min(policy.latent_dim, S.numel())
+    root = S[:k].sqrt()
+    policy.mu_head.weight.zero_()
+    policy.mu_head.weight[:k] = root[:, None] * Vh[:k]
+    policy.mu_head.bias.zero_()
+    to_vocabulary.weight.zero_()
+    to_vocabulary.weight[:vocab_size, :k] = U[:, :k] * root
+    to_vocabulary.bias.zero_()
+    to_vocabulary.bias[vocab_size:] = -30.0
+    main = main_embeddings.float()[:vocab_size]  # [V, Dmain]
+    affine = torch.linalg.pinv(torch.cat([main, main.new_ones(vocab_size, 1)], dim=1)) @ inputs  # [Dmain + 1, H]
+    policy.latent_to_input.weight.copy_(affine[:-1].T)
+    policy.latent_to_input.bias.copy_(affine[-1])

@@ -11,7 +11,7 @@ and how its text is scored:
   they sit between the markers inside the user turn and the assistant turn is the model's usual
   step-by-step answer.
 - `answer` (Coconut / CoLaR's reading): `prompt <bol> P(z_1)..P(z_T) <eol> ####` and the main writes
-  only the answer; the cue is put back in front of its text, so its format is right by construction.
+  only the answer; the cue is put back in front of its text, so its format asks only for an answer token.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class Readout:
 
     @property
     def free_answer_cue(self) -> bool:
-        """The answer readout gets `####` for free: its format reward is 1 by construction."""
+        """The answer readout gets `####` for free: its format reward asks only for an answer token after it."""
         return self.kind == "answer"
 
     def around_latents(self, question: str, tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:

@@ -86,7 +86,7 @@ def overall_format_rate(scores: Sequence[DepthScore]) -> float:
 # Why an arm given the answer cue reports no format rate (DLR's `answer` readout: Readout.free_answer_cue)
 FREE_ANSWER_CUE = (
     "the main's input ends with `<eol> ####` and `####` is put back in front of the answer it writes, so every "
-    "completion is well formed by construction: its format rate and format reward of 1 are not earned"
+    "completion is well formed once the main writes any answer token: its format rate and format reward are not earned"
 )
 
 
