@@ -339,3 +339,28 @@ def test_the_forced_answer_term_reads_the_teacher_forced_chain_without_a_rollout
         zeros = torch.zeros(*chain_mask.shape, settings.latent.dim)[:, None]  # [B, 1, T, Dz]
         expected = module.main_inputs(records, zeros, chain_mask[:, None])[1].sum(1)
         assert torch.equal(span, expected)
+
+
+def test_starting_as_the_assistant_s_text_chain_needs_one_shared_vocabulary(tiny_pair):
+    import copy
+
+    from dlr.config import reward_from_yaml
+    from dlr.methods.dlr_module import DLRModule
+    from dlr.models.backbones import ModelSpec, load_assistant, load_main, load_tokenizer
+
+    settings = settings_from_yaml(DLRSettings, "dlr", {"readout": "answer", "rl": {"beta": 0.0}})
+    assert settings.latent.init == "assistant"
+    main_tokenizer = load_tokenizer(str(tiny_pair / "main"))
+    other = copy.deepcopy(main_tokenizer)
+    other.add_tokens(["<zzz>"])  # one token more: the assistant's next-token head no longer reads as the main's
+    with pytest.raises(ValueError, match="method.latent.init=assistant"):
+        DLRModule(
+            load_main(ModelSpec(str(tiny_pair / "main"), quantization="nf4")),
+            main_tokenizer,
+            load_assistant(ModelSpec(str(tiny_pair / "assistant"))),
+            other,
+            PromptFormat(template="{question} answer :"),
+            settings,
+            reward_from_yaml(),
+            "<lat>",
+        )
