@@ -81,6 +81,38 @@ def test_claims_of_a_dlr_arm_that_wins_against_grpo(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["claims"] == rows
 
 
+def higher_accuracy_row(results: dict) -> dict:
+    """The DLR arm's "higher accuracy than grpo at equal compute" row for hand-made seed results."""
+    summary = {
+        "budget": {"kind": "flops", "amount": 1e12},
+        "arms": {name: arm_summary(seeds, name) for name, seeds in results.items()},
+    }
+    rows = claims_table(summary, results, [1, 2], "synthetic_math")
+    return next(r for r in rows if r["arm"] == "dlr" and r["claim"].startswith("efficiency: higher"))
+
+
+def test_a_lead_found_at_untrained_depths_only_is_named_as_such():
+    """DLR 50% at trained depths 1-2 and 30% at 7-8 (overall 40%), GRPO 52% and 0% (26%): the overall lead
+    is supported by the intervals, and the evidence says it lies at untrained depths only; a lead at the
+    trained depths too (80-82% vs 50%) carries no such note."""
+    floor = higher_accuracy_row(
+        {
+            "dlr": [seed_result(10, 0.5, 0.5, 0.3, [0.4, 0.4]), seed_result(11, 0.5, 0.5, 0.3, [0.4, 0.4])],
+            "grpo": [seed_result(0, 0.52, 0.52, 0.0, [0.26, 0.26]), seed_result(1, 0.52, 0.52, 0.0, [0.26, 0.26])],
+        }
+    )
+    assert floor["verdict"] == "supported"
+    assert "at trained depths 1-2 50.0% [50.0%, 50.0%] vs 52.0% [52.0%, 52.0%]" in floor["evidence"]
+    assert floor["evidence"].endswith("(the lead is at untrained depths only)")
+    won = higher_accuracy_row(
+        {
+            "dlr": [seed_result(10, 0.4, 0.8, 0.3, [0.2, 0.6]), seed_result(11, 0.4, 0.82, 0.3, [0.2, 0.62])],
+            "grpo": [seed_result(0, 0.5, 0.5, 0.1, [0.1, 0.3]), seed_result(1, 0.5, 0.5, 0.1, [0.1, 0.3])],
+        }
+    )
+    assert won["verdict"] == "supported" and "untrained depths only" not in won["evidence"]
+
+
 def test_forgetting_on_logic_at_chance_is_not_testable_and_a_lost_task_is_not_supported():
     chance = {"dlr": [seed_result(10, 0.4, 0.4, 0.3, [0.4, 0.4], other=(0.52, 0.5))]}
     summary = {"budget": {"kind": "flops", "amount": 1e12}, "arms": {"dlr": arm_summary(chance["dlr"], "dlr")}}

@@ -54,19 +54,32 @@ def rl_moved(name: str, results: Sequence[SeedResult], trained: Sequence[int]) -
 
 
 def efficiency_rows(
-    name: str, summary: dict, results: dict[str, Sequence[SeedResult]], baseline: str, budget: dict
+    name: str,
+    summary: dict,
+    results: dict[str, Sequence[SeedResult]],
+    baseline: str,
+    budget: dict,
+    trained: Sequence[int],
 ) -> list[dict]:
     arm, base = summary["arms"][name], summary["arms"][baseline]
     ours, theirs = arm["final_accuracy"], base["final_accuracy"]
     unit = "TFLOPs" if budget["kind"] == "flops" else "s"
     scale = 1e12 if budget["kind"] == "flops" else 1.0
+    verdict = interval_verdict(tuple(ours["ci95"]), tuple(theirs["ci95"]))
+    # where the lead is: an answer-at-once readout keeps about the direct-answer rate where its chain fails
+    ours_trained = [depth_accuracy(r.final_scores, trained) for r in results[name]]
+    theirs_trained = [depth_accuracy(r.final_scores, trained) for r in results[baseline]]
+    at_trained = interval_verdict(bootstrap_ci(ours_trained), bootstrap_ci(theirs_trained))
+    where = f"; at trained depths {trained[0]}-{trained[-1]} {ci_text(ours_trained)} vs {ci_text(theirs_trained)}"
+    if verdict == "supported" and at_trained != "supported":
+        where += " (the lead is at untrained depths only)"
     rows = [
         {
             "claim": f"efficiency: higher accuracy than {baseline} at equal compute",
             "arm": name,
-            "verdict": interval_verdict(tuple(ours["ci95"]), tuple(theirs["ci95"])),
+            "verdict": verdict,
             "evidence": f"{ci_text(ours['per_seed'])} vs {ci_text(theirs['per_seed'])} at "
-            f"{budget['amount'] / scale:g} {unit} each",
+            f"{budget['amount'] / scale:g} {unit} each{where}",
         }
     ]
     target = theirs["mean"]
@@ -170,7 +183,7 @@ def claims_table(
                 }
             )
         else:
-            rows += efficiency_rows(name, summary, results, baseline, budget)
+            rows += efficiency_rows(name, summary, results, baseline, budget, trained)
         rows.append(forgetting_row(name, summary, results[name], other_task))
     rows += [rl_moved(name, results[name], trained) for name in summary["arms"]]
     return rows
