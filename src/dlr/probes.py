@@ -99,6 +99,13 @@ def _probe_readout(
             reward=reward,
         )
         scores += text_span("answer/gold chain (c=1)", lambda r: r.cot)
+        scores += score_by_depth(
+            records,
+            text_chain_at_gold_length(bb),
+            label="answer/assistant's text chain as soft tokens (untrained, gold length)",
+            batch_size=n,
+            reward=reward,
+        )
     scores += latent_span(f"{readout}/{latent_steps} random latents", random_span)
     scores += latent_span(f"{readout}/untrained policy", policy_span)
     if (stage1 / "stage1.json").is_file():  # its own latent settings (answer: a recurrent chain of its own length)
@@ -140,6 +147,42 @@ def shipped_stage1_module(bb: Backbone, stage1_root: Path, readout: str, samples
     ).to(bb.device)
     load_stage1(module, stage1_root, STAGE1_COMMANDS[readout])
     return module
+
+
+def text_chain_at_gold_length(bb: Backbone):
+    """A decoder of records through an untrained recurrent soft-token chain started as the assistant's
+    text chain (latent.init=assistant), never stopping by itself and cut at each record's gold-chain
+    length: what that start reads as before stage 1 learns where to stop. Only the cut reads the gold."""
+    from dlr.config import settings_from_yaml
+    from dlr.methods.dlr_module import DLRModule, DLRSettings
+
+    settings = settings_from_yaml(
+        DLRSettings, "dlr", {"readout": "answer", "alignment": {"steps": 0}, "rl": {"num_decoded": 1, "beta": 0.0}}
+    )
+    module = DLRModule(
+        bb.main,
+        bb.main_tokenizer,
+        copy.deepcopy(bb.assistant),
+        bb.assistant_tokenizer,
+        bb.fmt,
+        settings,
+        reward_from_yaml(),
+        bb.placeholder,
+    ).to(bb.device)
+    module.eval()
+    with torch.no_grad():  # the untrained stop head would end chains at random
+        module.policy.stop_head.weight.zero_()
+        module.policy.stop_head.bias.fill_(-30.0)
+
+    @torch.no_grad()
+    def decode(records: list) -> list[str]:
+        ids, mask = module.encode_questions(records)
+        chain = module.policy.mean_chain(ids, mask, module.projector)  # [N, 1, T, Dz], T = the cap
+        gold = module.gold_chain_tokens(records)[1].sum(1)  # [N]
+        step_mask = (torch.arange(chain.mu.shape[2], device=gold.device) < gold[:, None]).long()[:, None]
+        return module.decode(records, chain.mu, step_mask=step_mask)  # [N, 1, T] real steps
+
+    return decode
 
 
 def probe_exploration(
