@@ -88,7 +88,7 @@ def test_probe_reads_the_shipped_stage1_as_well_as_the_main_s_own_chain(tmp_path
     assert by[("rationale/no latents (own chain)", "math", 1)] == 1.0
     assert by[("rationale/shipped stage 1", "math", 1)] == 1.0
     assert by[("answer/shipped stage 1", "math", 1)] == 1.0  # its recurrent chain, read at once
-    assert by[("answer/assistant's text chain as soft tokens (untrained, gold length)", "math", 1)] == 1.0
+    assert by[("answer/assistant's text chain as soft tokens (untrained, ends at its <eol>)", "math", 1)] == 1.0
     assert by[("answer/gold chain (c=1)", "math", 1)] == 1.0
     models = {m for m, _, _ in by}
     assert {"rationale/4 random latents", "rationale/untrained policy", "answer/empty span (direct)"} <= models

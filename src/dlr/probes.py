@@ -101,8 +101,8 @@ def _probe_readout(
         scores += text_span("answer/gold chain (c=1)", lambda r: r.cot)
         scores += score_by_depth(
             records,
-            text_chain_at_gold_length(bb),
-            label="answer/assistant's text chain as soft tokens (untrained, gold length)",
+            untrained_text_chain(bb),
+            label="answer/assistant's text chain as soft tokens (untrained, ends at its <eol>)",
             batch_size=n,
             reward=reward,
         )
@@ -149,10 +149,12 @@ def shipped_stage1_module(bb: Backbone, stage1_root: Path, readout: str, samples
     return module
 
 
-def text_chain_at_gold_length(bb: Backbone):
+def untrained_text_chain(bb: Backbone):
     """A decoder of records through an untrained recurrent soft-token chain started as the assistant's
-    text chain (latent.init=assistant), never stopping by itself and cut at each record's gold-chain
-    length: what that start reads as before stage 1 learns where to stop. Only the cut reads the gold."""
+    text chain (latent.init=assistant): it never stops by its (untrained) stop head and ends before its
+    first soft token whose most likely token is the assistant's end-of-chain marker (backbone.prompt.eol),
+    as the text chain would. No gold field is read: not even the gold chain's length, which would give a
+    logic answer away (a negated last rule is one token longer)."""
     from dlr.config import settings_from_yaml
     from dlr.methods.dlr_module import DLRModule, DLRSettings
 
@@ -173,14 +175,17 @@ def text_chain_at_gold_length(bb: Backbone):
     with torch.no_grad():  # the untrained stop head would end chains at random
         module.policy.stop_head.weight.zero_()
         module.policy.stop_head.bias.fill_(-30.0)
+    eol = bb.main_tokenizer.convert_tokens_to_ids(bb.fmt.eol)
 
     @torch.no_grad()
     def decode(records: list) -> list[str]:
         ids, mask = module.encode_questions(records)
         chain = module.policy.mean_chain(ids, mask, module.projector)  # [N, 1, T, Dz], T = the cap
-        gold = module.gold_chain_tokens(records)[1].sum(1)  # [N]
-        step_mask = (torch.arange(chain.mu.shape[2], device=gold.device) < gold[:, None]).long()[:, None]
-        return module.decode(records, chain.mu, step_mask=step_mask)  # [N, 1, T] real steps
+        ends = module.projector.vocabulary_logits(chain.mu[:, 0]).argmax(-1) == eol  # [N, T]
+        steps = torch.arange(ends.shape[1], device=ends.device)
+        length = torch.where(ends, steps, ends.shape[1]).min(1).values.clamp(min=1)  # first <eol>, else the cap
+        step_mask = (steps < length[:, None]).long()[:, None]  # [N, 1, T]
+        return module.decode(records, chain.mu, step_mask=step_mask)
 
     return decode
 
