@@ -116,35 +116,32 @@ def _probe_readout(
     return scores
 
 
-@torch.no_grad()
-def shipped_stage1_module(bb: Backbone, stage1_root: Path, readout: str, samples: int):
-    """A DLR module with the shipped stage 1 of `readout` loaded (its latent settings read from the
-    folder's stage1.json), G = `samples` chains per question, on its own copy of the assistant."""
+def probe_module(bb: Backbone, changes: dict):
+    """A DLR module of configs/method/dlr.yaml with `changes`, on its own copy of the assistant (loading
+    or changing its adapters must not change the backbone's, which other probes read)."""
     from dlr.config import settings_from_yaml
     from dlr.methods.dlr_module import DLRModule, DLRSettings
 
-    info = json.loads((stage1_root / readout / "stage1.json").read_text())
-    settings = settings_from_yaml(
-        DLRSettings,
-        "dlr",
-        {
-            "readout": readout,
-            "latent": info["latent"],
-            "alignment": {"steps": 0},
-            "rl": {"num_samples": samples, "num_decoded": 1, "beta": 0.0},
-        },
-    )
-    module = DLRModule(
+    return DLRModule(
         bb.main,
         bb.main_tokenizer,
-        copy.deepcopy(bb.assistant),  # its own adapters: loading them must not change the backbone's
+        copy.deepcopy(bb.assistant),
         bb.assistant_tokenizer,
         bb.fmt,
-        settings,
+        settings_from_yaml(DLRSettings, "dlr", changes),
         reward_from_yaml(),
         bb.placeholder,
         main_sha256=weights_sha256(bb.main),
     ).to(bb.device)
+
+
+@torch.no_grad()
+def shipped_stage1_module(bb: Backbone, stage1_root: Path, readout: str, samples: int):
+    """A DLR module with the shipped stage 1 of `readout` loaded (its latent settings read from the
+    folder's stage1.json), G = `samples` chains per question."""
+    info = json.loads((stage1_root / readout / "stage1.json").read_text())
+    rl = {"num_samples": samples, "num_decoded": 1, "beta": 0.0}
+    module = probe_module(bb, {"readout": readout, "latent": info["latent"], "alignment": {"steps": 0}, "rl": rl})
     load_stage1(module, stage1_root, STAGE1_COMMANDS[readout])
     return module
 
@@ -155,22 +152,7 @@ def untrained_text_chain(bb: Backbone):
     first soft token whose most likely token is the assistant's end-of-chain marker (backbone.prompt.eol),
     as the text chain would. No gold field is read: not even the gold chain's length, which would give a
     logic answer away (a negated last rule is one token longer)."""
-    from dlr.config import settings_from_yaml
-    from dlr.methods.dlr_module import DLRModule, DLRSettings
-
-    settings = settings_from_yaml(
-        DLRSettings, "dlr", {"readout": "answer", "alignment": {"steps": 0}, "rl": {"num_decoded": 1, "beta": 0.0}}
-    )
-    module = DLRModule(
-        bb.main,
-        bb.main_tokenizer,
-        copy.deepcopy(bb.assistant),
-        bb.assistant_tokenizer,
-        bb.fmt,
-        settings,
-        reward_from_yaml(),
-        bb.placeholder,
-    ).to(bb.device)
+    module = probe_module(bb, {"readout": "answer", "alignment": {"steps": 0}, "rl": {"num_decoded": 1, "beta": 0.0}})
     module.eval()
     with torch.no_grad():  # the untrained stop head would end chains at random
         module.policy.stop_head.weight.zero_()

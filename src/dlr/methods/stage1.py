@@ -28,10 +28,8 @@ MATCHING_SETTINGS = {
     "parallel": ("steps", "dim", "mode", "num_modes", "projector"),
     "recurrent": ("max_steps", "dim", "mode", "compression", "projector", "init"),  # init: the chain's start token
 }
-WRITTEN_BEFORE_THE_KEY = {
-    "projector": "mlp",
-    "init": "random",
-}  # folders that predate a key hold what was then the only choice
+# folders that predate a key hold what was then the only choice
+WRITTEN_BEFORE_THE_KEY = {"projector": "mlp", "init": "random"}
 
 
 def matching_settings(latent) -> dict:
