@@ -34,7 +34,7 @@ def nf4_main():
 
 LOGIC_GAP = (
     "known gap: after 2200 CPU warm-start steps the shipped main follows logic chains but writes a fixed polarity "
-    "for the last rule (accuracy ~50% at every depth); issue 2 stays open until a longer or GPU warm start lands"
+    "for the last rule (accuracy ~50% at every depth); issue 15 (data/backbones/tiny/wip/WIP.md) carries the curriculum that should close it"
 )
 
 
