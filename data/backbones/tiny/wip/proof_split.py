@@ -14,20 +14,21 @@ from collections import Counter
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-sys.path.insert(0, "src")
-from dlr.data.datamodule import ProceduralSpec, fixed_test_set  # noqa: E402
-from dlr.models.backbones import PromptFormat  # noqa: E402
-from dlr.models.generation import greedy_complete  # noqa: E402
+from dlr.data.datamodule import ProceduralSpec, fixed_test_set
+from dlr.models.backbones import PromptFormat
+from dlr.models.generation import greedy_complete
+from dlr.scoring import completion_prefix
 
 torch.set_num_threads(2)
-tokenizer = AutoTokenizer.from_pretrained("data/backbones/tiny/main")
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
 prompt_format = PromptFormat()
 records = fixed_test_set(ProceduralSpec({"logic": 1.0}, 1, 4), 1000, int(sys.argv[2]))
 total, chain_right, first_wrong = Counter(), Counter(), Counter()
 for depth in (1, 2, 3, 4):
     at_depth = [r for r in records if r.depth == depth]
-    prompts = [prompt_format.prompt(r.question, tokenizer) + " " + prompt_format.bol for r in at_depth]
+    # the depth evaluation's "cot" prompt: the main writes <bol>, its proof, <eol> and the answer line itself
+    prompts = [prompt_format.prompt(r.question, tokenizer) + completion_prefix(prompt_format, "cot") for r in at_depth]
     for record, output in zip(at_depth, greedy_complete(model, tokenizer, prompts, 80), strict=True):
         distractors = record.question.count("every") - depth  # one rule per hop; the rest are distractors
         proof = output.split("####")[0].strip()
