@@ -92,6 +92,64 @@ def test_logic_answer_needs_the_chain():
     assert polarities == {True, False}
 
 
+def logic_rules(question: str) -> list[tuple[str, bool, str]]:
+    """(subject, positive, object) of every rule in a logic question."""
+    body = question.split("true or false :")[0]
+    found = (re.fullmatch(r"every (\w+) is (not )?a (\w+)", s.strip()) for s in body.split("."))
+    return [(m.group(1), m.group(2) is None, m.group(3)) for m in found if m]
+
+
+@pytest.mark.parametrize("depth", [1, 2, 4, 8])
+def test_extra_distractors_add_rules_off_the_proof_that_break_the_copy_shortcut(depth):
+    """Same draw with and without extras: the same problem, proof and answer plus 2-5 rules "every x is
+    a y", x on no chain, y not the query; the first hop's object is never the only object other than
+    the query, as it is in half the plain depth-2 problems (those whose distractor is a single rule)."""
+    added, copyable, copyable_plain = set(), 0, 0
+    for i in range(200):
+        plain = synthetic_logic.generate(random.Random(f"{depth}:{i}"), depth, i, "t")
+        record = synthetic_logic.generate(random.Random(f"{depth}:{i}"), depth, i, "t", extra_distractors=(2, 5))
+        assert (record.cot, record.answer) == (plain.cot, plain.answer)
+        assert solve_logic(record.question) == (record.answer, depth)
+        rules, base = logic_rules(record.question), logic_rules(plain.question)
+        extra = [rule for rule in rules if rule not in base]
+        assert len(rules) == len(base) + len(extra)
+        added.add(len(extra))
+        query = record.question.split()[-2]
+        concepts = {c for s, _, o in base for c in (s, o)}
+        assert all(s not in concepts and positive and o not in (s, query) for s, positive, o in extra)
+        first_object = logic_rules(record.cot)[0][2]
+        copyable += {o for _, _, o in rules if o != query} <= {first_object}
+        copyable_plain += {o for _, _, o in base if o != query} <= {first_object}
+    assert added == {2, 3, 4, 5}
+    assert copyable == 0
+    if depth == 2:  # plain: a distractor chain of 1 or 2 rules; with 1, the shortcut is right
+        assert 0.4 < copyable_plain / 200 < 0.6
+
+
+def test_no_extra_distractors_draws_what_the_generator_always_drew():
+    """The default keeps the stream and the fixed test set every shipped number was measured on."""
+    for depth in range(1, 9):
+        for i in range(50):
+            assert synthetic_logic.generate(random.Random(i), depth, i, "t") == synthetic_logic.generate(
+                random.Random(i), depth, i, "t", extra_distractors=(0, 0)
+            )
+    spec = ProceduralSpec({"math": 0.5, "logic": 0.5}, 1, 8)
+    assert [r.question for r in fixed_test_set(spec, 1000, 1) if r.task == "logic"][:2] == [
+        "ola is a trax . every wug is a glim . every trax is not a glim . true or false : ola is a glim .",
+        "vic is a plim . every quib is not a sorm . every plim is a quib . every wug is a sorm . "
+        "true or false : vic is a sorm .",
+    ]
+
+
+def test_extra_distractors_reach_the_train_stream_only():
+    """Depth 2: 2 proof rules and 1-2 distractor rules, plus 3 extras in training only."""
+    dm = ReasoningDataModule("synthetic_logic", 8, (2, 2), (2, 2), 1, 2, 20, logic_extra_distractors=(3, 3))
+    dm.setup()
+    stream = iter(dm.train_stream)
+    assert {len(logic_rules(next(stream).question)) for _ in range(40)} == {6, 7}
+    assert {len(logic_rules(r.question)) for r in dm.test_records()} == {3, 4}
+
+
 def test_generators_are_deterministic():
     spec = ProceduralSpec({"math": 0.5, "logic": 0.5}, 1, 4)
     first = [procedural_record(spec, 7, 0, i) for i in range(50)]
@@ -150,6 +208,10 @@ def test_stream_resumes_after_the_last_batch_trained_on():
         ({"source": "nope"}, "data.source"),
         ({"batch_size": 0}, "batch_size"),
         ({"train_depths": (3, 1)}, "min_depth"),
+        ({"logic_extra_distractors": (3, 1)}, "logic_extra_distractors"),
+        ({"logic_extra_distractors": (0, 16)}, "logic_extra_distractors"),  # depth 4 leaves 15 concepts
+        ({"logic_extra_distractors": (2,)}, "logic_extra_distractors"),
+        ({"source": "gsm8k", "logic_extra_distractors": (1, 2)}, "logic_extra_distractors"),
     ],
 )
 def test_bad_data_config_names_the_key(kwargs, message):

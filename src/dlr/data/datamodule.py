@@ -23,7 +23,7 @@ from dlr.data import synthetic_logic, synthetic_math
 from dlr.data.frontier import DepthFrontier
 from dlr.data.schema import Record, SkipCounter
 
-GENERATORS: dict[str, Callable[[random.Random, int, int, str], Record]] = {
+GENERATORS: dict[str, Callable[..., Record]] = {  # (rng, depth, index, id_prefix, **task options) -> Record
     "math": synthetic_math.generate,
     "logic": synthetic_logic.generate,
 }
@@ -33,11 +33,13 @@ HUB_SOURCES = ("gsm8k", "math500", "prontoqa")
 
 @dataclass(frozen=True)
 class ProceduralSpec:
-    """What a procedural stream draws: task weights and an inclusive depth range."""
+    """What a procedural stream draws: task weights, an inclusive depth range and, for training streams,
+    an inclusive range of extra distractor rules per logic problem (synthetic_logic.py)."""
 
     task_weights: dict[str, float]  # e.g. {"math": 0.5, "logic": 0.5}
     min_depth: int
     max_depth: int
+    logic_extra_distractors: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
         unknown = set(self.task_weights) - set(GENERATORS)
@@ -47,6 +49,17 @@ class ProceduralSpec:
             raise ValueError(f"data task weights must be >= 0 with a positive sum, got {self.task_weights}")
         if not 1 <= self.min_depth <= self.max_depth:
             raise ValueError(f"data depths need 1 <= min_depth <= max_depth, got {self.min_depth}..{self.max_depth}")
+        low, high = self.logic_extra_distractors
+        room = synthetic_logic.max_extra_distractors(min(self.max_depth, synthetic_logic.MAX_DEPTH))
+        if not 0 <= low <= high <= room:
+            raise ValueError(
+                f"data.logic_extra_distractors needs 0 <= low <= high <= {room} (the concepts left at depth "
+                f"{self.max_depth}), got {list(self.logic_extra_distractors)}"
+            )
+
+    def task_options(self, task: str) -> dict:
+        """Keyword options of `task`'s generator."""
+        return {"extra_distractors": self.logic_extra_distractors} if task == "logic" else {}
 
 
 def procedural_record(
@@ -61,7 +74,7 @@ def procedural_record(
         depth = rng.randint(spec.min_depth, spec.max_depth)
     else:
         depth = rng.choices(list(frontier.depths), weights=frontier.weights(task))[0]
-    return GENERATORS[task](rng, depth, index, f"{task}-s{seed}-r{rank}")
+    return GENERATORS[task](rng, depth, index, f"{task}-s{seed}-r{rank}", **spec.task_options(task))
 
 
 def fixed_test_set(spec: ProceduralSpec, seed: int, per_depth: int) -> list[Record]:
@@ -70,7 +83,8 @@ def fixed_test_set(spec: ProceduralSpec, seed: int, per_depth: int) -> list[Reco
     for task in sorted(t for t, w in spec.task_weights.items() if w > 0):
         for depth in range(spec.min_depth, spec.max_depth + 1):
             rng = random.Random(f"test:{seed}:{task}:{depth}")
-            records += [GENERATORS[task](rng, depth, i, f"{task}-test-d{depth}") for i in range(per_depth)]
+            options = spec.task_options(task)
+            records += [GENERATORS[task](rng, depth, i, f"{task}-test-d{depth}", **options) for i in range(per_depth)]
     return records
 
 
@@ -142,7 +156,9 @@ class ReasoningDataModule(LightningDataModule):
 
     `source`: synthetic_math | synthetic_logic | mixed | gsm8k | math500 | prontoqa. `frontier`
     (procedural sources): `{enabled, floor, decay}` of the depth frontier (frontier.py); the arm's
-    rollouts update it through `callbacks/frontier.py`.
+    rollouts update it through `callbacks/frontier.py`. `logic_extra_distractors` (procedural sources):
+    inclusive range of extra distractor rules per logic problem of the training stream; the fixed test
+    set never has them.
     """
 
     def __init__(
@@ -160,6 +176,7 @@ class ReasoningDataModule(LightningDataModule):
         local_path: str | None = None,
         test_size: int = 200,
         frontier: dict | None = None,
+        logic_extra_distractors: Sequence[int] = (0, 0),
     ) -> None:
         super().__init__()
         if source not in (*SYNTHETIC_SOURCES, "mixed", *HUB_SOURCES):
@@ -182,7 +199,12 @@ class ReasoningDataModule(LightningDataModule):
             test_size,
         )
         weights = dict(mix_weights or {}) if source == "mixed" else SYNTHETIC_SOURCES.get(source, {})
-        self.train_spec = ProceduralSpec(weights, *train_depths) if weights else None
+        extra = tuple(logic_extra_distractors)
+        if len(extra) != 2:
+            raise ValueError(f"data.logic_extra_distractors is an inclusive range [low, high], got {list(extra)}")
+        if extra != (0, 0) and not weights:
+            raise ValueError(f"data.logic_extra_distractors needs a procedural source, got {source!r}")
+        self.train_spec = ProceduralSpec(weights, *train_depths, logic_extra_distractors=extra) if weights else None
         self.eval_spec = ProceduralSpec(weights, *eval_depths) if weights else None
         self.frontier = self._frontier(dict(frontier or {}))
         self._test_set: list[Record] | None = None

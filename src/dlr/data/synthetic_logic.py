@@ -10,6 +10,12 @@ person's own chain, `depth` hops. Rules are shuffled.
     cot:      "kai is a blick . every blick is a dax . every dax is a wug ."
     answer:   "true"
 
+Training streams may add `extra_distractors` rules "every x is a y" whose subject x is on no chain
+and whose object is any concept but the query. They leave the proof unchanged and break the shortcut a
+small model finds on the plain problems, "write the object that is not the query" (right at depth 1 and
+at depth 2 with one distractor rule): with extra objects in the question, only looking the rule up by
+its subject finds the next hop. The fixed test set never has them.
+
 The proof cites each rule it applies, as ProntoQA's gold chains do. That also makes the lookup a
 small model has to learn symmetric: in a rule and in the proof the subject sits at the same distance
 before the object, so one attention pattern finds the rule that continues the chain.
@@ -51,16 +57,32 @@ PEOPLE = ("kai", "max", "rin", "sol", "tam", "uma", "vic", "wes", "xia", "yan", 
 MAX_DEPTH = (len(CONCEPTS) - 2) // 2  # the person's chain and the distractor need distinct concepts
 
 
+def max_extra_distractors(depth: int) -> int:
+    """Extra distractor rules a depth-`depth` problem has room for: each needs a subject of its own,
+    outside the chain (depth + 1 concepts) and the longest distractor chain (depth more)."""
+    return len(CONCEPTS) - (2 * depth + 1)
+
+
 def vocabulary() -> list[str]:
     """Every word a logic problem, its proof or its answer line can contain."""
     words = {"every", "is", "a", "not", "true", "or", "false", ":", "."}
     return sorted(words | set(CONCEPTS) | set(PEOPLE))
 
 
-def generate(rng: random.Random, depth: int, index: int, id_prefix: str) -> Record:
-    """One true/false query whose proof takes exactly `depth` hops."""
+def generate(
+    rng: random.Random, depth: int, index: int, id_prefix: str, extra_distractors: tuple[int, int] = (0, 0)
+) -> Record:
+    """One true/false query whose proof takes exactly `depth` hops, with a number of extra distractor
+    rules drawn uniformly from the inclusive range `extra_distractors` (none by default: the rng then
+    draws exactly what it drew before the option existed, so existing streams and test sets are unchanged)."""
     if not 1 <= depth <= MAX_DEPTH:
         raise ValueError(f"depth must be in 1..{MAX_DEPTH}, got {depth}")
+    low, high = extra_distractors
+    if not 0 <= low <= high <= max_extra_distractors(depth):
+        raise ValueError(
+            f"extra distractors need 0 <= low <= high <= {max_extra_distractors(depth)} at depth {depth}, "
+            f"got {extra_distractors}"
+        )
     person = rng.choice(PEOPLE)
     concepts = rng.sample(CONCEPTS, 2 * depth + 2)
     chain, distractor = concepts[: depth + 1], concepts[depth + 1 :]
@@ -74,6 +96,11 @@ def generate(rng: random.Random, depth: int, index: int, id_prefix: str) -> Reco
     rules_used.append(f"every {chain[-2]} is {article} {query} .")
     rules = rules_used + [f"every {a} is a {b} ." for a, b in zip(distractor[:-2], distractor[1:-1], strict=True)]
     rules.append(f"every {distractor[-2]} is {other} {query} .")
+    if high > 0:
+        used = set(chain) | set(distractor)
+        subjects = rng.sample([c for c in CONCEPTS if c not in used], rng.randint(low, high))
+        for subject in subjects:
+            rules.append(f"every {subject} is a {rng.choice([c for c in CONCEPTS if c not in (subject, query)])} .")
     rng.shuffle(rules)
 
     question = " ".join([f"{person} is a {chain[0]} ."] + rules + [f"true or false : {person} is a {query} ."])
