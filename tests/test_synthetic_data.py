@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 
 import pytest
 
@@ -100,11 +101,12 @@ def logic_rules(question: str) -> list[tuple[str, bool, str]]:
 
 
 @pytest.mark.parametrize("depth", [1, 2, 4, 8])
-def test_extra_distractors_add_rules_off_the_proof_that_break_the_copy_shortcut(depth):
-    """Same draw with and without extras: the same problem, proof and answer plus 2-5 rules "every x is
-    a y", x on no chain, y not the query; the first hop's object is never the only object other than
-    the query, as it is in half the plain depth-2 problems (those whose distractor is a single rule)."""
-    added, copyable, copyable_plain = set(), 0, 0
+def test_extra_distractors_add_rules_off_the_proof_that_break_both_shortcuts(depth):
+    """Same draw with and without extras: the same problem, proof and answer, plus 2-5 rules "every x is
+    (not) a y" with x on no chain; y is the query for half of them (negated half of those; no other rule
+    is, as in the test set). Forward shortcut: the first hop's object is the only object other than the
+    query (plain: always at depth 1, in half of depth 2). Backward: few rules mention the query (plain: 2)."""
+    added, copyable, copyable_plain, about_query = [], 0, 0, Counter()
     for i in range(200):
         plain = synthetic_logic.generate(random.Random(f"{depth}:{i}"), depth, i, "t")
         record = synthetic_logic.generate(random.Random(f"{depth}:{i}"), depth, i, "t", extra_distractors=(2, 5))
@@ -113,16 +115,19 @@ def test_extra_distractors_add_rules_off_the_proof_that_break_the_copy_shortcut(
         rules, base = logic_rules(record.question), logic_rules(plain.question)
         extra = [rule for rule in rules if rule not in base]
         assert len(rules) == len(base) + len(extra)
-        added.add(len(extra))
+        added.append(len(extra))
         query = record.question.split()[-2]
         concepts = {c for s, _, o in base for c in (s, o)}
-        assert all(s not in concepts and positive and o not in (s, query) for s, positive, o in extra)
+        assert all(s not in concepts and o != s and (positive or o == query) for s, positive, o in extra)
+        assert sum(o == query for _, _, o in base) == 2
+        about_query.update(positive for _, positive, o in extra if o == query)
         first_object = logic_rules(record.cot)[0][2]
         copyable += {o for _, _, o in rules if o != query} <= {first_object}
         copyable_plain += {o for _, _, o in base if o != query} <= {first_object}
-    assert added == {2, 3, 4, 5}
-    assert copyable == 0
-    if depth == 2:  # plain: a distractor chain of 1 or 2 rules; with 1, the shortcut is right
+    assert set(added) == {2, 3, 4, 5}
+    assert 0.4 < sum(about_query.values()) / sum(added) < 0.6 and 0.4 < about_query[False] / about_query.total() < 0.6
+    assert copyable / 200 < 0.2 * copyable_plain / 200 + 0.05
+    if depth == 2:  # plain: a distractor chain of 1 or 2 rules; with 1, the forward shortcut is right
         assert 0.4 < copyable_plain / 200 < 0.6
 
 

@@ -10,11 +10,13 @@ person's own chain, `depth` hops. Rules are shuffled.
     cot:      "kai is a blick . every blick is a dax . every dax is a wug ."
     answer:   "true"
 
-Training streams may add `extra_distractors` rules "every x is a y" whose subject x is on no chain
-and whose object is any concept but the query. They leave the proof unchanged and break the shortcut a
-small model finds on the plain problems, "write the object that is not the query" (right at depth 1 and
-at depth 2 with one distractor rule): with extra objects in the question, only looking the rule up by
-its subject finds the next hop. The fixed test set never has them.
+Training streams may add `extra_distractors` rules "every x is a y" whose subject x is on no chain and
+whose object is the query half the time (then negated half the time) and otherwise any other concept. They leave the proof
+unchanged and break the two shortcuts a small model finds on the plain problems: forward, "write the
+object that is not the query" (right at depth 1 and at depth 2 with a one-rule distractor), and
+backward, "the hop before the query is the subject of a rule about the query" (right half the time at
+depth 2, where two rules mention the query). With extra rules only looking each rule up by its subject
+finds the next hop. The fixed test set never has them.
 
 The proof cites each rule it applies, as ProntoQA's gold chains do. That also makes the lookup a
 small model has to learn symmetric: in a rule and in the proof the subject sits at the same distance
@@ -100,7 +102,8 @@ def generate(
         used = set(chain) | set(distractor)
         subjects = rng.sample([c for c in CONCEPTS if c not in used], rng.randint(low, high))
         for subject in subjects:
-            rules.append(f"every {subject} is a {rng.choice([c for c in CONCEPTS if c not in (subject, query)])} .")
+            target = query if rng.random() < 0.5 else rng.choice([c for c in CONCEPTS if c not in (subject, query)])
+            rules.append(f"every {subject} is {'not a' if target == query and rng.random() < 0.5 else 'a'} {target} .")
     rng.shuffle(rules)
 
     question = " ".join([f"{person} is a {chain[0]} ."] + rules + [f"true or false : {person} is a {query} ."])
