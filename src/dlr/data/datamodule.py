@@ -49,13 +49,8 @@ class ProceduralSpec:
             raise ValueError(f"data task weights must be >= 0 with a positive sum, got {self.task_weights}")
         if not 1 <= self.min_depth <= self.max_depth:
             raise ValueError(f"data depths need 1 <= min_depth <= max_depth, got {self.min_depth}..{self.max_depth}")
-        low, high = self.logic_extra_distractors
-        room = synthetic_logic.max_extra_distractors(min(self.max_depth, synthetic_logic.MAX_DEPTH))
-        if not 0 <= low <= high <= room:
-            raise ValueError(
-                f"data.logic_extra_distractors needs 0 <= low <= high <= {room} (the concepts left at depth "
-                f"{self.max_depth}), got {list(self.logic_extra_distractors)}"
-            )
+        deepest = min(self.max_depth, synthetic_logic.MAX_DEPTH)  # deeper fails in the generator, naming depth
+        synthetic_logic.check_extra_distractors(self.logic_extra_distractors, deepest, "data.logic_extra_distractors")
 
     def task_options(self, task: str) -> dict:
         """Keyword options of `task`'s generator."""
@@ -81,9 +76,9 @@ def fixed_test_set(spec: ProceduralSpec, seed: int, per_depth: int) -> list[Reco
     """`per_depth` problems for every (task, depth) of `spec`, in a fixed order."""
     records = []
     for task in sorted(t for t, w in spec.task_weights.items() if w > 0):
+        options = spec.task_options(task)
         for depth in range(spec.min_depth, spec.max_depth + 1):
             rng = random.Random(f"test:{seed}:{task}:{depth}")
-            options = spec.task_options(task)
             records += [GENERATORS[task](rng, depth, i, f"{task}-test-d{depth}", **options) for i in range(per_depth)]
     return records
 
@@ -200,8 +195,6 @@ class ReasoningDataModule(LightningDataModule):
         )
         weights = dict(mix_weights or {}) if source == "mixed" else SYNTHETIC_SOURCES.get(source, {})
         extra = tuple(logic_extra_distractors)
-        if len(extra) != 2:
-            raise ValueError(f"data.logic_extra_distractors is an inclusive range [low, high], got {list(extra)}")
         if extra != (0, 0) and not weights:
             raise ValueError(f"data.logic_extra_distractors needs a procedural source, got {source!r}")
         self.train_spec = ProceduralSpec(weights, *train_depths, logic_extra_distractors=extra) if weights else None

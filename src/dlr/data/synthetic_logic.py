@@ -59,10 +59,16 @@ PEOPLE = ("kai", "max", "rin", "sol", "tam", "uma", "vic", "wes", "xia", "yan", 
 MAX_DEPTH = (len(CONCEPTS) - 2) // 2  # the person's chain and the distractor need distinct concepts
 
 
-def max_extra_distractors(depth: int) -> int:
-    """Extra distractor rules a depth-`depth` problem has room for: each needs a subject of its own,
-    outside the chain (depth + 1 concepts) and the longest distractor chain (depth more)."""
-    return len(CONCEPTS) - (2 * depth + 1)
+def check_extra_distractors(extra_distractors: tuple[int, ...], depth: int, name: str = "extra_distractors") -> None:
+    """Raise, naming `name`, unless `extra_distractors` is an inclusive range [low, high] that a depth-`depth`
+    problem has room for: each extra rule needs a subject of its own, outside the chain (depth + 1 concepts)
+    and the longest distractor chain (depth more)."""
+    room = len(CONCEPTS) - (2 * depth + 1)
+    if len(extra_distractors) != 2 or not 0 <= extra_distractors[0] <= extra_distractors[1] <= room:
+        raise ValueError(
+            f"{name} is an inclusive range [low, high] with 0 <= low <= high <= {room} (the concepts left at "
+            f"depth {depth}), got {list(extra_distractors)}"
+        )
 
 
 def vocabulary() -> list[str]:
@@ -79,12 +85,8 @@ def generate(
     draws exactly what it drew before the option existed, so existing streams and test sets are unchanged)."""
     if not 1 <= depth <= MAX_DEPTH:
         raise ValueError(f"depth must be in 1..{MAX_DEPTH}, got {depth}")
+    check_extra_distractors(extra_distractors, depth)
     low, high = extra_distractors
-    if not 0 <= low <= high <= max_extra_distractors(depth):
-        raise ValueError(
-            f"extra distractors need 0 <= low <= high <= {max_extra_distractors(depth)} at depth {depth}, "
-            f"got {extra_distractors}"
-        )
     person = rng.choice(PEOPLE)
     concepts = rng.sample(CONCEPTS, 2 * depth + 2)
     chain, distractor = concepts[: depth + 1], concepts[depth + 1 :]
