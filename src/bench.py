@@ -6,6 +6,7 @@ python src/bench.py memory --backbone qwen2.5-0.5b+7b --device cuda --G 64 --K 1
 python src/bench.py probe --T 4                  # what the frozen tiny main reads in its latent span, by readout
 python src/bench.py explore --G 8 [--readout answer]  # reward spread and accuracy of noisy latents, by sigma and depth
 python src/bench.py compress --ratios 1 2 4      # answer readout: the gold chain's embeddings, c tokens per latent
+python src/bench.py frontier --per-depth 50 --samples 16  # greedy, pass@1 and pass@k by task and depth: main text chain, DLR readouts
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["rollout", "decode", "memory", "probe", "explore", "compress"])
+    parser.add_argument("command", choices=["rollout", "decode", "memory", "probe", "explore", "compress", "frontier"])
     parser.add_argument("--backbone", default="tiny", help="a configs/backbone name; real ones get random weights")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument(
@@ -65,6 +66,11 @@ def main(argv: list[str] | None = None) -> dict:
         "--ratios", type=int, nargs="+", default=[1, 2, 4], help="compress: chain tokens averaged into one latent"
     )
     parser.add_argument("--depths", type=int, nargs="+", default=[1, 4, 5, 6], help="explore: math depths")
+    parser.add_argument("--samples", type=int, default=16, help="frontier: sampled attempts per test problem")
+    parser.add_argument("--ks", type=int, nargs="+", default=[4, 8], help="frontier: k of the unbiased pass@k")
+    parser.add_argument("--sigma", type=float, default=1.0, help="frontier: DLR's latent sigma (stage 2's start)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="frontier: the main's sampling temperature")
+    parser.add_argument("--test-seed", type=int, default=1000, help="frontier: 1000 is the fixed test set")
     args = parser.parse_args(argv)
 
     import torch
@@ -74,6 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.command == "compress":  # a bad --ratios fails before the backbone loads
         for ratio in args.ratios:
             probes.check_ratio(ratio)
+    if args.command == "frontier" and not all(1 <= k <= args.samples for k in args.ks):
+        raise ValueError(f"--ks: each k must lie in 1..--samples ({args.samples}), got {args.ks}")
     torch.manual_seed(0)
     bb = benchmarks.load_backbone(args.backbone, args.device)
     if args.command == "rollout":
@@ -98,6 +106,13 @@ def main(argv: list[str] | None = None) -> dict:
         result = probes.probe_readouts(bb, args.per_depth, args.T, args.Dz, stage1_root)
         rows = None
         print(depth_table([DepthScore(**s) for s in result["scores"]]))
+    elif args.command == "frontier":
+        stage1_root = PROJECT_ROOT / "data" / "backbones" / "tiny" / "dlr_stage1"
+        result = probes.probe_frontier(
+            bb, stage1_root, args.per_depth, args.samples, args.ks, args.sigma, args.temperature, args.test_seed
+        )
+        rows = None
+        print(probes.frontier_table(result))
     elif args.command == "compress":
         result = probes.probe_compression(bb, args.per_depth, args.ratios)
         rows = None

@@ -162,3 +162,47 @@ def test_compress_reads_the_gold_embeddings_as_the_gold_text(tmp_path):
     assert set(lengths[("math", 1)]) == {"task", "depth", "chain_tokens", "span_c2", "span_c4"}
     for row in lengths.values():  # one problem per cell: the latents are ceil(tokens / c)
         assert row["span_c2"] == -(-row["chain_tokens"] // 2) and row["span_c4"] == -(-row["chain_tokens"] // 4)
+
+
+def test_unbiased_pass_at_k_and_spread_match_hand_counts():
+    from dlr.probes import spread_at_k, unbiased_pass_at_k
+
+    assert unbiased_pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 - C(3,2)/C(4,2) = 1 - 3/6
+    assert unbiased_pass_at_k(8, 2, 4) == pytest.approx(1 - 15 / 70)  # 1 - C(6,4)/C(8,4)
+    assert unbiased_pass_at_k(5, 3, 1) == pytest.approx(3 / 5)  # pass@1 is the fraction right
+    assert unbiased_pass_at_k(4, 0, 4) == 0.0 and unbiased_pass_at_k(4, 4, 1) == 1.0
+    assert spread_at_k(4, 2, 2) == pytest.approx(1 - (1 + 1) / 6)  # 1 - [C(2,2) + C(2,2)] / C(4,2)
+    assert spread_at_k(8, 1, 8) == 1.0 and spread_at_k(8, 0, 8) == 0.0 and spread_at_k(8, 8, 4) == 0.0
+    with pytest.raises(ValueError, match="1 <= k <= n"):
+        unbiased_pass_at_k(4, 1, 5)
+
+
+def test_frontier_rows_average_each_task_and_depth_over_its_problems():
+    from dlr.data.schema import Record
+    from dlr.probes import frontier_rows
+
+    def rec(i, depth):
+        return Record(id=str(i), task="math", question=f"q{i}", cot="", answer="1", depth=depth, source="s")
+
+    records = [rec(0, 1), rec(1, 1), rec(2, 2)]
+    rows = frontier_rows("x", records, [True, False, False], [4, 1, 0], samples=4, ks=[2])
+    assert [(r["depth"], r["problems"]) for r in rows] == [(1, 2), (2, 1)]
+    d1 = rows[0]
+    assert d1["greedy"] == 0.5 and d1["pass@1"] == pytest.approx((4 / 4 + 1 / 4) / 2)
+    assert d1["pass@2"] == pytest.approx((1.0 + 0.5) / 2)  # c=4: 1; c=1: 1 - C(3,2)/C(4,2) = 0.5
+    assert d1["spread@2"] == pytest.approx((0.0 + 0.5) / 2)  # c=1 of 4: 1 - [0 + C(3,2)] / C(4,2) = 0.5
+    assert rows[1]["pass@2"] == 0.0 and rows[1]["spread@2"] == 0.0
+
+
+def test_frontier_scores_the_main_and_both_readouts_greedy_and_sampled(tmp_path):
+    result = bench.main(
+        ["frontier", "--device", "cpu", "--per-depth", "1", "--samples", "2", "--ks", "1", "2",
+         "--out", str(tmp_path / "f.json")]
+    )  # fmt: skip
+    sources = list(dict.fromkeys(r["source"] for r in result["rows"]))
+    assert sources == ["main text chain (T=1)", "DLR rationale readout (sigma=1)", "DLR answer readout (sigma=1)"]
+    assert len(result["rows"]) == 3 * 2 * 8  # sources x tasks x depths
+    for row in result["rows"]:
+        assert row["pass@1"] <= row["pass@2"] <= 1.0 and 0.0 <= row["spread@2"] <= row["pass@2"]
+    with pytest.raises(ValueError, match="--ks"):
+        bench.main(["frontier", "--device", "cpu", "--per-depth", "1", "--samples", "2", "--ks", "3"])

@@ -1,5 +1,5 @@
 """What the frozen main can read and how much spread latent noise buys (docs/design.md §7):
-`src/bench.py readouts|explore|compress`. Each probe scores greedy (or noisy) decodes on the fixed
+`src/bench.py probe|explore|compress|frontier`. Each probe scores greedy (or noisy) decodes on the fixed
 test set by task and depth, before any RL, on a backbone loaded by `dlr.benchmarks.load_backbone`.
 """
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import zlib
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from dlr.data.datamodule import ReasoningDataModule
 from dlr.methods.losses import compress_chain_embeddings
 from dlr.methods.stage1 import STAGE1_COMMANDS, load_stage1
 from dlr.models.backbones import weights_sha256
-from dlr.models.generation import greedy_complete, greedy_decode_embeds
+from dlr.models.generation import greedy_complete, greedy_decode_embeds, sample_completions
 from dlr.models.projector import mean_embedding_norm
 from dlr.models.readout import Readout, latent_main_inputs
 from dlr.rewards import CORRECT
@@ -385,4 +386,138 @@ def compression_tables(result: dict) -> str:
     blocks.append("\n".join(lines))
     if "c1_matches_text" in result:
         blocks.append(f"c=1 embeddings and gold text decode the same answer on {100 * result['c1_matches_text']:.1f}%")
+    return "\n\n".join(blocks)
+
+
+def unbiased_pass_at_k(n: int, c: int, k: int) -> float:
+    """Chen et al. (2021): the chance that k of n attempts drawn without replacement hold a correct one,
+    when c of the n are correct: 1 - C(n-c, k) / C(n, k)."""
+    if not 1 <= k <= n or not 0 <= c <= n:
+        raise ValueError(f"pass@k needs 1 <= k <= n and 0 <= c <= n, got n={n}, c={c}, k={k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def spread_at_k(n: int, c: int, k: int) -> float:
+    """The chance that a group of k of the n attempts (drawn without replacement) disagrees in
+    correctness, i.e. gives GRPO-style advantages a non-zero spread: 1 - [C(c, k) + C(n-c, k)] / C(n, k)."""
+    if not 1 <= k <= n or not 0 <= c <= n:
+        raise ValueError(f"spread@k needs 1 <= k <= n and 0 <= c <= n, got n={n}, c={c}, k={k}")
+    return 1.0 - (math.comb(c, k) + math.comb(n - c, k)) / math.comb(n, k)
+
+
+def frontier_rows(
+    label: str, records: list, greedy: list[bool], correct_counts: list[int], samples: int, ks: list[int]
+) -> list[dict]:
+    """One row per (task, depth): greedy accuracy, pass@1 at the sampler's own noise (the mean fraction
+    of the n samples that are right, as DeepSeek-R1 reports it), unbiased pass@k for each k and the
+    chance that a group of max(ks) samples has reward spread."""
+    group = max(ks)
+    rows = []
+    for task, depth in sorted({(r.task, r.depth) for r in records}):
+        at = [i for i, r in enumerate(records) if (r.task, r.depth) == (task, depth)]
+        mean = lambda values: sum(values) / len(values)  # noqa: E731
+        row = {"source": label, "task": task, "depth": depth, "problems": len(at)}
+        row["greedy"] = mean([float(greedy[i]) for i in at])
+        row["pass@1"] = mean([correct_counts[i] / samples for i in at])
+        for k in ks:
+            row[f"pass@{k}"] = mean([unbiased_pass_at_k(samples, correct_counts[i], k) for i in at])
+        row[f"spread@{group}"] = mean([spread_at_k(samples, correct_counts[i], group) for i in at])
+        rows.append(row)
+    return rows
+
+
+@torch.no_grad()
+def probe_frontier(
+    bb: Backbone,
+    stage1_root: Path,
+    per_depth: int,
+    samples: int,
+    ks: list[int],
+    sigma: float,
+    temperature: float,
+    test_seed: int,
+    batch_size: int = 32,
+) -> dict:
+    """Where each policy stands before any RL, by task and depth of a test set (test_seed 1000 is the
+    fixed one): its greedy accuracy (the test metric), pass@1 over `samples` attempts at its own sampling
+    noise and unbiased pass@k (what RL can draw on), and how often a group of max(ks) attempts has reward
+    spread (what a group-relative advantage can learn from). The policies: the main's own text chain
+    (greedy, and sampled at `temperature` as GRPO samples it) and each DLR readout through its shipped
+    stage 1 (the noise-free chain decoded once, and `samples` latent chains at `sigma` each decoded once
+    greedily, as DLR's stage 2 starts)."""
+    for k in ks:
+        if not 1 <= k <= samples:
+            raise ValueError(f"--ks: each k must lie in 1..--samples ({samples}), got {k}")
+    reward = reward_from_yaml()
+    data = ReasoningDataModule("mixed", 1, [1, 4], [1, 8], 0, test_seed, per_depth, {"math": 0.5, "logic": 0.5})
+    records = data.test_records()
+    tok, fmt = bb.main_tokenizer, bb.fmt
+    decode_tokens = 96  # eval.max_new_tokens: depth-8 chains need about 80
+
+    def right(texts: list[str], chunk: list) -> list[bool]:
+        return [reward.score(t, r.answer, r.task).correct for t, r in zip(texts, chunk, strict=True)]
+
+    def measured(label: str, greedy_of, samples_of) -> list[dict]:
+        greedy, counts = [], []
+        for start in range(0, len(records), batch_size):
+            chunk = records[start : start + batch_size]
+            greedy += right(greedy_of(chunk), chunk)
+            attempts = samples_of(chunk)  # len(chunk) lists of `samples` texts
+            counts += [round(sum(right(a, [r] * samples))) for a, r in zip(attempts, chunk, strict=True)]
+        return frontier_rows(label, records, greedy, counts, samples, ks)
+
+    def main_greedy(chunk):
+        return greedy_complete(bb.main, tok, [fmt.prompt(r.question, tok) for r in chunk], decode_tokens)
+
+    def main_sampled(chunk):
+        prompts = [fmt.prompt(r.question, tok) for r in chunk]
+        _, _, ids, mask = sample_completions(bb.main, tok, prompts, samples, decode_tokens, temperature)
+        texts = [tok.decode(i[m.bool()], skip_special_tokens=True) for i, m in zip(ids, mask, strict=True)]
+        return [texts[i * samples : (i + 1) * samples] for i in range(len(chunk))]
+
+    rows = measured(f"main text chain (T={temperature:g})", main_greedy, main_sampled)
+    for readout in ("rationale", "answer"):
+        if not (stage1_root / readout / "stage1.json").is_file():
+            raise SystemExit(
+                f"error: no shipped stage 1 in {stage1_root / readout}; build it: {STAGE1_COMMANDS[readout]}"
+            )
+        module = shipped_stage1_module(bb, stage1_root, readout, samples).eval()
+        module.policy.set_sigma(sigma)
+        rows += measured(
+            f"DLR {readout} readout (sigma={sigma:g})",
+            module.greedy_completions,
+            lambda c, m=module: m.sample_attempts(c, samples),
+        )
+    return {
+        "per_depth": per_depth,
+        "samples": samples,
+        "ks": ks,
+        "sigma": sigma,
+        "temperature": temperature,
+        "test_seed": test_seed,
+        "rows": rows,
+    }
+
+
+def frontier_table(result: dict) -> str:
+    """Markdown, one table per task: rows are sources and measures, columns depths."""
+    rows = result["rows"]
+    measures = [k for k in rows[0] if k not in ("source", "task", "depth", "problems")]
+    depths = sorted({r["depth"] for r in rows})
+    by = {(r["source"], r["task"], r["depth"]): r for r in rows}
+    blocks = []
+    for task in sorted({r["task"] for r in rows}):
+        lines = [
+            f"**{task}** ({result['per_depth']} problems per depth, test seed {result['test_seed']}, n={result['samples']} samples)",
+            "",
+        ]
+        lines += [
+            "| source | measure | " + " | ".join(f"d{d}" for d in depths) + " |",
+            "|" + "---|" * (len(depths) + 2),
+        ]
+        for source in dict.fromkeys(r["source"] for r in rows):
+            for m in measures:
+                cells = [f"{100 * by[(source, task, d)][m]:.0f}%" if (source, task, d) in by else "–" for d in depths]
+                lines.append(f"| {source} | {m} | " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
