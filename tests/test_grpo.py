@@ -10,8 +10,8 @@ import torch
 from conftest import quiet_cpu_trainer, reward_from_yaml, run_train, settings_from_yaml
 from dlr.accounting import compute_parameters
 from dlr.data.datamodule import ReasoningDataModule
-from dlr.methods.grpo_module import GRPOModule, GRPOSettings
-from dlr.methods.losses import LOSS_TYPES, aggregate_token_loss, micro_batch_weight
+from dlr.methods.grpo_module import GRPOModule, GRPOSettings, shuffle_across_batch
+from dlr.methods.losses import LOSS_TYPES, aggregate_token_loss, clipped_surrogate, micro_batch_weight
 from dlr.models.backbones import ModelSpec, PromptFormat, add_lora, load_main, load_tokenizer, weights_sha256
 from dlr.models.generation import completion_log_probs, completion_mask_after_eos, sample_completions
 from dlr.rewards import TOTAL
@@ -238,3 +238,47 @@ def test_repeated_nans_stop_the_run_with_a_clear_error_and_keep_the_last_checkpo
     assert "Traceback" not in result.stderr  # one readable message
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 1  # the last good step
+
+
+def test_shuffle_across_batch_is_a_uniform_permutation_of_the_rewards():
+    torch.manual_seed(0)
+    rewards = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.2, 0.0]])
+    landed = torch.zeros(6)
+    for _ in range(600):
+        shuffled = shuffle_across_batch(rewards)
+        assert shuffled.shape == rewards.shape and sorted(shuffled.flatten().tolist()) == sorted(
+            rewards.flatten().tolist()
+        )
+        landed += (shuffled.flatten() == 1.0).float()
+    assert landed.min() > 60  # each of the 6 places gets the 1 about 100 times in 600 draws
+
+
+def test_a_shuffled_reward_grpo_step_takes_its_advantages_from_the_shuffled_rewards(tiny_pair, tmp_path, monkeypatch):
+    """With method.shuffle_rewards the surrogate sees advantages of the shuffled rewards; the logged
+    scores stay the completions' own."""
+    from dlr.methods import grpo_module as grpo
+    from dlr.methods.losses import group_advantages
+
+    module = grpo_module(tiny_pair, shuffle_rewards=True)
+    true_rewards = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.2]])
+    rollout = module.rollout
+
+    def fixed_scores(records):
+        out = list(rollout(records))
+        out[4] = torch.stack([true_rewards, torch.zeros(3, 3), true_rewards], dim=-1)  # (correct, format, total)
+        return tuple(out)
+
+    seen = []
+
+    def recorded(logp, old, advantages, eps_low, eps_high):
+        seen.append(advantages.clone())
+        return clipped_surrogate(logp, old, advantages, eps_low, eps_high)
+
+    monkeypatch.setattr(module, "rollout", fixed_scores)
+    monkeypatch.setattr(grpo, "shuffle_across_batch", lambda r: r.flip(0))  # groups 0 and 2 swap places
+    monkeypatch.setattr(grpo, "clipped_surrogate", recorded)
+    data = ReasoningDataModule("mixed", 3, [1, 1], [1, 1], 0, 1000, 1, {"math": 0.5, "logic": 0.5})
+    quiet_cpu_trainer(tmp_path, 1).fit(module, datamodule=data)
+    expected = group_advantages(true_rewards.flip(0), "group")[0].flatten()
+    torch.testing.assert_close(torch.cat(seen), expected)
+    assert torch.equal(module.last_scores[..., TOTAL], true_rewards)

@@ -32,6 +32,14 @@ from dlr.ranks import gather_ranks
 from dlr.rewards import TOTAL, RewardConfig
 
 
+def shuffle_across_batch(rewards: torch.Tensor) -> torch.Tensor:
+    """rewards [B, K] permuted uniformly over all B*K places (torch's seeded generator), so a reward no
+    longer says anything about the completion it is paired with: the negative control of
+    `method.shuffle_rewards`, which keeps the reward's distribution and the batch's spread."""
+    flat = rewards.flatten()
+    return flat[torch.randperm(flat.numel(), device=flat.device)].view_as(rewards)
+
+
 class GRPOModule(RLModule):
     arm_name = "GRPO"
     ddp_unused_parameters = False  # every step trains every adapter
@@ -111,6 +119,8 @@ class GRPOModule(RLModule):
         prompt_ids, prompt_mask, completion_ids, completion_mask, scores, gen_seconds = self.rollout(batch)
         rewards = scores[..., TOTAL]  # [B, K]
         advantages, zero_spread = group_advantages(rewards, s.scale_rewards)
+        if s.shuffle_rewards:  # the negative control learns from rewards that belong to other completions
+            advantages = group_advantages(shuffle_across_batch(rewards), s.scale_rewards)[0]  # logs keep the true ones
         advantages = advantages.flatten()  # [N], question-major like the completions
         args = (prompt_ids, prompt_mask, completion_ids, completion_mask)
         old_logp = self._log_probs_no_grad(*args, adapters=True) if s.num_iterations > 1 else None

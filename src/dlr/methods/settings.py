@@ -275,6 +275,7 @@ class GRPOSettings:
     temperature: float
     cache: str
     scale_rewards: str
+    shuffle_rewards: bool  # negative control: rewards permuted across the batch before advantages
     loss_type: str
     eps_low: float
     eps_high: float
