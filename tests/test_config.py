@@ -127,3 +127,14 @@ def test_every_experiment_builds_every_settings_object_from_the_yaml(experiment,
         assert set(check_comparison(cfg, [0], tmp_path).values()) <= {"dlr", "grpo"}
     else:
         assert name in ("warmstart", "evaluate")  # no settings object beyond the reward and the backbone
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_s_data_instantiates_offline(experiment, tmp_path):
+    """The data module of every experiment builds before any model loads (a hub source is not read
+    until its records are asked for), so a data setting that cannot start fails here, on the CPU."""
+    from hydra.utils import instantiate
+
+    cfg = compose_config([f"experiment={experiment}", f"paths.output_dir={tmp_path}"])
+    datamodule = instantiate(cfg.data)
+    assert datamodule.source == cfg.data.source
