@@ -16,6 +16,7 @@ from dlr.models.backbones import (
     load_causal_lm,
     load_main,
     load_tokenizer,
+    marker_token_id,
     weights_sha256,
 )
 from dlr.models.tiny import BOL, EOL, LAT, build_tokenizer
@@ -127,3 +128,42 @@ def test_int8_main_loads_frozen_and_runs(tiny_pair):
     assert not any(p.requires_grad for p in main.parameters())
     with torch.no_grad():
         assert main(input_ids=torch.randint(8, 100, (2, 5))).logits.shape == (2, 5, main.config.vocab_size)
+
+
+def llama_style_tokenizer():
+    """A tokenizer built as LLaMA-2's tokenizer.json is (BPE with byte fallback, the "▁" word-start
+    normalizer, <unk> <s> </s> at ids 0-2 and the byte tokens <0x00>..<0xFF> at 3-258), on a few words."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in ("▁", "a", "b", "▁a", "▁b", ":"):
+        vocab[piece] = len(vocab)
+    model = models.BPE(vocab=vocab, merges=[("▁", "a"), ("▁", "b")], byte_fallback=True, unk_token="<unk>")
+    tokenizer = Tokenizer(model)
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_latent_markers_are_existing_tokens_by_name_or_as_byte_fallback_characters():
+    """The paper's backbone marks the latent span with the characters STX and ETX, which LLaMA-2's
+    tokenizer writes as its byte tokens <0x02> (id 5) and <0x03> (id 6) wherever they stand."""
+    from conftest import compose_config
+
+    llama = llama_style_tokenizer()
+    prompt = compose_config(["backbone=llama2-7b+sheared-1.3b"]).backbone
+    ids = [marker_token_id(llama, m) for m in (prompt.prompt.bol, prompt.prompt.eol, prompt.placeholder)]
+    assert ids == [3 + 0x02, 3 + 0x03, 3 + 0x1A]
+    assert llama("a b:\x02", add_special_tokens=False).input_ids[-1] == 5  # one token inside a prompt
+    assert marker_token_id(llama, "<0x02>") == 5  # by its name too
+    assert marker_token_id(llama, "ab") is None  # two tokens
+    assert marker_token_id(llama, "<bol>") is None  # not a token of this vocabulary
+    tiny = build_tokenizer()
+    assert marker_token_id(tiny, BOL) == tiny.convert_tokens_to_ids(BOL)
+
+
+def test_a_prompt_structure_must_be_one_the_rewards_check():
+    assert PromptFormat(structure="tags").structure == "tags"
+    with pytest.raises(ValueError, match="backbone.prompt.structure"):
+        PromptFormat(structure="xml")

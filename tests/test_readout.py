@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import quiet_cpu_trainer, settings_from_yaml
+from conftest import quiet_cpu_trainer, reward_from_yaml, settings_from_yaml
 from dlr.data.schema import Record
 from dlr.data.synthetic_logic import generate as generate_logic
 from dlr.data.synthetic_math import generate as generate_math
@@ -21,6 +21,7 @@ from dlr.methods.stage1 import export_stage1, load_stage1
 from dlr.models.backbones import PromptFormat
 from dlr.models.readout import Readout, split_gold_completion
 from dlr.models.tiny import build_tokenizer
+from dlr.rewards import RewardBreakdown
 from test_dlr import build_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +55,25 @@ def test_chat_models_read_the_latents_inside_the_user_turn():
     assert after == "<eol> [end] [assistant] "  # the assistant turn is the model's usual answer
     assert Readout("rationale", fmt, 64).gold_completion(RECORD, "<eos>") == "gets 2 : 7 + 2 = 9 .\n#### 9<eos>"
     assert not Readout("rationale", fmt, 64).latents_open_the_chain
+
+
+def test_the_tags_structure_closes_the_span_and_the_main_writes_think_and_answer():
+    """A plain prompt asking for the paper's tags (the LLaMA-2 main): `prompt <bol> latents <eol>`, and the
+    main writes the whole `<think>...</think><answer>...</answer>` (Eq. 10), which the tags reward reads."""
+    tokenizer = build_tokenizer()
+    fmt = dataclasses.replace(FMT, structure="tags", answer_cue="<answer>")
+    rationale, answer = Readout("rationale", fmt, 64), Readout("answer", fmt, 4)
+    prompt = f"<bos> {RECORD.question} answer :"
+    assert rationale.around_latents(RECORD.question, tokenizer) == (f"{prompt}<bol>", "<eol>")
+    assert not rationale.latents_open_the_chain  # stage 1 asks for all of the completion
+    gold = rationale.gold_completion(RECORD, "<eos>")
+    assert gold == "<think>gets 2 : 7 + 2 = 9 .</think>\n<answer>9</answer><eos>"
+    assert reward_from_yaml(["backbone=llama2-7b+sheared-1.3b", "reward=paper"]).score(
+        gold.removesuffix("<eos>"), "9", "math"
+    ) == RewardBreakdown(1.0, 1.0, pytest.approx(1.2))
+    assert answer.around_latents(RECORD.question, tokenizer) == (f"{prompt}<bol>", "<eol> <answer>")
+    assert answer.gold_completion(RECORD, "<eos>") == " 9</answer><eos>"
+    assert answer.scored_text("9</answer>") == "<answer> 9</answer>"
 
 
 def test_stage1_targets_split_the_gold_completion_after_the_tokens_the_latents_stand_for():

@@ -14,10 +14,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import reward_from_yaml
+from dlr.methods.losses import group_advantages
 from dlr.rewards import (
     DEFAULT_FORMAT_PATTERN,
+    TAGS_FORMAT_PATTERN,
     RewardBreakdown,
     extract_answer,
+    extract_tagged_answer,
     format_ok,
     is_correct,
     latex_equivalent,
@@ -296,6 +299,64 @@ def test_format_ok_is_linear_on_long_inputs(completion):
     assert seconds < 0.2
 
 
+TAGS_FORMAT_CASES = [
+    ("<think>3 * 4 = 12</think>\n<answer>12</answer>", True),
+    ("  <think>\nstep\n</think> <answer> 12 </answer>\n", True),
+    ("<think></think><answer>12</answer>", True),  # an empty reasoning is still the structure
+    ("<answer>12</answer>", False),  # no reasoning block
+    ("<think>a</think>", False),  # no answer block
+    ("<think>a</think><answer> </answer>", False),  # an empty answer
+    ("<think>a</think><answer>12</answer> more", False),  # text after the structure
+    ("so <think>a</think><answer>12</answer>", False),  # text before it
+    ("<think>a<answer>1</answer></think><answer>12</answer>", False),  # a tag inside the reasoning
+    ("<think>a</think><answer>12</answer><answer>12</answer>", False),  # two answers
+    ("<think>a</think><answer>12", False),  # cut short
+    ("<answer>12</answer><think>a</think>", False),  # the wrong order
+    ("", False),
+]
+
+
+@pytest.mark.parametrize("completion, ok", TAGS_FORMAT_CASES)
+def test_tags_format(completion, ok):
+    assert format_ok(completion, TAGS_FORMAT_PATTERN) is ok
+
+
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "<think>" * 15_000,
+        "<think>" + "a" * 100_000 + "</think><answer>",
+        "<think>a</think><answer>" + "1" * 100_000 + "</answer>x",
+        "<think>a</think><answer>" + " " * 100_000,
+        "</think><answer>" * 6_000,
+        "<think>" + "<" * 100_000 + "</think><answer>1</answer>",
+    ],
+)
+def test_tags_format_and_answer_are_linear_on_long_inputs(completion):
+    _, seconds = timed(format_ok, completion, TAGS_FORMAT_PATTERN)
+    assert seconds < 0.2
+    _, seconds = timed(extract_tagged_answer, completion)
+    assert seconds < 0.2
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("<think>7 + 5 = 12</think><answer>12</answer>", "12"),
+        ("<think>a</think><answer> \\boxed{\\frac{1}{2}} </answer>", "\\frac{1}{2}"),
+        ("<think>a</think><answer>#### 9</answer>", "9"),
+        ("<think>a</think><answer>9 apples</answer>", "9"),  # the answer leading the span
+        ("<answer>1</answer> then <answer>2</answer>", "2"),  # the last span
+        ("<think>a</think><answer>12", "12"),  # cut short: to the end of the text
+        ("<think>a</think><answer> </answer> #### 7", "7"),  # an empty span: the text's answer line
+        ("no tags #### 7", "7"),  # no span: the text's answer line
+        ("<think>12</think>", None),
+    ],
+)
+def test_tagged_answer_is_read_from_the_last_answer_span(text, expected):
+    assert extract_tagged_answer(text) == expected
+
+
 # --- dual reward --------------------------------------------------------------------------------
 
 
@@ -342,12 +403,69 @@ def test_score_batch_empty_and_mismatched():
         score_batch(["#### 1"], ["1", "2"], ["math"])
 
 
+PAPER = {"w_correct": 1.0, "w_format": 0.2, "signed": True}  # reward=paper: lambda = 0.2
+
+
+@pytest.mark.parametrize(
+    "completion, gold, task, structure, correct, well_formed, total",
+    [
+        # Eq. (3): R_corr + 0.2 R_fmt with R in {+1, -1}
+        ("3 * 4 = 12 . #### 12", "12", "math", "hash", 1.0, 1.0, 1 + 0.2),
+        ("3 * 4 = 12 . The answer is 12", "12", "math", "hash", 1.0, 0.0, 1 - 0.2),
+        ("#### 13", "12", "math", "hash", 0.0, 1.0, -1 + 0.2),
+        ("twelve", "12", "math", "hash", 0.0, 0.0, -1 - 0.2),
+        ("<think>3 * 4 = 12</think>\n<answer>12</answer>", "12", "math", "tags", 1.0, 1.0, 1.2),
+        ("<think>3 * 4 = 12</think><answer>13</answer>", "12", "math", "tags", 0.0, 1.0, -0.8),
+        ("<answer>12</answer>", "12", "math", "tags", 1.0, 0.0, 0.8),  # right, but no reasoning block
+        ("#### 12", "12", "math", "tags", 1.0, 0.0, 0.8),  # right without the tags
+        ("<think>a</think><answer>12</answer> more", "12", "math", "tags", 1.0, 0.0, 0.8),
+        ("<think>a</think><answer> </answer>", "12", "math", "tags", 0.0, 0.0, -1.2),
+        ("<think>a</think><answer>\\frac{1}{2}</answer>", "0.5", "math", "tags", 1.0, 1.0, 1.2),
+        ("<think>every cat is a mammal</think><answer>true</answer>", "true", "logic", "tags", 1.0, 1.0, 1.2),
+        ("<think>a</think><answer>false</answer>", "true", "logic", "tags", 0.0, 1.0, -0.8),
+    ],
+)
+def test_paper_reward_by_hand(completion, gold, task, structure, correct, well_formed, total):
+    """The correct and format columns stay 0/1 (they are read as rates); the total is Eq. (3)."""
+    breakdown = score(completion, gold, task, structure=structure, **PAPER)
+    assert (breakdown.correct, breakdown.format) == (correct, well_formed)
+    assert breakdown.total == pytest.approx(total)
+
+
+def test_paper_and_default_rewards_give_the_same_group_advantages():
+    """R_paper = 2 R_default - 1.2 at equal weights: Eq. (4)'s group normalisation removes the affine map
+    (up to its eps): rewards (1.2, 0.2, 0, 1) -> (1.2, -0.8, -1.2, 0.8)."""
+    completions = ["#### 12", "#### 13", "thirteen", "The answer is 12"]
+    default = score_batch(completions, ["12"] * 4, ["math"] * 4)
+    paper = score_batch(completions, ["12"] * 4, ["math"] * 4, **PAPER)
+    torch.testing.assert_close(paper[:, :2], default[:, :2])  # the same 0/1 columns
+    torch.testing.assert_close(paper[:, 2], torch.tensor([1.2, -0.8, -1.2, 0.8]))
+    paper_advantages, default_advantages = (
+        group_advantages(paper[None, :, 2])[0],
+        group_advantages(default[None, :, 2])[0],
+    )
+    torch.testing.assert_close(paper_advantages, default_advantages, rtol=2e-4, atol=0)  # eps 1e-4 against std ~1
+
+
 # --- config -------------------------------------------------------------------------------------
 
 
 def test_reward_config_comes_from_the_yaml():
-    config = reward_from_yaml()  # format_pattern: null there is the default template
-    assert (config.w_correct, config.w_format, config.format_pattern) == (1.0, 0.2, DEFAULT_FORMAT_PATTERN)
+    config = reward_from_yaml()  # format_pattern: null there is the structure's template
+    assert (config.w_correct, config.w_format, config.signed, config.structure) == (1.0, 0.2, False, "hash")
+    assert config.pattern == DEFAULT_FORMAT_PATTERN
+
+
+def test_paper_reward_config_reads_the_backbones_structure():
+    """reward=paper: {+1, -1} values and lambda 0.2; the tiny backbone's "#### n" line, the paper's
+    backbone's <think>/<answer> tags."""
+    tiny = reward_from_yaml(["reward=paper"])
+    assert (tiny.w_correct, tiny.w_format, tiny.signed, tiny.structure) == (1.0, 0.2, True, "hash")
+    assert tiny.pattern == DEFAULT_FORMAT_PATTERN
+    llama = reward_from_yaml(["reward=paper", "backbone=llama2-7b+sheared-1.3b"])
+    assert (llama.signed, llama.structure, llama.pattern) == (True, "tags", TAGS_FORMAT_PATTERN)
+    assert llama.score("<think>4 * 3</think><answer>12</answer>", "12", "math").total == pytest.approx(1.2)
+    assert reward_from_yaml(["backbone=llama2-7b+sheared-1.3b"]).structure == "tags"  # the default reward too
 
 
 @pytest.mark.parametrize(
@@ -359,6 +477,8 @@ def test_reward_config_comes_from_the_yaml():
         ({"w_correct": "1"}, "w_correct"),
         ({"math_verify_timeout_s": 0}, "math_verify_timeout_s"),
         ({"format_pattern": "(unclosed"}, "format_pattern"),
+        ({"structure": "xml"}, "reward.structure"),
+        ({"signed": "yes"}, "reward.signed"),
     ],
 )
 def test_reward_config_rejects_bad_values(overrides, bad_key):
@@ -398,6 +518,36 @@ def test_never_raises_on_any_text(completion, gold, lenient):
     assert answer is None or isinstance(answer, str)
     # the completion as a gold answer and as a prediction must not break the checker either
     assert is_correct(completion, completion, task, timeout_s=PROPERTY_TIMEOUT_S) in (True, False)
+
+
+tagged_completions = st.one_of(
+    completions,
+    st.lists(
+        st.one_of(
+            st.sampled_from(["<think>", "</think>", "<answer>", "</answer>", "<", ">", "/", " ", "\n", "#### "]),
+            st.text(alphabet="0123456789{}\\$ .-truefalsboxd", max_size=12),
+        ),
+        max_size=12,
+    ).map("".join),
+)
+SIGNED_TOTALS = [pytest.approx(v) for v in (1.2, 0.8, -0.8, -1.2)]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(completion=tagged_completions, gold=st.sampled_from(GOLDS), structure=st.sampled_from(["hash", "tags"]))
+def test_paper_reward_never_raises_and_keeps_rates_and_signed_totals(completion, gold, structure):
+    """reward=paper on any text, with the tags or the "####" structure: bounded time, 0/1 columns, and a
+    total that is one of the four values of Eq. (3), R_corr + 0.2 R_fmt."""
+    gold_answer, task = gold
+    breakdown, seconds = timed(
+        score, completion, gold_answer, task, structure=structure, math_verify_timeout_s=PROPERTY_TIMEOUT_S, **PAPER
+    )
+    assert seconds < PROPERTY_BOUND_S
+    assert breakdown.correct in (0.0, 1.0) and breakdown.format in (0.0, 1.0)
+    assert breakdown.total == pytest.approx((2 * breakdown.correct - 1) + 0.2 * (2 * breakdown.format - 1))
+    assert breakdown.total in SIGNED_TOTALS
+    answer = extract_tagged_answer(completion)
+    assert answer is None or isinstance(answer, str)
 
 
 @settings(max_examples=200, deadline=None)

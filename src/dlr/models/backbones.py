@@ -25,6 +25,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from dlr.rewards import STRUCTURES
+
 QUANTIZATIONS = ("nf4", "int8", "none")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,6 +45,11 @@ class PromptFormat:
     bol: str = "<bol>"  # existing token that opens the latent span in the main model's input
     eol: str = "<eol>"  # existing token that closes it
     answer_cue: str = "####"  # text after <eol> that starts the answer line
+    structure: str = "hash"  # what the main is asked to write: hash (reasoning, `#### n`) | tags (<think>, <answer>)
+
+    def __post_init__(self) -> None:
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"backbone.prompt.structure must be one of {STRUCTURES}, got {self.structure!r}")
 
     def prompt(self, question: str, tokenizer: PreTrainedTokenizerBase) -> str:
         if self.use_chat_template:
@@ -50,6 +57,22 @@ class PromptFormat:
             return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         bos = tokenizer.bos_token or ""
         return f"{bos} {self.template.format(question=question)}".strip()
+
+
+def marker_token_id(tokenizer: PreTrainedTokenizerBase, marker: str) -> int | None:
+    """The id of the one existing token that `marker` is inside a prompt, or None when it is not one
+    token: a vocabulary entry or special token by name (Qwen's `<|box_start|>`, the tiny `<bol>`), or a
+    character the tokenizer encodes as a token of its own wherever it stands, such as a byte-fallback
+    token (LLaMA-2's "\\x02" is `<0x02>`). It is read after a letter, so a tokenizer's word-start
+    prefix (LLaMA's dummy "▁") does not count."""
+    token_id = tokenizer.convert_tokens_to_ids(marker)
+    if token_id is not None and token_id != tokenizer.unk_token_id:
+        return token_id
+    alone = tokenizer("a", add_special_tokens=False).input_ids
+    with_marker = tokenizer(f"a{marker}", add_special_tokens=False).input_ids
+    if len(with_marker) == len(alone) + 1 and with_marker[: len(alone)] == alone:
+        return None if with_marker[-1] == tokenizer.unk_token_id else with_marker[-1]
+    return None
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,13 @@ and how its text is scored:
 
 - `rationale` (the default; SoftCoT's reading): the latents open the main model's reasoning and the
   frozen main writes its own chain and answer line in text, one greedy decode per kept chain. With a
-  plain prompt (the tiny backbone) the input is `prompt <bol> P(z_1)..P(z_T)` and the latents stand
-  for the first T tokens of the chain the main continues (`... <eol> #### n`); with a chat template
-  they sit between the markers inside the user turn and the assistant turn is the model's usual
-  step-by-step answer.
+  plain prompt and the `####` structure (the tiny backbone) the input is `prompt <bol> P(z_1)..P(z_T)`
+  and the latents stand for the first T tokens of the chain the main continues (`... <eol> #### n`);
+  with a chat template they sit between the markers inside the user turn and the assistant turn is
+  the model's usual step-by-step answer; with a plain prompt and the tags structure (the paper's
+  LLaMA-2 main, Eq. 10: the main reads latents, context and query and writes the reasoning and the
+  answer) the input is `prompt <bol> P(z_1)..P(z_T) <eol>` and the main writes all of
+  `<think>...</think><answer>...</answer>`.
 - `answer` (Coconut / CoLaR's reading): `prompt <bol> P(z_1)..P(z_T) <eol> ####` and the main writes
   only the answer; the cue is put back in front of its text, so its format asks only for an answer token.
 """
@@ -23,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from dlr.data.schema import Record
 from dlr.models.backbones import PromptFormat
+from dlr.rewards.verify import ANSWER_CLOSE, ANSWER_OPEN
 
 READOUTS = ("rationale", "answer")
 _SPAN = "<<latent-span>>"  # stands in for the latents while a chat template renders the user turn
@@ -42,9 +46,9 @@ class Readout:
 
     @property
     def latents_open_the_chain(self) -> bool:
-        """Whether the latents stand for the opening tokens of the gold completion (plain prompts,
-        rationale readout): stage 1 then predicts only the rest of it."""
-        return self.kind == "rationale" and not self.fmt.use_chat_template
+        """Whether the latents stand for the opening tokens of the gold completion (plain prompts with
+        the `####` structure, rationale readout): stage 1 then predicts only the rest of it."""
+        return self.kind == "rationale" and not self.fmt.use_chat_template and self.fmt.structure == "hash"
 
     @property
     def free_answer_cue(self) -> bool:
@@ -58,14 +62,20 @@ class Readout:
             before, after = fmt.prompt(f"{question}\n{fmt.bol}{_SPAN}{fmt.eol}", tokenizer).split(_SPAN)
             return before, after
         before = f"{fmt.prompt(question, tokenizer)}{fmt.bol}"
-        return (before, "") if self.kind == "rationale" else (before, f"{fmt.eol} {fmt.answer_cue}")
+        if self.kind == "rationale":
+            return before, "" if self.latents_open_the_chain else fmt.eol
+        return before, f"{fmt.eol} {fmt.answer_cue}"
 
     def gold_completion(self, record: Record, eos: str) -> str:
         """What the main model should write after the latent span, from the record's gold solution.
         Plain prompts continue the warm-start format (`... <eol> #### n`); chat models write their
-        reasoning, then the answer line."""
+        reasoning, then the answer line; the tags structure is `<think>cot</think>\n<answer>n</answer>`
+        (after the cue `<answer>`, the answer readout writes `n</answer>`)."""
+        tags = self.fmt.structure == "tags"
         if self.kind == "answer":
-            return f" {record.answer}{eos}"
+            return f" {record.answer}{ANSWER_CLOSE if tags else ''}{eos}"
+        if tags:
+            return f"<think>{record.cot}</think>\n{ANSWER_OPEN}{record.answer}{ANSWER_CLOSE}{eos}"
         if self.fmt.use_chat_template:
             return f"{record.cot}\n{self.fmt.answer_cue} {record.answer}{eos}"
         return f" {record.cot} {self.fmt.eol} {self.fmt.answer_cue} {record.answer}{eos}"

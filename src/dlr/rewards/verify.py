@@ -1,6 +1,6 @@
 """Final-answer extraction and equivalence checking (docs/design.md §9).
 
-Extraction (`extract_answer`), in priority order:
+Extraction (`extract_answer`; `extract_tagged_answer` reads a `<answer>...</answer>` span first), in priority order:
   1. the last `####` marker: the rest of its line;
   2. the last `The answer is X` (case-insensitive, optional colon): the rest of its line;
   3. the last `\\boxed{...}`, nested braces handled; an unbalanced last box gives nothing;
@@ -58,6 +58,7 @@ _WORKER_STARTUP_TIMEOUT_S = 30.0  # python start + importing sympy; paid once pe
 _WORKER_BACKSTOP_S = 60  # the worker's own signal timeout, so an orphaned worker stops computing
 _MAX_IDLE_WORKERS = 4  # each holds sympy (~70 MB); extra workers from a burst of threads are closed
 
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"  # the answer span of reward.structure=tags
 _ANSWER_IS = re.compile(r"the answer is:?", re.IGNORECASE)
 _BOXED = "\\boxed{"
 _BRACE = re.compile(r"[{}]")
@@ -88,6 +89,22 @@ def extract_answer(text: str, *, lenient: bool = False) -> str | None:
         if last_number := _last_match(_NUMBER_IN_TEXT, text):
             return last_number.group()
     return None
+
+
+def extract_tagged_answer(text: str) -> str | None:
+    """The answer of a `<think>...</think><answer>...</answer>` completion (reward.structure=tags): the
+    text after the last `<answer>`, up to its `</answer>` or the end (a decode cut short still said
+    it), read as `extract_answer` reads a line (`#### 72`, `\\boxed{72}` inside are unwrapped) or else
+    taken whole; with no `<answer>` or an empty one, `extract_answer` of the whole text, so the
+    correct answer of a completion without the tags still counts, as in the `####` structure."""
+    start = text.rfind(ANSWER_OPEN)
+    if start >= 0:
+        content = text[start + len(ANSWER_OPEN) :]
+        if (close := content.find(ANSWER_CLOSE)) >= 0:
+            content = content[:close]
+        if answer := extract_answer(content) or _clean(content):
+            return _plain_head(answer)
+    return extract_answer(text)
 
 
 def _last_match(pattern: re.Pattern, text: str) -> re.Match | None:
