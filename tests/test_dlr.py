@@ -16,12 +16,14 @@ from dlr.data.datamodule import ReasoningDataModule
 from dlr.methods.dlr_module import DLRModule, DLRSettings
 from dlr.methods.losses import (
     LatentRLWeights,
-    bidirectional_info_nce,
+    chain_similarities,
+    dispersion_loss,
     gaussian_entropy,
     gaussian_kl,
     gaussian_log_prob,
     group_advantages,
     latent_rl_loss,
+    reward_info_nce,
 )
 from dlr.models.backbones import ModelSpec, PromptFormat, load_assistant, load_main, load_tokenizer, weights_sha256
 from dlr.models.critic import RewardCritic, select_latents
@@ -37,11 +39,11 @@ def test_latent_rl_loss_is_the_weighted_sum_of_its_terms():
     advantages = torch.tensor([[1.0, -0.5, -0.5], [0.0, 0.0, 0.0]])
     anchors = mu.mean(1)
     ref = (mu.detach() + 0.1, log_sigma.detach() - 0.2)
-    weights = LatentRLWeights(lambda_con=0.3, tau=0.1, beta=0.05, lambda_ent=0.01)
+    weights = LatentRLWeights("reward_infonce", 0.3, False, tau=0.1, beta=0.05, lambda_ent=0.01, clip_eps=0.2)
     loss, terms = latent_rl_loss(mu, log_sigma, z, advantages, anchors, weights, ref)
 
     pg = -(advantages * gaussian_log_prob(z, mu, log_sigma)).mean()
-    con, skipped = bidirectional_info_nce(anchors, z, advantages, 0.1)
+    con, skipped = reward_info_nce(anchors, z, advantages, 0.1)
     kl = gaussian_kl(mu, log_sigma, *ref).mean()
     entropy = gaussian_entropy(log_sigma).mean()
     torch.testing.assert_close(loss, pg + 0.3 * con + 0.05 * kl - 0.01 * entropy)
@@ -51,6 +53,13 @@ def test_latent_rl_loss_is_the_weighted_sum_of_its_terms():
     assert float(same["kl"]) == pytest.approx(0.0, abs=1e-7)
     with pytest.raises(ValueError, match="beta > 0"):
         latent_rl_loss(mu, log_sigma, z, advantages, anchors, weights, None)
+
+    # The paper's terms: Eq. (8) on the reparameterized samples, each chain's term over n = T*Dz = 8.
+    paper = LatentRLWeights("dispersion", 0.1, False, tau=0.1, beta=0.01, lambda_ent=0.0, clip_eps=0.2)
+    loss, terms = latent_rl_loss(mu, log_sigma, z, advantages, None, paper, ref)
+    dispersion = dispersion_loss(chain_similarities(z, None, False, 0.1)).sum(1).mean()  # Eq. (8)
+    torch.testing.assert_close(loss, pg + 0.1 * dispersion / 8 + 0.01 * kl)
+    torch.testing.assert_close(terms["contrastive"], dispersion)
 
 
 def test_direction_toy_moves_mu_toward_the_rewarded_direction_and_the_critic_ranks_it_first():
@@ -66,7 +75,7 @@ def test_direction_toy_moves_mu_toward_the_rewarded_direction_and_the_critic_ran
     pooled = torch.ones(1, 4)
     critic = RewardCritic(question_dim=4, latent_dim=Dz, hidden=32)
     optimizer = torch.optim.Adam([{"params": [mu], "lr": 0.05}, {"params": critic.parameters(), "lr": 0.01}])
-    weights = LatentRLWeights(lambda_con=0.1, tau=0.1)
+    weights = LatentRLWeights("dispersion", 0.1, False, tau=0.1, beta=0.0, lambda_ent=0.0, clip_eps=0.2)
 
     def reward(z: torch.Tensor) -> torch.Tensor:
         return (F.cosine_similarity(z.flatten(2), d.expand(z.shape[-1]), dim=-1) > 0.5).float()
@@ -199,14 +208,20 @@ def build_module(tiny_pair, settings: DLRSettings, assistant_dtype: str = "float
 
 
 @pytest.mark.parametrize(
-    ("readout", "projector", "num_modes", "ppo_epochs"),
-    [("rationale", "mlp", 1, 1), ("answer", "mlp", 1, 1), ("answer", "soft_tokens", 1, 2), ("rationale", "mlp", 2, 2)],
+    ("readout", "projector", "num_modes", "ppo_epochs", "contrastive"),
+    [
+        ("rationale", "mlp", 1, 1, "dispersion"),
+        ("answer", "mlp", 1, 1, "reward_infonce"),
+        ("answer", "soft_tokens", 1, 2, "dispersion"),
+        ("rationale", "mlp", 2, 2, "reward_infonce"),
+    ],
 )
 def test_both_stages_train_exactly_the_dlr_parameters_and_never_the_main_model(
-    tiny_pair, tmp_path, readout, projector, num_modes, ppo_epochs
+    tiny_pair, tmp_path, readout, projector, num_modes, ppo_epochs, contrastive
 ):
     """rationale: parallel chains; answer: recurrent chains with a stop head (stage 1: chain
-    distillation, closed loop included), rolled out with chains of their own lengths."""
+    distillation, closed loop included), rolled out with chains of their own lengths; each with the
+    paper's dispersion term or our reward-aware InfoNCE (which rolls out the anchors' mean chain)."""
     settings = settings_from_yaml(
         DLRSettings,
         "dlr",
@@ -222,6 +237,7 @@ def test_both_stages_train_exactly_the_dlr_parameters_and_never_the_main_model(
                 "beta": 0.01,
                 "lambda_ent": 0.01,
                 "ppo_epochs": ppo_epochs,
+                "contrastive": contrastive,
             },
             "critic": {"hidden": 16, "warmup": 1},
             "max_new_tokens": {"rationale": 3, "answer": 2},
@@ -277,6 +293,45 @@ def test_both_stages_train_exactly_the_dlr_parameters_and_never_the_main_model(
     assert ((rollout.rewards >= 0) & (rollout.rewards <= 1.2)).all()
     assert module.last_scores.shape == (4, 3, 3)  # [B, K, (correct, format, total)], question-major
     torch.testing.assert_close(module.last_scores[..., TOTAL], rollout.rewards)
+
+
+def test_the_papers_algorithm_1_decodes_every_sample_and_trains_the_heads_at_their_own_rate(tiny_pair, tmp_path):
+    """method=dlr_paper: all G chains decoded and rewarded, advantages over all G, one update per batch;
+    rl.heads_lr gives the latent heads (the paper's projection) their own parameter group and rate."""
+    settings = settings_from_yaml(
+        DLRSettings,
+        "dlr_paper",
+        {
+            "latent": {"steps": 2, "dim": 8},
+            "alignment": {"steps": 1},
+            "rl": {"steps": 2, "num_samples": 4, "num_decoded": 4, "lr": 1e-4, "heads_lr": 1e-3},
+            "critic": {"hidden": 8},
+            "max_new_tokens": {"rationale": 3, "answer": 2},
+        },
+    )
+    rl = settings.rl
+    assert (rl.filter, rl.scale, rl.ppo_epochs, rl.contrastive, rl.contrastive_normalize) == (
+        "none",
+        "group",
+        1,
+        "dispersion",
+        False,
+    )
+    assert (rl.beta, rl.lambda_con, rl.lambda_ent, settings.critic.weight) == (0.01, 0.1, 0.0, 0.0)
+    module = build_module(tiny_pair, settings)
+    data = ReasoningDataModule("mixed", 2, [1, 1], [1, 1], 0, 1000, 1, {"math": 0.5, "logic": 0.5})
+    trainer = quiet_cpu_trainer(tmp_path, 3)
+    trainer.fit(module, datamodule=data)
+    rollout = module.last_rollout
+    assert rollout.kept.tolist() == [[0, 1, 2, 3]] * 2 and rollout.rewards.shape == (2, 4)
+    assistant_group, heads_group, critic_group = module.optimizers()[1].param_groups
+    assert (assistant_group["lr"], heads_group["lr"]) == (1e-4, 1e-3)
+    heads = {id(p) for p in module.policy.parameters() if p.requires_grad} - {
+        id(p) for p in module.policy.assistant.parameters()
+    }
+    assert {id(p) for p in heads_group["params"]} == heads
+    assert {id(p) for p in module.policy.mu_head.parameters()} <= heads
+    assert {id(p) for p in critic_group["params"]} == {id(p) for p in module.critic.parameters()}
 
 
 @pytest.mark.parametrize("mode", ["parallel", "recurrent"])
@@ -492,6 +547,59 @@ def test_real_backbone_shapes_build_the_models_they_name(backbone, main_billions
     assert main.num_parameters() / 1e9 == pytest.approx(main_billions, rel=0.02)
     assert assistant.num_parameters() / 1e9 == pytest.approx(0.494, rel=0.02)
     assert projector.net[0].in_features == 512 and projector.net[-1].out_features == main.config.hidden_size
+
+
+def test_the_papers_setup_config_gives_table_2():
+    """experiment=dlr_paper_gsm8k: Table 2's d, G, T, rates, beta, gamma and batch per device on 8 devices,
+    Algorithm 1 (every sample decoded), the paper's reward on <think>/<answer>, the frozen NF4 LLaMA-2-7B."""
+    from omegaconf import OmegaConf
+
+    from conftest import compose_config
+    from dlr.rewards import RewardConfig
+
+    cfg = compose_config(["experiment=dlr_paper_gsm8k"])
+    settings = DLRSettings.from_dict(OmegaConf.to_container(cfg.method, resolve=True))
+    rl, latent = settings.rl, settings.latent
+    assert (latent.dim, rl.num_samples, rl.num_decoded, latent.steps, latent.max_steps) == (512, 64, 64, 32, 32)
+    assert (rl.lr, rl.heads_lr, rl.beta, rl.lambda_con) == (3e-5, 1e-4, 0.01, 0.1)
+    assert (rl.contrastive, rl.contrastive_normalize, rl.filter, rl.scale, rl.ppo_epochs) == (
+        "dispersion",
+        False,
+        "none",
+        "group",
+        1,
+    )
+    assert (cfg.data.batch_size, cfg.trainer.devices, cfg.trainer.strategy, rl.steps) == (4, 8, "ddp", 701)
+    assert rl.steps == math.ceil(3 * 7473 / (4 * 8))  # 3 epochs of GSM8K's training split
+    assert (cfg.data.source, cfg.data.test_size) == ("gsm8k", 1319)
+    reward = RewardConfig.from_dict(OmegaConf.to_container(cfg.reward, resolve=True))
+    assert (reward.signed, reward.structure, reward.w_correct) == (True, "tags", 1.0)
+    backbone = cfg.backbone
+    assert (backbone.main.name_or_path, backbone.main.quantization) == ("meta-llama/Llama-2-7b-hf", "nf4")
+    assert backbone.assistant.name_or_path == "princeton-nlp/Sheared-LLaMA-1.3B"
+    assert not backbone.prompt.use_chat_template and "<think>" in backbone.prompt.template
+
+
+def test_the_papers_backbone_shapes_build_llama2_7b_and_sheared_llama_1_3b():
+    """Built from the config's shapes with no weights (meta device): LLaMA-2-7B's 6.74B parameters and
+    Sheared-LLaMA-1.3B's 1.35B (by hand: 2 * 32000 * 2048 embeddings and head + 24 layers of
+    4 * 2048^2 attention + 3 * 2048 * 5504 MLP + 2 * 2048 norms, + 2048), and the latent sizes between them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import compose_config
+    from dlr.models.projector import LatentProjector
+
+    cfg = compose_config(["experiment=dlr_paper_gsm8k"])
+    with torch.device("meta"):
+        main = LlamaForCausalLM(LlamaConfig(**cfg.backbone.shapes.main))
+        assistant = LlamaForCausalLM(LlamaConfig(**cfg.backbone.shapes.assistant))
+        projector = LatentProjector(cfg.backbone.dlr_scale.latent_dim, main.config.hidden_size, target_norm=1.0)
+    assert main.num_parameters() / 1e9 == pytest.approx(6.74, rel=0.005)
+    by_hand = 2 * 32000 * 2048 + 24 * (4 * 2048**2 + 3 * 2048 * 5504 + 2 * 2048) + 2048
+    assert assistant.num_parameters() == by_hand and by_hand / 1e9 == pytest.approx(1.345, rel=0.001)
+    assert main.config.vocab_size == assistant.config.vocab_size == 32000  # one tokenizer
+    assert (main.config.hidden_size, assistant.config.hidden_size) == (4096, 2048)
+    assert projector.net[0].in_features == 512 and projector.net[-1].out_features == 4096
 
 
 @pytest.mark.parametrize("mode", ["parallel", "recurrent"])

@@ -12,12 +12,13 @@ from dlr.methods.losses import (
     LatentRLWeights,
     RecurrentChains,
     aggregate_token_loss,
-    bidirectional_info_nce,
     chain_kl,
     chain_log_prob,
+    chain_similarities,
     check_compression,
     clipped_surrogate,
     compress_chain_embeddings,
+    dispersion_loss,
     gaussian_entropy,
     gaussian_kl,
     gaussian_log_prob,
@@ -28,6 +29,8 @@ from dlr.methods.losses import (
     latent_pull_loss,
     latent_rl_loss,
     mode_separation_loss,
+    reparameterized,
+    reward_info_nce,
     soft_token_cross_entropy,
     stop_bits,
     stop_cross_entropy,
@@ -108,7 +111,7 @@ def test_latent_pull_loss_by_hand():
     assert latent_pull_loss(projected, targets, torch.zeros(2, 2), norm=2.0).tolist() == [0.0, 0.0]
 
 
-def test_bidirectional_info_nce_two_questions_by_hand():
+def test_reward_info_nce_two_questions_by_hand():
     r"""B=2 questions, K=2 decoded latents each, T=1, Dz=2, tau=1.
 
     anchors a1=(1,0), a2=(0,1); latents z11=(2,0) A=+1, z12=(0,-1) A=-1, z21=(0,3) A=+1, z22=(1,1) A=-1.
@@ -123,7 +126,7 @@ def test_bidirectional_info_nce_two_questions_by_hand():
     anchors = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]], requires_grad=True)  # [2, 1, 2]
     latents = torch.tensor([[[[2.0, 0.0]], [[0.0, -1.0]]], [[[0.0, 3.0]], [[1.0, 1.0]]]])  # [2, 2, 1, 2]
     adv = torch.tensor([[1.0, -1.0], [1.0, -1.0]])
-    loss, skipped = bidirectional_info_nce(anchors, latents, adv, tau=1.0)
+    loss, skipped = reward_info_nce(anchors, latents, adv, tau=1.0)
     e, c = math.e, 1 / math.sqrt(2)
     l_fwd = ((math.log(e + 2 + math.exp(c)) - 1) + (math.log(1 + 1 / e + e + math.exp(c)) - 1)) / 2
     l_bwd = math.log(1 + 1 / e)
@@ -139,13 +142,135 @@ def test_bidirectional_info_nce_two_questions_by_hand():
     assert cos(a1_after, torch.tensor([2.0, 0.0]), dim=0) > 0.99  # and still on its positive z11
 
 
+# G = 3 chains of T = 2 latents in Dz = 2, flattened: T1 = (1,0, 0,0), T2 = (0,1, 0,0), T3 = (1,1, 0,1).
+THREE_CHAINS = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]], [[0.0, 1.0], [0.0, 0.0]], [[1.0, 1.0], [0.0, 1.0]]]])
+
+
+def test_dispersion_raw_dot_products_by_hand():
+    r"""Eq. (8) on THREE_CHAINS. Dot products T^k . T^j:
+        [[1, 0, 1],
+         [0, 1, 1],
+         [1, 1, 3]]
+    l_1 = log(e^1 + e^0 + e^1) - 1 = log(2e + 1) - 1 = 0.86199   (self 1 against 0 and 1)
+    l_2 = log(e^0 + e^1 + e^1) - 1 = log(2e + 1) - 1 = 0.86199
+    l_3 = log(e^1 + e^1 + e^3) - 3 = log(2e + e^3) - 3 = 0.23954
+    Eq. (8) for this question: their sum, 1.96353.
+    """
+    sim = chain_similarities(THREE_CHAINS, None, normalize=False, tau=0.1)  # tau is not read raw
+    torch.testing.assert_close(sim, torch.tensor([[[1.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 3.0]]]))
+    e = math.e
+    expected = [math.log(2 * e + 1) - 1, math.log(2 * e + 1) - 1, math.log(2 * e + e**3) - 3]
+    per_chain = dispersion_loss(sim)  # [1, 3]
+    torch.testing.assert_close(per_chain, torch.tensor([expected]))
+    assert per_chain.sum().item() == pytest.approx(1.96353, abs=1e-5)
+
+
+def test_dispersion_scaled_cosine_by_hand_and_what_growing_norms_do():
+    r"""normalize=True, tau = 0.5 on THREE_CHAINS: |T1| = |T2| = 1, |T3| = sqrt 3, so with
+    a = 1/sqrt(3): cosines [[1, 0, a], [0, 1, a], [a, a, 1]], logits = cosines / 0.5:
+    l_1 = l_2 = log(e^2 + e^0 + e^{2a}) - 2,  l_3 = log(2 e^{2a} + e^2) - 2.
+    Doubling every chain multiplies the raw dot products by 4, so raw Eq. (8) falls (1.96353 ->
+    2 log(2 + e^-4) + log(1 + 2e^-8) = 1.40520) while the cosine form does not move.
+    """
+    a = 1 / math.sqrt(3)
+    sim = chain_similarities(THREE_CHAINS, None, normalize=True, tau=0.5)
+    torch.testing.assert_close(sim, torch.tensor([[[1.0, 0.0, a], [0.0, 1.0, a], [a, a, 1.0]]]) / 0.5)
+    first = math.log(math.exp(2) + 1 + math.exp(2 * a)) - 2
+    third = math.log(2 * math.exp(2 * a) + math.exp(2)) - 2
+    torch.testing.assert_close(dispersion_loss(sim), torch.tensor([[first, first, third]]))
+
+    raw_doubled = dispersion_loss(chain_similarities(2 * THREE_CHAINS, None, False, 0.5)).sum()
+    # doubled: dot products [[4, 0, 4], [0, 4, 4], [4, 4, 12]]; l_1 = log(2e^4 + 1) - 4 = log(2 + e^-4),
+    # l_3 = log(2e^4 + e^12) - 12 = log(1 + 2e^-8)
+    assert raw_doubled.item() == pytest.approx(2 * math.log(2 + math.exp(-4)) + math.log(1 + 2 * math.exp(-8)))
+    assert raw_doubled.item() == pytest.approx(1.40520, abs=1e-5)
+    assert raw_doubled.item() < 1.96353
+    cos_doubled = dispersion_loss(chain_similarities(2 * THREE_CHAINS, None, True, 0.5))
+    torch.testing.assert_close(cos_doubled, dispersion_loss(sim))
+
+
+def test_dispersion_of_coinciding_chains_is_log_k_each():
+    same = torch.ones(2, 4, 3, 2)  # [B=2, K=4, T=3, Dz=2]: every chain the same
+    for normalize in (False, True):
+        per_chain = dispersion_loss(chain_similarities(same, None, normalize, 0.1))
+        torch.testing.assert_close(per_chain, torch.full((2, 4), math.log(4)))
+
+
+def test_masked_dispersion_reads_only_real_steps():
+    """Recurrent THREE_CHAINS of 1, 1 and 2 real steps (of T = 3) with garbage after their ends give
+    the hand values of the unmasked chains above (the steps they lack are zero)."""
+    chains = torch.cat([THREE_CHAINS, torch.full((1, 3, 1, 2), 50.0)], dim=2)  # [1, 3, T=3, 2]
+    chains[0, 0, 1] = chains[0, 1, 1] = torch.tensor([7.0, -7.0])  # after the one-step chains' end
+    step_mask = torch.tensor([[[1, 0, 0], [1, 0, 0], [1, 1, 0]]])
+    sim = chain_similarities(chains, step_mask, normalize=False, tau=1.0)
+    torch.testing.assert_close(sim, torch.tensor([[[1.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 3.0]]]))
+    assert dispersion_loss(sim).sum().item() == pytest.approx(1.96353, abs=1e-5)
+
+
+def test_reparameterized_samples_equal_z_and_carry_the_pathwise_gradient():
+    """z_r = mu + sigma * eps with eps = (z - mu) / sigma fixed: dz_r/dmu = 1, dz_r/dlog_sigma = sigma * eps = z - mu."""
+    mu = torch.tensor([[0.5, -1.0]], requires_grad=True)
+    log_sigma = torch.tensor([[math.log(2.0), math.log(0.5)]], requires_grad=True)
+    z = torch.tensor([[1.5, -2.0]])  # eps = (0.5, -2)
+    z_r = reparameterized(z, mu, log_sigma)
+    torch.testing.assert_close(z_r, z)
+    z_r.sum().backward()
+    torch.testing.assert_close(mu.grad, torch.ones(1, 2))
+    torch.testing.assert_close(log_sigma.grad, z - mu.detach())
+
+
+def test_dispersion_in_the_stage2_loss_is_scaled_by_n_and_spreads_the_samples():
+    """loss = L_pg + lambda_con * mean_b sum_k l_bk / (T*Dz) + beta KL - lambda_ent H, with l from the
+    reparameterized samples; the logged `contrastive` is Eq. (8) itself. With every advantage 0 the
+    dispersion term alone moves the policy, and a descent step on log sigma spreads the samples
+    (near-uniform softmax: d L / d sigma^2 = sum_k (mean_j e_k.e_j - |e_k|^2) <= 0 by Cauchy-Schwarz)."""
+    torch.manual_seed(3)
+    B, K, T, Dz = 2, 4, 2, 3
+    mu = torch.zeros(B, 1, T, Dz).expand(B, K, T, Dz).clone().requires_grad_(True)
+    log_sigma = torch.full((B, K, T, Dz), math.log(0.1), requires_grad=True)
+    z = 0.1 * torch.randn(B, K, T, Dz)
+    zero_adv = torch.zeros(B, K)
+    weights = LatentRLWeights("dispersion", 0.1, False, 0.1, 0.0, 0.0, 0.2)
+    loss, terms = latent_rl_loss(mu, log_sigma, z, zero_adv, None, weights)
+    per_chain = dispersion_loss(chain_similarities(z, None, False, 0.1))
+    torch.testing.assert_close(terms["contrastive"], per_chain.sum(1).mean())
+    torch.testing.assert_close(loss, 0.1 * per_chain.sum(1).mean() / (T * Dz))
+    torch.testing.assert_close(terms["chain_sq_norm"], z.flatten(2).pow(2).sum(-1).mean())
+    loss.backward()
+    assert log_sigma.grad.sum() < 0  # descent raises sigma
+    none = LatentRLWeights("none", 0.1, False, 0.1, 0.0, 0.0, 0.2)
+    assert latent_rl_loss(mu, log_sigma, z, zero_adv, None, none)[0].item() == 0.0
+    with pytest.raises(ValueError, match="anchors"):
+        latent_rl_loss(mu, log_sigma, z, zero_adv, None, LatentRLWeights("reward_infonce", 0.1, False, 0.1, 0, 0, 0.2))
+    with pytest.raises(ValueError, match="method.rl.contrastive"):
+        LatentRLWeights("bidirectional", 0.1, False, 0.1, 0.0, 0.0, 0.2)
+
+
+def test_recurrent_dispersion_divides_each_chain_by_its_own_n():
+    """Chains of 1 and 2 real steps (Dz = 2, max_steps = 2): n = 2 dims + 1 stop bit, and 4 dims + 1 stop
+    bit (at step 1; none at the cap); loss = lambda_con * mean_b sum_k l_k / n_k (no PG: A = 0)."""
+    mu = torch.zeros(1, 2, 2, 2, requires_grad=True)
+    log_sigma = torch.zeros(1, 2, 2, 2, requires_grad=True)
+    z = torch.tensor([[[[1.0, 0.0], [9.0, 9.0]], [[1.0, 1.0], [0.0, 1.0]]]])  # [1, K=2, T=2, 2]
+    step_mask = torch.tensor([[[1, 0], [1, 1]]])
+    chains = RecurrentChains(torch.zeros(1, 2, 2), step_mask, None, 2)
+    weights = LatentRLWeights("dispersion", 0.5, False, 0.1, 0.0, 0.0, 0.2)
+    loss, terms = latent_rl_loss(mu, log_sigma, z, torch.zeros(1, 2), None, weights, chains=chains)
+    # dot products of (1,0,0,0) and (1,1,0,1): [[1, 1], [1, 3]]; l_1 = log(e + e) - 1 = log 2,
+    # l_2 = log(e + e^3) - 3 = log(1 + e^-2)
+    l1, l2 = math.log(2), math.log(1 + math.exp(-2))
+    assert terms["contrastive"].item() == pytest.approx(l1 + l2, abs=1e-6)
+    assert loss.item() == pytest.approx(0.5 * (l1 / 3 + l2 / 5), abs=1e-6)
+    assert terms["contrastive_logit_gap"].item() == pytest.approx(((1 - 1) + (3 - 1)) / 2)
+
+
 def test_info_nce_skips_questions_without_positives():
     anchors = torch.randn(3, 2, 4, requires_grad=True)
     latents = torch.randn(3, 5, 2, 4)
     adv = torch.tensor([[1.0, 0, 0, 0, 0], [0.0] * 5, [-1.0] * 5])
-    loss, skipped = bidirectional_info_nce(anchors, latents, adv)
+    loss, skipped = reward_info_nce(anchors, latents, adv)
     assert skipped == 2 and torch.isfinite(loss)
-    zero, all_skipped = bidirectional_info_nce(anchors, latents, torch.zeros(3, 5))
+    zero, all_skipped = reward_info_nce(anchors, latents, torch.zeros(3, 5))
     assert all_skipped == 3 and zero.item() == 0.0 and zero.requires_grad
 
 
@@ -318,19 +443,19 @@ def test_masked_info_nce_reads_only_real_steps():
     adv = torch.tensor([[1.0, -1.0, 0.0], [-1.0, 1.0, 1.0]])
     latent_mask = torch.tensor([[[1, 1, 0], [1, 0, 0], [1, 1, 1]], [[1, 1, 1], [1, 1, 0], [1, 0, 0]]])
     anchor_mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
-    loss, _ = bidirectional_info_nce(anchors, latents, adv, 0.1, anchor_mask, latent_mask)
+    loss, _ = reward_info_nce(anchors, latents, adv, 0.1, anchor_mask, latent_mask)
     noisy_a = anchors + 100 * (1 - anchor_mask)[..., None]
     noisy_l = latents + 100 * (1 - latent_mask)[..., None]
-    torch.testing.assert_close(bidirectional_info_nce(noisy_a, noisy_l, adv, 0.1, anchor_mask, latent_mask)[0], loss)
+    torch.testing.assert_close(reward_info_nce(noisy_a, noisy_l, adv, 0.1, anchor_mask, latent_mask)[0], loss)
     full_a, full_l = torch.ones(2, 3), torch.ones(2, 3, 3)
     torch.testing.assert_close(
-        bidirectional_info_nce(anchors, latents, adv, 0.1, full_a, full_l)[0],
-        bidirectional_info_nce(anchors, latents, adv, 0.1)[0],
+        reward_info_nce(anchors, latents, adv, 0.1, full_a, full_l)[0],
+        reward_info_nce(anchors, latents, adv, 0.1)[0],
     )
     # an anchor shorter than the chains is zero-padded to their length
     two_steps = torch.tensor([[1, 1, 0], [1, 1, 0]])
-    short, _ = bidirectional_info_nce(anchors[:, :2], latents, adv, 0.1, two_steps[:, :2], latent_mask)
-    padded, _ = bidirectional_info_nce(anchors, latents, adv, 0.1, two_steps, latent_mask)
+    short, _ = reward_info_nce(anchors[:, :2], latents, adv, 0.1, two_steps[:, :2], latent_mask)
+    padded, _ = reward_info_nce(anchors, latents, adv, 0.1, two_steps, latent_mask)
     torch.testing.assert_close(short, padded)
 
 
@@ -347,11 +472,13 @@ def test_recurrent_latent_rl_loss_is_the_weighted_sum_of_its_masked_terms():
     ref = (mu.detach() + 0.1, log_sigma.detach() - 0.2)
     ref_stop = stop.detach() + 0.5
     chains = RecurrentChains(stop, step_mask, anchor_mask, 4, ref_stop)
-    weights = LatentRLWeights(lambda_con=0.3, tau=0.1, beta=0.05, lambda_ent=0.01)
+    weights = LatentRLWeights(
+        "reward_infonce", lambda_con=0.3, normalize=False, tau=0.1, beta=0.05, lambda_ent=0.01, clip_eps=0.2
+    )
     loss, terms = latent_rl_loss(mu, log_sigma, z, adv, anchors, weights, ref, None, chains)
     total, count = chain_log_prob(z, mu, log_sigma, stop, step_mask, 4)
     pg = -(adv * total / count).mean()
-    con, _ = bidirectional_info_nce(anchors, z, adv, 0.1, anchor_mask, step_mask)
+    con, _ = reward_info_nce(anchors, z, adv, 0.1, anchor_mask, step_mask)
     kl = chain_kl(mu, log_sigma, stop, *ref, ref_stop, step_mask, 4).mean()
     entropy = gaussian_entropy(log_sigma, step_mask).mean()
     torch.testing.assert_close(loss, pg + 0.3 * con + 0.05 * kl - 0.01 * entropy)

@@ -3,9 +3,11 @@
 Stage 1 runs for `alignment.steps` optimizer steps: the assistant's mean chain, projected into the main
 model's input, must make the frozen main model write the gold target; recurrent chains (answer readout)
 are distilled from the gold chain itself (`chain_distillation_step`). Stage 2 runs `rl.steps` more:
-sample G chains per question, keep K by the critic's predicted reward, decode them once with the main
-model, reward them, and update the policy with the latent policy gradient, the bidirectional
-contrastive term, KL to the stage-1 policy and an entropy bonus; the critic learns the rewards.
+sample G chains per question, keep K by the critic's predicted reward (or all G: `method=dlr_paper`,
+the paper's Algorithm 1), decode them once with the main model, reward them, and update the policy
+with the latent policy gradient, the contrastive term (`rl.contrastive`: the paper's dispersion of a
+question's samples, Eq. 8, or our reward-aware InfoNCE), KL to the stage-1 policy and an entropy
+bonus; the critic learns the rewards.
 
 Only the assistant's adapters, the Gaussian heads, the projector and the critic are given to an
 optimizer. Gradients are accumulated and clipped by hand (manual optimization).
@@ -38,7 +40,7 @@ from dlr.methods.losses import (
 from dlr.methods.rl_base import RLModule
 from dlr.methods.schedule import warmup_cosine
 from dlr.methods.settings import DLRSettings
-from dlr.models.backbones import PromptFormat
+from dlr.models.backbones import PromptFormat, marker_token_id
 from dlr.models.critic import RewardCritic, select_latents
 from dlr.models.generation import (
     completion_mask_after_eos,
@@ -100,7 +102,7 @@ class DLRModule(RLModule):
         self.fmt = fmt
         self.main_tokenizer, self.assistant_tokenizer = main_tokenizer, assistant_tokenizer
         for marker in (fmt.bol, fmt.eol):
-            if main_tokenizer.convert_tokens_to_ids(marker) in (None, main_tokenizer.unk_token_id):
+            if marker_token_id(main_tokenizer, marker) is None:
                 raise ValueError(f"the main tokenizer has no token {marker!r}: pick an existing token as latent marker")
         lat = settings.latent
         if lat.init == "assistant":  # the chain opens as the assistant's text chain does, after the opening marker
@@ -110,8 +112,8 @@ class DLRModule(RLModule):
                     "main's vocabulary: the two tokenizers must share one vocabulary (use latent.init=random)"
                 )
             placeholder = fmt.bol
-        placeholder_id = assistant_tokenizer.convert_tokens_to_ids(placeholder)
-        if placeholder_id in (None, assistant_tokenizer.unk_token_id):
+        placeholder_id = marker_token_id(assistant_tokenizer, placeholder)
+        if placeholder_id is None:
             raise ValueError(f"the assistant tokenizer has no placeholder token {placeholder!r} (backbone.placeholder)")
 
         self.main = main.requires_grad_(False).eval()  # frozen: never given to an optimizer
@@ -187,12 +189,15 @@ class DLRModule(RLModule):
 
         projector = [p for p in self.projector.parameters() if p.requires_grad]  # not the main's shared embeddings
         align = adamw([{"params": self.policy_parameters() + projector, "lr": s.alignment.lr}])
-        rl = adamw(
-            [
-                {"params": self.policy_parameters(), "lr": s.rl.lr},
-                {"params": list(self.critic.parameters()), "lr": s.critic.lr},
+        if s.rl.heads_lr is None:
+            policy = [{"params": self.policy_parameters(), "lr": s.rl.lr}]
+        else:  # Table 2's two rates: the assistant's, and the projection's (our latent heads), each group clipped alone
+            assistant = {id(p) for p in self.policy.assistant.parameters()}
+            policy = [
+                {"params": [p for p in self.policy_parameters() if id(p) in assistant], "lr": s.rl.lr},
+                {"params": [p for p in self.policy_parameters() if id(p) not in assistant], "lr": s.rl.heads_lr},
             ]
-        )
+        rl = adamw([*policy, {"params": list(self.critic.parameters()), "lr": s.critic.lr}])
         return [align, rl]
 
     def _backward_and_step(self, loss: torch.Tensor, optimizer) -> torch.Tensor | None:
@@ -475,7 +480,9 @@ class DLRModule(RLModule):
         rewards = scores[..., TOTAL]  # [B, K]
         critic_loss = F.mse_loss(gather_samples(predicted, kept), rewards)
         advantages, zero_spread = group_advantages(rewards, s.scale)  # [B, K], [B]
-        weights = LatentRLWeights(s.lambda_con, s.tau, s.beta, s.lambda_ent, s.clip_eps)
+        weights = LatentRLWeights(
+            s.contrastive, s.lambda_con, s.contrastive_normalize, s.tau, s.beta, s.lambda_ent, s.clip_eps
+        )
 
         old_logp = None
         for epoch in range(s.ppo_epochs):
@@ -509,32 +516,37 @@ class DLRModule(RLModule):
             "train/sigma_mean": self.last_rollout.sigma_mean(),
             "train/contrastive_skipped_questions": terms["contrastive_skipped"],
             "train/filter_uses_critic": float(use_critic),
+            "train/chain_sq_norm": terms["chain_sq_norm"],  # |z|^2 of the decoded chains: raw Eq. (8)'s s_kk
         }
+        if "contrastive_logit_gap" in terms:  # dispersion: s_kk - s_kj, how saturated Eq. (8) is
+            logs["train/contrastive_logit_gap"] = terms["contrastive_logit_gap"]
         self.finish_rl_batch(scores, zero_spread, norm, logs)
 
     def _scored_latents(self, dist, ids, mask, kept, modes, fed, step_mask):
         """The current policy's (mu, log_sigma) for each decoded chain [B, K, T, Dz], the anchors
-        [B, T, Dz], when beta > 0 the reference policy's (mu, log_sigma) for the same chains and, for
-        recurrent chains, their stop logits and step masks (`RecurrentChains`)."""
+        [B, T, Dz] when the contrastive term reads them (reward_infonce; else None), when beta > 0 the
+        reference policy's (mu, log_sigma) for the same chains and, for recurrent chains, their stop
+        logits and step masks (`RecurrentChains`)."""
         chains = None
+        with_anchors = self.settings.rl.contrastive == "reward_infonce"
         if self.policy.mode == "recurrent":  # dist was teacher-forced on the K decoded chains
             mu, log_sigma = dist.mu, dist.log_sigma
-            anchor = self.policy.mean_chain(ids, mask, self.frozen_projection)  # mu(q), with gradients
-            self.charge_rollout(ids.shape[0], ids.shape[1], anchor, self.assistant_backward)
-            anchors = anchor.mu[:, 0]
+            anchors, anchor_mask = None, None
+            if with_anchors:  # mu(q), with gradients: one more rollout of the mean chain
+                anchor = self.policy.mean_chain(ids, mask, self.frozen_projection)
+                self.charge_rollout(ids.shape[0], ids.shape[1], anchor, self.assistant_backward)
+                anchors, anchor_mask = anchor.mu[:, 0], anchor.step_mask[:, 0]
             ref_stop = None
             ref = None
             if self.reference is not None:
                 with torch.no_grad():
                     ref_dist = self.reference(ids, mask, fed, step_mask)
                 ref, ref_stop = (ref_dist.mu, ref_dist.log_sigma), ref_dist.stop_logit
-            chains = RecurrentChains(
-                dist.stop_logit, step_mask, anchor.step_mask[:, 0], self.policy.num_steps, ref_stop
-            )
+            chains = RecurrentChains(dist.stop_logit, step_mask, anchor_mask, self.policy.num_steps, ref_stop)
             return mu, log_sigma, anchors, ref, chains
         mode_of = modes[kept]  # [B, K]
         mu, log_sigma = gather_samples(dist.mu, mode_of), gather_samples(dist.log_sigma, mode_of)
-        anchors = dist.mu.mean(1)  # mean over modes: mu(q)
+        anchors = dist.mu.mean(1) if with_anchors else None  # mean over modes: mu(q)
         ref = None
         if self.reference is not None:
             with torch.no_grad():

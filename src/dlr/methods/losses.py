@@ -270,7 +270,9 @@ def latent_policy_loss(
     return -surrogate.mean() / num_dims
 
 
-# --- bidirectional contrastive objective -------------------------------------------------------
+# --- contrastive terms ---------------------------------------------------------------------------
+
+CONTRASTIVE_KINDS = ("dispersion", "reward_infonce", "none")
 
 
 def _zero_padded(chains: torch.Tensor, step_mask: torch.Tensor | None, steps: int) -> torch.Tensor:
@@ -280,7 +282,52 @@ def _zero_padded(chains: torch.Tensor, step_mask: torch.Tensor | None, steps: in
     return F.pad(chains, (0, 0, 0, steps - chains.shape[-2]))
 
 
-def bidirectional_info_nce(
+def reparameterized(z: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
+    """The sampled chains z rewritten as mu + sigma * eps, eps = (z - mu) / sigma held fixed.
+
+    Equal to z in value (up to rounding), but differentiable in mu and log_sigma: stage 2 treats the
+    sampled z as detached actions (the policy gradient scores them, it does not move them), so a loss
+    of the samples themselves, like the dispersion term, would otherwise give the policy no gradient.
+    This is the pathwise gradient of z ~ N(mu, sigma^2): moving mu moves every sample with it, raising
+    sigma spreads them along their own noise. In recurrent mode mu_t is re-scored on the fed-back
+    chain, which is held fixed, so the gradient reaches each step's Gaussian, not earlier steps through
+    the recurrence. z, mu, log_sigma: [..., T, Dz] -> [..., T, Dz].
+    """
+    sigma = torch.exp(log_sigma)
+    eps = ((z.detach() - mu) / sigma).detach()
+    return mu + sigma * eps
+
+
+def chain_similarities(
+    chains: torch.Tensor, step_mask: torch.Tensor | None, normalize: bool, tau: float
+) -> torch.Tensor:
+    """Similarities of the chains of each question to one another, on the flattened chains.
+
+    chains: [B, K, T, Dz]; step_mask: [B, K, T] the real steps of recurrent chains (the others are set
+    to 0, so a step one chain has and another lacks adds nothing to their dot product) or None.
+    normalize=False: raw dot products s_kj = T^k . T^j (Eq. 8 as written); True: cos(T^k, T^j) / tau
+    (SoftCoT++'s scaled cosine, which no growth of the norms can move). Returns [B, K, K] (float32).
+    """
+    flat = _zero_padded(chains.float(), step_mask, chains.shape[-2]).flatten(2)  # [B, K, T*Dz]
+    if normalize:
+        flat = F.normalize(flat, dim=-1)
+        return flat @ flat.transpose(1, 2) / tau
+    return flat @ flat.transpose(1, 2)
+
+
+def dispersion_loss(similarities: torch.Tensor) -> torch.Tensor:
+    r"""The paper's contrastive term, Eq. (8), one value per sampled chain.
+
+    L_cl = -\sum_k E[ log( exp(s_kk) / \sum_j exp(s_kj) ) ]: each chain k of a question is its own
+    positive, the question's other chains are its negatives (the denominator runs over all of them,
+    itself included), and reward plays no part. Lowering it pushes a question's chains apart.
+    similarities: [B, K, K] (`chain_similarities`). Returns the per-chain terms [B, K], each
+    >= 0 and log K when the K chains coincide; Eq. (8) is their sum over k, averaged over questions.
+    """
+    return torch.logsumexp(similarities, dim=-1) - similarities.diagonal(dim1=-2, dim2=-1)
+
+
+def reward_info_nce(
     anchors: torch.Tensor,
     latents: torch.Tensor,
     advantages: torch.Tensor,
@@ -288,7 +335,7 @@ def bidirectional_info_nce(
     anchor_mask: torch.Tensor | None = None,
     latent_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
-    r"""Bidirectional InfoNCE between question anchors and decoded latents (docs/design.md §7, stage 2 step 6).
+    r"""Our reward-aware InfoNCE between question anchors and decoded latents (not the paper's Eq. 8).
 
     anchors: [B, T, Dz] (mu(q_b), gradients flow); latents: [B, K, T, Dz] (sampled actions, detached
     here); advantages: [B, K]. With s(u, v) = cos(flat u, flat v) / tau:
@@ -343,13 +390,20 @@ def mode_separation_loss(mode_means: torch.Tensor, tau: float = 0.1) -> torch.Te
 
 @dataclass(frozen=True)
 class LatentRLWeights:
-    """Weights of the stage-2 objective L_pg + lambda_con L_con + beta KL - lambda_ent H (docs/design.md §7)."""
+    """What the stage-2 objective L_pg + lambda_con L_con + beta KL - lambda_ent H is made of
+    (docs/design.md §7); the values come from `method.rl` (configs/method/dlr.yaml)."""
 
-    lambda_con: float = 0.1  # bidirectional contrastive term
-    tau: float = 0.1  # its cosine temperature
-    beta: float = 0.0  # KL to the policy frozen after stage 1
-    lambda_ent: float = 0.0  # entropy bonus
-    clip_eps: float = 0.2  # ratio clip when old log-probs are given (ppo_epochs > 1)
+    contrastive: str  # CONTRASTIVE_KINDS: dispersion (Eq. 8) | reward_infonce (ours) | none
+    lambda_con: float  # its weight (the paper's gamma)
+    normalize: bool  # dispersion: cos / tau instead of raw dot products
+    tau: float  # cosine temperature (reward_infonce; dispersion with normalize)
+    beta: float  # KL to the policy frozen after stage 1
+    lambda_ent: float  # entropy bonus
+    clip_eps: float  # ratio clip when old log-probs are given (ppo_epochs > 1)
+
+    def __post_init__(self) -> None:
+        if self.contrastive not in CONTRASTIVE_KINDS:
+            raise ValueError(f"method.rl.contrastive must be one of {CONTRASTIVE_KINDS}, got {self.contrastive!r}")
 
 
 @dataclass(frozen=True)
@@ -358,7 +412,7 @@ class RecurrentChains:
 
     stop_logit: torch.Tensor  # [B, K, T] the policy's stop logit at each step of the decoded chains
     step_mask: torch.Tensor  # [B, K, T] their real steps
-    anchor_mask: torch.Tensor  # [B, Ta] the real steps of the mean chains (the anchors)
+    anchor_mask: torch.Tensor | None  # [B, Ta] the real steps of the mean chains (the anchors of reward_infonce)
     max_steps: int  # latent.max_steps: no stop bit is drawn at the cap
     ref_stop_logit: torch.Tensor | None = None  # [B, K, T] the reference policy's, needed when beta > 0
 
@@ -368,7 +422,7 @@ def latent_rl_loss(
     log_sigma: torch.Tensor,
     z: torch.Tensor,
     advantages: torch.Tensor,
-    anchors: torch.Tensor,
+    anchors: torch.Tensor | None,
     weights: LatentRLWeights,
     ref: tuple[torch.Tensor, torch.Tensor] | None = None,
     old_logp: torch.Tensor | None = None,
@@ -378,32 +432,64 @@ def latent_rl_loss(
 
     mu, log_sigma: [B, K, T, Dz] the policy's Gaussian for each decoded latent (its mode's, or its
     step-wise one in recurrent mode); z: [B, K, T, Dz] the sampled actions; advantages: [B, K];
-    anchors: [B, T, Dz] the question's mean chain; ref: the frozen policy's (mu, log_sigma) in the
-    same shapes, needed when beta > 0; old_logp: [B, K] for the clipped-ratio form.
+    anchors: [B, T, Dz] the question's mean chain, read by reward_infonce alone (None otherwise);
+    ref: the frozen policy's (mu, log_sigma) in the same shapes, needed when beta > 0; old_logp:
+    [B, K] for the clipped-ratio form.
 
-    Fixed-length chains (chains=None): log pi, KL and entropy are means over the T*Dz dimensions.
+    Fixed-length chains (chains=None): log pi, KL and entropy are means over the n = T*Dz dimensions.
     Recurrent chains: log pi is `chain_log_prob`'s exact sum (Gaussians of the real steps + the drawn
     stop bits) divided by its own number of random variables n_i, so the PG loss weighs every chain's
     variables alike whatever its length (the fixed-length form's per-dimension mean, with n_i in place
     of T*Dz), and the PPO ratio exp(n_i * (logp - old_logp)) stays the exact ratio of whole chains;
     the KL is `chain_kl` (stop bits included, so stage 2 keeps them near stage 1's); the entropy is
     the Gaussians' over the real steps (no bonus on the stop bits: it would reward random lengths);
-    the contrastive term compares the real steps only.
-    Returns (scalar loss, detached terms for logging).
+    the contrastive terms compare the real steps only.
+
+    The contrastive term (`weights.contrastive`):
+      dispersion: Eq. (8) on the reparameterized samples (`reparameterized`), summed over the K
+        chains of a question and averaged over questions, each chain's term divided by its n (T*Dz,
+        or n_i): L_pg and KL are the paper's whole-chain quantities divided by n, so with this
+        scale lambda_con weighs L_con against them exactly as gamma does in Eq. (6); the logged
+        `contrastive` is Eq. (8) itself (in [0, K log K]);
+      reward_infonce: `reward_info_nce` (ours), unscaled;
+      none: 0.
+    Returns (scalar loss, detached terms for logging: also `chain_sq_norm`, the mean squared norm of
+    the flattened sampled chains, the self-similarity s_kk of raw Eq. (8), and for dispersion
+    `contrastive_logit_gap`, the mean of s_kk - s_kj over j != k, which decides how saturated it is).
     """
     step_mask = None
     if chains is None:
         logp = gaussian_log_prob(z.detach(), mu, log_sigma)  # [B, K]
         num_dims: int | torch.Tensor = z.shape[-2] * z.shape[-1]
-        con, skipped = bidirectional_info_nce(anchors, z, advantages, weights.tau)
+        chain_dims: int | torch.Tensor = num_dims  # n of every chain
     else:
         step_mask = chains.step_mask
         total, num_dims = chain_log_prob(z.detach(), mu, log_sigma, chains.stop_logit, step_mask, chains.max_steps)
-        logp = total / num_dims.clamp(min=1)  # [B, K]
-        con, skipped = bidirectional_info_nce(anchors, z, advantages, weights.tau, chains.anchor_mask, step_mask)
+        chain_dims = num_dims.clamp(min=1)  # [B, K] n_i of each chain
+        logp = total / chain_dims  # [B, K]
     pg = latent_policy_loss(logp, advantages, old_logp, weights.clip_eps, num_dims=num_dims)
+    extra: dict[str, torch.Tensor] = {}
+    skipped = 0
+    if weights.contrastive == "dispersion":
+        sim = chain_similarities(reparameterized(z, mu, log_sigma), step_mask, weights.normalize, weights.tau)
+        per_chain = dispersion_loss(sim)  # [B, K]
+        con = per_chain.sum(1).mean()  # Eq. (8)
+        con_scaled = (per_chain / chain_dims).sum(1).mean()  # Eq. (8) on the scale of L_pg and KL
+        K = sim.shape[-1]
+        if K > 1:
+            off_diagonal = ~torch.eye(K, dtype=torch.bool, device=sim.device)
+            gap = sim.diagonal(dim1=-2, dim2=-1)[..., None] - sim  # [B, K, K]: s_kk - s_kj
+            extra["contrastive_logit_gap"] = gap[:, off_diagonal].mean()
+    elif weights.contrastive == "reward_infonce":
+        if anchors is None:
+            raise ValueError("method.rl.contrastive=reward_infonce needs the questions' anchors")
+        anchor_mask = None if chains is None else chains.anchor_mask
+        con, skipped = reward_info_nce(anchors, z, advantages, weights.tau, anchor_mask, step_mask)
+        con_scaled = con
+    else:
+        con = con_scaled = mu.new_zeros(())
     entropy = gaussian_entropy(log_sigma, step_mask).mean()
-    loss = pg + weights.lambda_con * con - weights.lambda_ent * entropy
+    loss = pg + weights.lambda_con * con_scaled - weights.lambda_ent * entropy
     kl = torch.zeros((), device=mu.device)
     if weights.beta > 0:
         if ref is None:
@@ -424,8 +510,10 @@ def latent_rl_loss(
                 chains.max_steps,
             ).mean()
         loss = loss + weights.beta * kl
-    terms = {"pg": pg, "contrastive": con, "kl": kl, "entropy": entropy, "logp": logp}  # logp: [B, K]
-    terms = {k: v.detach() for k, v in terms.items()}
+    real_z = _zero_padded(z.detach().float(), step_mask, z.shape[-2])
+    chain_sq_norm = real_z.flatten(2).pow(2).sum(-1).mean()
+    terms = {"pg": pg, "contrastive": con, "kl": kl, "entropy": entropy, "logp": logp, "chain_sq_norm": chain_sq_norm}
+    terms = {k: v.detach() for k, v in {**terms, **extra}.items()}  # logp: [B, K]
     terms["contrastive_skipped"] = torch.tensor(float(skipped))
     return loss, terms
 

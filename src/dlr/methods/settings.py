@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
-from dlr.methods.losses import ADVANTAGE_SCALES, LOSS_TYPES
+from dlr.methods.losses import ADVANTAGE_SCALES, CONTRASTIVE_KINDS, LOSS_TYPES
 from dlr.models.critic import FILTERS
 from dlr.models.latent_policy import LATENT_INITS, LATENT_MODES
 from dlr.models.projector import PROJECTORS
@@ -89,6 +89,7 @@ class AlignmentSettings:
 class RLSettings:
     steps: int
     lr: float
+    heads_lr: float | None  # the latent heads' own learning rate (their own parameter group); None: lr
     num_samples: int  # G
     num_decoded: int  # K
     filter: str
@@ -96,7 +97,9 @@ class RLSettings:
     scale: str
     ppo_epochs: int
     clip_eps: float
-    lambda_con: float
+    contrastive: str  # CONTRASTIVE_KINDS
+    contrastive_normalize: bool  # dispersion: cos / tau instead of raw dot products
+    lambda_con: float  # the contrastive term's weight (the paper's gamma)
     tau: float
     beta: float
     lambda_ent: float
@@ -241,6 +244,16 @@ class DLRSettings:
             (self.accumulate_grad_batches >= 1, "method.accumulate_grad_batches must be >= 1"),
             (self.grad_clip > 0, f"method.grad_clip must be > 0, got {self.grad_clip}"),
             (rl.tau > 0, f"method.rl.tau must be > 0, got {rl.tau}"),
+            (
+                rl.contrastive in CONTRASTIVE_KINDS,
+                f"method.rl.contrastive must be one of {CONTRASTIVE_KINDS}, got {rl.contrastive!r}",
+            ),
+            (
+                isinstance(rl.contrastive_normalize, bool),
+                f"method.rl.contrastive_normalize must be true or false, got {rl.contrastive_normalize!r}",
+            ),
+            (rl.lambda_con >= 0, f"method.rl.lambda_con must be >= 0, got {rl.lambda_con}"),
+            (rl.heads_lr is None or rl.heads_lr > 0, f"method.rl.heads_lr must be > 0 or null, got {rl.heads_lr}"),
             (
                 latent.steps >= 1 and latent.dim >= 1 and latent.num_modes >= 1,
                 f"method.latent.steps, dim and num_modes must be >= 1, got {latent.steps}, {latent.dim}, {latent.num_modes}",
