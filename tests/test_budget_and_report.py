@@ -16,6 +16,24 @@ from dlr.report.report import bootstrap_ci, count_collapses, overall_accuracy
 from dlr.scoring import DepthScore
 
 
+def cell(task: str, depth: int, n: int, right: int, format_rate: float = 1.0) -> DepthScore:
+    """A (task, depth) cell of n problems whose first `right` are right."""
+    outcomes = [1.0] * right + [0.0] * (n - right)
+    ids = [f"{task}-{depth}-{i}" for i in range(n)]
+    return DepthScore("m", task, depth, n, right / n, format_rate, ids=ids, correct=outcomes)
+
+
+SPENT = {  # a seed's spending, with the main model's work over 10 training questions
+    "seconds": 1.0,
+    "flops": 2e12,
+    "generated_tokens": 5,
+    "peak_memory_gb": 1.0,
+    "questions": 10,
+    "main_decoded_sequences": 40,
+    "main_forward_positions": 4000,
+}
+
+
 class FakeClock:
     def __init__(self) -> None:
         self.now = 0.0
@@ -50,6 +68,9 @@ def fake_trainer(world_size: int = 1, rank_one=None, loggers=()) -> SimpleNamesp
     )
 
 
+QUESTIONS = ["q0", "q1", "q2", "q3"]  # a batch of four questions (the meter counts them)
+
+
 def drive(
     meter: BudgetMeter,
     module,
@@ -62,11 +83,13 @@ def drive(
     """Run fake batches through the meter's hooks until it stops training; returns the batches run."""
     trainer = trainer or fake_trainer()
     for batch in range(1, max_batches + 1):
-        meter.on_train_batch_start(trainer, module, None, batch)
+        meter.on_train_batch_start(trainer, module, QUESTIONS, batch)
         clock.now += step_seconds
         module.flops_spent += step_flops
         module.generated_tokens += 5
-        meter.on_train_batch_end(trainer, module, None, None, batch)
+        module.main_decoded_sequences += 8  # 2 sequences for each of the 4 questions
+        module.main_forward_positions += 100
+        meter.on_train_batch_end(trainer, module, None, QUESTIONS, batch)
         trainer.global_step += 1
         if trainer.should_stop:
             return batch
@@ -79,6 +102,8 @@ def fake_module() -> SimpleNamespace:
         device=torch.device("cpu"),
         flops_spent=0.0,
         generated_tokens=0,
+        main_decoded_sequences=0,
+        main_forward_positions=0,
         last_reward=0.5,
         last_grad_norm=1.0,
         last_rollout=None,
@@ -137,24 +162,31 @@ def test_meter_sets_stage1_batches_aside_unless_told_to_count_them():
         module.stage = "alignment"
         trainer = fake_trainer()
         for batch in range(2):
-            meter.on_train_batch_start(trainer, module, None, batch)
+            meter.on_train_batch_start(trainer, module, QUESTIONS, batch)
             clock.now += 1.0
             module.flops_spent += 100.0
-            meter.on_train_batch_end(trainer, module, None, None, batch)
+            meter.on_train_batch_end(trainer, module, None, QUESTIONS, batch)
         module.stage = "rl"
         assert drive(meter, module, clock, step_seconds=1.0, step_flops=100.0, trainer=trainer) == rl_batches
         aside = (0.0, 0.0) if include else (2.0, 200.0)
         assert (meter.alignment_seconds, meter.alignment_flops) == aside
         assert meter.flops == 300.0 and meter.seconds == 3.0
+        assert meter.questions == 4 * (2 * include + rl_batches)  # 4 questions a counted batch: 12 either way
 
 
 def test_meter_over_two_ranks_charges_every_rank_s_seconds_and_flops():
     clock, module = FakeClock(), fake_module()
-    rank_one = lambda row: row * torch.tensor([2.0, 3.0, 3.0, 1.0, 0.0, 1.0, 1.0, 1.0], dtype=torch.float64)  # noqa: E731
+    scale = [2.0, 3.0, 3.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 2.0, 3.0]  # rank 1's columns, over rank 0's
+    rank_one = lambda row: row * torch.tensor(scale, dtype=torch.float64)  # noqa: E731
     meter = BudgetMeter("flops", 1000.0, None, eval_fractions=(1.0,), clock=clock)
     # Per batch: rank 0 spends 0.1 s and 100 FLOPs, rank 1 0.2 s and 300 FLOPs; 400 a batch in all.
     assert drive(meter, module, clock, 0.1, 100.0, trainer=fake_trainer(2, rank_one)) == 3  # 1200 >= 1000 > 800
     assert meter.flops == 1200.0 and meter.generated_tokens == 3 * (5 + 15)
+    # 4 questions a rank; 8 + 16 decoded sequences and 100 + 300 main-model positions a batch
+    assert (meter.questions, meter.main_decoded_sequences, meter.main_forward_positions) == (24, 72, 1200)
+    resumed = BudgetMeter("flops", 1000.0)
+    resumed.load_state_dict(meter.state_dict())
+    assert (resumed.questions, resumed.main_decoded_sequences, resumed.main_forward_positions) == (24, 72, 1200)
     assert meter.seconds == pytest.approx(3 * (0.1 + 0.2))  # device-seconds: both devices were busy
     assert meter.trace.reward[-1] == pytest.approx([1.2, 0.25])  # the mean of 0.5 and 0.0
 
@@ -236,6 +268,7 @@ def test_shortened_main_job_writes_a_valid_summary_and_every_plot(tmp_path):
             "method.eval_every=0.5",
             "method.dlr.alignment.steps=2",
             "method.grpo.max_new_tokens=24",
+            "method.samples_per_problem=3",
             "method.pass_at_k=2",
             "eval.max_new_tokens=24",
             "trainer.enable_progress_bar=false",
@@ -255,7 +288,13 @@ def test_shortened_main_job_writes_a_valid_summary_and_every_plot(tmp_path):
         assert 0 <= arm["train"]["frac_reward_zero_std"] <= 1
         final = arm["final_accuracy"]
         assert len(final["per_seed"]) == 2 and final["ci95"][0] <= final["mean"] <= final["ci95"][1]
+        assert final["interval_over"] == "2 seeds x 3 problems"  # one problem at each of depths 1-3
         assert set(arm["accuracy_by_depth"]) == {"1", "2", "3"}
+        assert set(arm["sampled_accuracy_by_depth"]) == {"1", "2", "3"}
+        sampled, at_k = arm["sampled_accuracy"], arm["pass_at_k"]
+        assert sampled["samples_per_problem"] == 3 and len(sampled["per_seed"]) == 2
+        assert at_k["k"] == 2 and 0 <= sampled["mean"] <= at_k["mean"] <= 1  # pass@2 >= pass@1
+        assert set(at_k["by_depth"]) == {"1", "2", "3"} and at_k["ci95"][0] <= at_k["mean"] <= at_k["ci95"][1]
         assert [p["budget_fraction"] for p in arm["curve"]] == [0.0, 0.5, 1.0]
         assert set(arm["forgetting"]) == {
             "other_task_accuracy_before",
@@ -266,7 +305,17 @@ def test_shortened_main_job_writes_a_valid_summary_and_every_plot(tmp_path):
         assert set(arm["stability"]) == {"final_accuracy_std", "collapses", "grad_norm_cv"}
         assert arm["main_weights_unchanged"] is True
         assert len(arm["pass_at_k"]["per_seed"]) == 2 and 0 <= arm["pass_at_k"]["mean"] <= 1
-    assert summary["pass_at_k"] == 2
+        assert len(arm["main_model"]["questions"]) == 2 and all(q > 0 for q in arm["main_model"]["questions"])
+    assert summary["pass_at_k"] == 2 and summary["samples_per_problem"] == 3
+    # per training question the main model decodes each arm's K: GRPO's 8 completions, DLR's 4 kept chains
+    work = {name: a["main_model"] for name, a in summary["arms"].items()}
+    assert (
+        work["grpo"]["per_question"]["decoded_sequences"] == 8 and work["dlr"]["per_question"]["decoded_sequences"] == 4
+    )
+    assert (
+        work["dlr"]["relative_to_grpo"]["decoded_sequences"] == 0.5 and work["grpo"]["relative_to_grpo"]["flops"] == 1.0
+    )
+    assert 0 < work["dlr"]["relative_to_grpo"]["forward_positions"] < 1
     dlr = summary["arms"]["dlr"]["forgetting"]
     assert dlr["heldout_nll_before"] == dlr["heldout_nll_after"]  # the frozen main model cannot forget
     starts = {
@@ -344,7 +393,7 @@ def test_dlr_readouts_runs_grpo_and_both_readouts_on_the_main_jobs_budget_seeds_
     assert cfg.task_name == "dlr_readouts" and list(cfg.method.arms) == ["dlr", "dlr_latent", "grpo"]
     for key in ("budget", "data", "eval", "backbone", "reward"):  # same budget, test set and models
         assert cfg[key] == main_job[key], key
-    for key in ("seeds", "eval_every", "pass_at_k", "other_task"):
+    for key in ("seeds", "eval_every", "samples_per_problem", "pass_at_k", "other_task"):
         assert cfg.method[key] == main_job.method[key], key
     assert check_comparison(cfg, [0], tmp_path) == {"dlr": "dlr", "dlr_latent": "dlr", "grpo": "grpo"}
 
@@ -435,12 +484,12 @@ def test_report_of_a_continual_run_shows_retention_and_missing_forgetting_as_das
     from dlr.report.report import SeedResult, arm_summary, write_report
 
     def seed_result(seed: int, math_after_logic: float) -> SeedResult:
-        score = DepthScore("m", "logic", 1, 10, 0.6, 1.0)
+        score = cell("logic", 1, 10, 6)
         return SeedResult(
             seed=seed,
             curve=[{"budget_fraction": 0.0, "accuracy": 0.5}, {"budget_fraction": 1.0, "accuracy": 0.6}],
             final_scores=[score],
-            spent={"seconds": 1.0, "flops": 2e12, "generated_tokens": 5, "peak_memory_gb": 1.0},
+            spent=SPENT,
             other_task_before=None,
             other_task_after=None,
             heldout_nll_before=None,
@@ -459,7 +508,7 @@ def test_report_of_a_continual_run_shows_retention_and_missing_forgetting_as_das
         "experiment": "continual_math_logic",
         "device": "CPU",
         "budget": {"kind": "seconds", "amount": 1.0},
-        "arms": {"grpo": arm_summary(results["grpo"], "grpo")},
+        "arms": {"grpo": arm_summary(results["grpo"], "grpo", 4)},
     }
     short = write_report(summary, results, tmp_path)
     saved = json.loads((tmp_path / "summary.json").read_text())
@@ -477,12 +526,12 @@ def test_an_arm_given_the_answer_cue_reports_no_format_rate_and_the_others_keep_
     from dlr.report.report import SeedResult, arm_summary, write_report
 
     def result(format_rate_at_depth_1: float, arm_info: dict) -> SeedResult:
-        scores = [DepthScore("m", "math", 1, 10, 0.5, format_rate_at_depth_1), DepthScore("m", "math", 2, 30, 0.5, 1.0)]
+        scores = [cell("math", 1, 10, 5, format_rate_at_depth_1), cell("math", 2, 30, 15)]
         return SeedResult(
             seed=0,
             curve=[{"budget_fraction": 0.0, "accuracy": 0.5}, {"budget_fraction": 1.0, "accuracy": 0.5}],
             final_scores=scores,
-            spent={"seconds": 1.0, "flops": 1e12, "generated_tokens": 5, "peak_memory_gb": 1.0},
+            spent=SPENT,
             other_task_before=None,
             other_task_after=None,
             heldout_nll_before=None,
@@ -515,7 +564,7 @@ def test_an_arm_given_the_answer_cue_reports_no_format_rate_and_the_others_keep_
         "experiment": "dlr_readouts",
         "device": "CPU",
         "budget": {"kind": "flops", "amount": 1e12},
-        "arms": {name: arm_summary(seeds, methods[name]) for name, seeds in results.items()},
+        "arms": {name: arm_summary(seeds, methods[name], 4) for name, seeds in results.items()},
     }
     write_report(summary, results, tmp_path)
     arms = json.loads((tmp_path / "summary.json").read_text())["arms"]
@@ -545,24 +594,123 @@ def test_an_arm_given_the_answer_cue_reports_no_format_rate_and_the_others_keep_
     assert "dlr_latent: readout `answer` (format rate not applicable: the main's input ends with" in report
 
 
-def test_pass_at_k_counts_a_problem_solved_by_any_attempt():
+def test_unbiased_pass_at_k_by_hand():
+    from dlr.scoring import unbiased_pass_at_k
+
+    assert unbiased_pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 - C(3,2)/C(4,2) = 1 - 3/6
+    assert unbiased_pass_at_k(5, 2, 3) == pytest.approx(0.9)  # 1 - C(3,3)/C(5,3) = 1 - 1/10
+    assert unbiased_pass_at_k(4, 1, 1) == pytest.approx(0.25)  # pass@1 = c/n, the sampled accuracy
+    assert unbiased_pass_at_k(4, 3, 2) == 1.0  # C(1, 2) = 0: any two of the four hold a right one
+    assert unbiased_pass_at_k(4, 0, 4) == 0.0 and unbiased_pass_at_k(4, 1, 4) == 1.0  # k = n: any of them
+    with pytest.raises(ValueError, match="1 <= k <= n"):
+        unbiased_pass_at_k(4, 1, 5)
+
+
+def test_sampled_attempts_give_each_problem_s_count_of_right_ones():
     from conftest import reward_from_yaml
     from dlr.data.schema import Record
-    from dlr.scoring import pass_at_k_by_depth
+    from dlr.scoring import sampled_by_depth
 
     records = [Record(f"q{i}", "math", f"question {i}", "cot", str(i), 1, "test") for i in range(3)]
-    attempts = {"0": ["#### 5", "#### 0"], "1": ["#### 7", "####"], "2": ["#### 9", "#### 8"]}
-    scores = pass_at_k_by_depth(
+    records.append(Record("q3", "math", "question 3", "cot", "3", 2, "test"))
+    attempts = {
+        "0": ["#### 5", "#### 0", "#### 0"],
+        "1": ["#### 7", "####", "#### 1"],
+        "2": ["#### 9", "#### 8", "#### 7"],
+        "3": ["#### 3", "#### 3", "#### 3"],
+    }
+    scores = sampled_by_depth(
         records,
-        lambda chunk, k: [attempts[r.answer][:k] for r in chunk],
-        2,
+        lambda chunk, n: [attempts[r.answer][:n] for r in chunk],
+        3,
         label="m",
         batch_size=2,
         reward=reward_from_yaml(),
     )
-    assert len(scores) == 1 and scores[0].n == 3
-    assert scores[0].accuracy == pytest.approx(1 / 3)  # only q0 has a correct attempt
-    assert scores[0].format_rate == pytest.approx(5 / 6)  # "####" alone is not well formed
+    assert [(s.depth, s.ids, s.correct_counts) for s in scores] == [
+        (1, ("q0", "q1", "q2"), (2, 1, 0)),
+        (2, ("q3",), (3,)),
+    ]
+    depth_1 = scores[0]
+    assert depth_1.pass_at(1) == pytest.approx((2 / 3, 1 / 3, 0.0))  # sampled accuracy, problem by problem
+    assert depth_1.pass_at(2) == pytest.approx((1.0, 2 / 3, 0.0))  # 1 - C(1,2)/C(3,2), 1 - C(2,2)/C(3,2)
+    assert depth_1.format_rate == pytest.approx(8 / 9)  # "####" alone is not well formed
+    with pytest.raises(ValueError, match="2 attempts at problem q0, 3 asked for"):
+        sampled_by_depth(
+            records,
+            lambda chunk, n: [["#### 0"] * 2 for _ in chunk],
+            3,
+            label="m",
+            batch_size=4,
+            reward=reward_from_yaml(),
+        )
+
+
+def test_the_sampled_metrics_of_an_arm_by_depth_and_over_seeds():
+    """Two seeds, n = 4 attempts at 2 problems of depth 1 and 1 of depth 2: seed 0 gets 4, 0 and 2
+    right, seed 1 gets 2, 2 and 2. Sampled accuracy: seed 0 (1 + 0 + 0.5) / 3 = 0.5, seed 1 0.5.
+    pass@2 = 1 - C(4-c, 2)/C(4, 2): c = 4 -> 1, c = 0 -> 0, c = 2 -> 1 - 1/6 = 5/6, so seed 0
+    (1 + 0 + 5/6) / 3 = 11/18 and seed 1 5/6."""
+    from dlr.report.report import SeedResult, sampled_summary
+    from dlr.scoring import SampledScore
+
+    def seed(counts: tuple[int, int, int]) -> SeedResult:
+        sampled = [
+            SampledScore("m", "math", 1, 4, ("a", "b"), counts[:2], 1.0),
+            SampledScore("m", "math", 2, 4, ("c",), counts[2:], 1.0),
+        ]
+        return SeedResult(0, [], [], SPENT, None, None, None, None, 0.0, True, sampled=sampled)
+
+    summary = sampled_summary([seed((4, 0, 2)), seed((2, 2, 2))], 2)
+    accuracy = summary["sampled_accuracy"]
+    assert accuracy["per_seed"] == pytest.approx([0.5, 0.5]) and accuracy["samples_per_problem"] == 4
+    assert summary["sampled_accuracy_by_depth"] == pytest.approx({"1": (1 + 0 + 0.5 + 0.5) / 4, "2": 0.5})
+    at_2 = summary["pass_at_k"]
+    assert at_2["k"] == 2 and at_2["per_seed"] == pytest.approx([11 / 18, 5 / 6])
+    assert at_2["mean"] == pytest.approx((11 / 18 + 5 / 6) / 2) and at_2["interval_over"] == "2 seeds x 3 problems"
+    assert at_2["by_depth"] == pytest.approx({"1": (1 + 0 + 5 / 6 + 5 / 6) / 4, "2": 5 / 6})
+    assert at_2["ci95"][0] <= at_2["mean"] <= at_2["ci95"][1]
+    with pytest.raises(ValueError, match="pass@5 needs 1 <= k <= the 4 samples"):
+        sampled_summary([seed((4, 0, 2))], 5)
+    assert sampled_summary([SeedResult(0, [], [], SPENT, None, None, None, None, 0.0, True)], 2)["pass_at_k"] is None
+
+
+def test_only_passes_charged_to_the_main_model_count_as_its_work():
+    """Two costs equal in value, one of them the main's: only passes charged with the main's own object
+    count. Generation of 2 rows, 4 new tokens after 3 prompt positions: 2 sequences, 2 x (3 + 4 - 1) = 12
+    positions; a teacher-forced pass over 10 positions adds 10, its backward nothing."""
+    from dlr.accounting import ModelCost
+    from dlr.methods.rl_base import RLModule
+
+    module = RLModule(SimpleNamespace(max_consecutive_nonfinite=5), reward=None)
+    module.main_cost, other = ModelCost(20, 40), ModelCost(20, 40)
+    module.charge_generation(module.main_cost, 2, 3, 4)
+    module.charge(module.main_cost, 10, 3, "activations")
+    module.charge(other, 100, 1)
+    module.charge_generation(other, 5, 3, 4)
+    module.charge_generation(module.main_cost, 2, 3, 0)  # nothing generated, nothing decoded
+    assert (module.main_decoded_sequences, module.main_forward_positions) == (2, 22)
+    # FLOPs count every pass: the main's generation 2 x 20 x 12 + 2 x 40 x 8 = 1120, its pass with backward
+    # 2 x (2 x 20 x 10 + 2 x 40 x 3) = 1280; the other's pass 2 x 20 x 100 + 2 x 40 = 4080 and generation
+    # 5 x (2 x 20 x 6 + 2 x 40 x 4) = 2800
+    assert float(module.flops_spent) == pytest.approx(1120 + 1280 + 4080 + 2800)
+
+
+def test_main_model_work_per_question_relative_to_grpo():
+    """DLR: 40 decodes and 4000 positions over 10 questions (4 and 400 a question); GRPO: 80 and 16000 over
+    10 (8 and 1600): DLR's decodes are 50% of GRPO's, its positions 25%, its FLOPs (2e12 vs 2e12) 100%."""
+    from dlr.report.report import main_model_work, relative_to_grpo
+
+    dlr = main_model_work([SimpleNamespace(spent=SPENT)] * 2)
+    grpo_spent = {**SPENT, "main_decoded_sequences": 80, "main_forward_positions": 16000}
+    grpo = main_model_work([SimpleNamespace(spent=grpo_spent)])
+    assert dlr["per_question"] == {"decoded_sequences": 4.0, "forward_positions": 400.0, "flops": 2e11}
+    ratios = relative_to_grpo(
+        {"dlr": {"method": "dlr", "main_model": dlr}, "grpo": {"method": "grpo", "main_model": grpo}}
+    )
+    assert ratios["dlr"] == {"baseline": "grpo", "decoded_sequences": 0.5, "forward_positions": 0.25, "flops": 1.0}
+    assert ratios["grpo"]["decoded_sequences"] == 1.0
+    assert relative_to_grpo({"dlr": {"method": "dlr", "main_model": dlr}}) == {"dlr": None}
 
 
 def test_a_hydra_sweep_runs_one_comparison_per_value(tmp_path):
@@ -575,7 +723,7 @@ def test_a_hydra_sweep_runs_one_comparison_per_value(tmp_path):
             "budget.amount=1e10",
             "data.test_per_depth=1",
             "data.eval_depths=[1,1]",
-            "method.pass_at_k=0",
+            "method.samples_per_problem=0",
             "method.eval_every=1.0",
             "method.dlr.alignment.steps=1",
             "method.dlr.rl.lambda_con=0,0.5",
@@ -601,6 +749,8 @@ def test_a_hydra_sweep_runs_one_comparison_per_value(tmp_path):
         ("method.dlr.readout=soft", "method.readout must be one of"),
         ("method.dlr.max_new_tokens.rationale=2", "method.max_new_tokens.rationale must exceed"),
         ("method.dlr.latent.steps=0", "method.latent.steps"),
+        ("method.pass_at_k=5", "method.pass_at_k must be an integer in [1, method.samples_per_problem=4], got 5"),
+        ("method.samples_per_problem=-1", "method.samples_per_problem must be an integer >= 0, got -1"),
     ],
 )
 def test_a_bad_comparison_setting_fails_before_any_model_loads(tmp_path, override, message):

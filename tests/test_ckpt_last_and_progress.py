@@ -150,6 +150,7 @@ class TinyRegression(L.LightningModule):
         super().__init__()
         self.layer = torch.nn.Linear(2, 1)
         self.flops_spent, self.generated_tokens = 0.0, 0
+        self.main_decoded_sequences, self.main_forward_positions = 0, 0
         self.last_reward = self.last_grad_norm = self.last_rollout = self.last_scores = None
 
     def training_step(self, batch, batch_idx):

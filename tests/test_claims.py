@@ -6,9 +6,21 @@ import json
 
 import pytest
 
-from dlr.report.claims import claims_table, first_fraction_reaching, interval_verdict
+from dlr.report.bootstrap import Interval, difference_verdict
+from dlr.report.claims import claims_table, first_fraction_reaching
 from dlr.report.report import SeedResult, arm_summary, write_report
 from dlr.scoring import DepthScore
+
+PROBLEMS = 50  # per (task, depth) cell
+
+
+def cell(depth: int, accuracy: float, task: str = "math") -> DepthScore:
+    """A cell of PROBLEMS problems whose first round(accuracy * PROBLEMS) are right."""
+    right = round(accuracy * PROBLEMS)
+    outcomes = [1.0] * right + [0.0] * (PROBLEMS - right)
+    ids = [f"{task}-{depth}-{i}" for i in range(PROBLEMS)]
+    return DepthScore("m", task, depth, PROBLEMS, right / PROBLEMS, 1.0, ids=ids, correct=outcomes)
+
 
 DLR_INFO = {
     "readout": "rationale",
@@ -20,15 +32,15 @@ DLR_INFO = {
 
 
 def seed_result(seed: int, start: float, final: float, long: float, curve: list[float], other=(0.9, 0.9)) -> SeedResult:
-    """Depths 1-2 trained (accuracy `start` -> `final`), depths 7-8 at `long`; 10 problems a cell."""
-    cells = lambda trained, deep: [  # noqa: E731
-        DepthScore("m", "math", d, 10, trained if d <= 2 else deep, 1.0) for d in (1, 2, 7, 8)
-    ]
+    """Depths 1-2 trained (accuracy `start` -> `final`), depths 7-8 at `long`, the other task (logic,
+    depth 1) `other` before and after; 50 problems a cell."""
+    cells = lambda trained, deep: [cell(d, trained if d <= 2 else deep) for d in (1, 2, 7, 8)]  # noqa: E731
+    spent = {"seconds": 1.0, "flops": 1e12, "generated_tokens": 5, "peak_memory_gb": 1.0, "questions": 10}
     return SeedResult(
         seed=seed,
         curve=[{"budget_fraction": i / (len(curve) - 1), "accuracy": a} for i, a in enumerate(curve)],
         final_scores=cells(final, long),
-        spent={"seconds": 1.0, "flops": 1e12, "generated_tokens": 5, "peak_memory_gb": 1.0},
+        spent={**spent, "main_decoded_sequences": 40, "main_forward_positions": 4000},
         other_task_before=other[0],
         other_task_after=other[1],
         heldout_nll_before=1.0,
@@ -38,20 +50,23 @@ def seed_result(seed: int, start: float, final: float, long: float, curve: list[
         trace={"reward": [], "grad_norm": [], "diversity": [], "frac_reward_zero_std": [[0.5, 0.25], [1.0, 0.75]]},
         start_scores=cells(start, long),
         arm_info=DLR_INFO if seed >= 10 else {},
+        other_task_before_scores=[cell(1, other[0], "logic")],
+        other_task_after_scores=[cell(1, other[1], "logic")],
     )
 
 
-def test_interval_verdicts_and_the_first_fraction_by_hand():
-    assert interval_verdict((0.6, 0.7), (0.4, 0.5)) == "supported"
-    assert interval_verdict((0.3, 0.45), (0.5, 0.6)) == "not supported"
-    assert interval_verdict((0.4, 0.55), (0.5, 0.6)) == "inconclusive"
+def test_difference_verdicts_and_the_first_fraction_by_hand():
+    assert difference_verdict(Interval(0.1, 0.01, 0.2, (2, 2), 40)) == "supported"
+    assert difference_verdict(Interval(-0.1, -0.2, -0.01, (2, 2), 40)) == "not supported"
+    assert difference_verdict(Interval(0.1, 0.0, 0.2, (2, 2), 40)) == "inconclusive"  # 0 is in it
     curve = [{"budget_fraction": 0.0, "accuracy_mean": 0.2}, {"budget_fraction": 0.5, "accuracy_mean": 0.6}]
     assert first_fraction_reaching(curve, 0.6) == 0.5 and first_fraction_reaching(curve, 0.7) is None
 
 
 def test_claims_of_a_dlr_arm_that_wins_against_grpo(tmp_path):
     """DLR (seeds 10, 11): 40% -> 80-82% at depths 1-2, 30% at depths 7-8, GRPO's final 50% reached at
-    half the budget; GRPO (seeds 0, 1): 50% -> 50% at depths 1-2, 10% at depths 7-8, reaches its final 30% at the end."""
+    half the budget; GRPO (seeds 0, 1): 50% -> 50% at depths 1-2, 10% at depths 7-8, reaches its final 30% at the end.
+    Every gap is 10 or more problems of the 100 it is measured on, all one way: each interval clears 0."""
     results = {
         "dlr": [seed_result(10, 0.4, 0.8, 0.3, [0.2, 0.55, 0.6]), seed_result(11, 0.4, 0.82, 0.3, [0.2, 0.5, 0.62])],
         "grpo": [seed_result(0, 0.5, 0.5, 0.1, [0.1, 0.2, 0.3]), seed_result(1, 0.5, 0.5, 0.1, [0.1, 0.2, 0.3])],
@@ -60,19 +75,30 @@ def test_claims_of_a_dlr_arm_that_wins_against_grpo(tmp_path):
         "experiment": "dlr_vs_grpo",
         "device": "CPU",
         "budget": {"kind": "flops", "amount": 2e12},
-        "arms": {name: arm_summary(seeds, name) for name, seeds in results.items()},
+        "arms": {name: arm_summary(seeds, name, 4) for name, seeds in results.items()},
     }
     rows = claims_table(summary, results, [1, 2], "synthetic_math")
     by_claim = {r["claim"]: r for r in rows if r["arm"] == "dlr"}
-    # final over all depths: DLR (0.8 * 20 + 0.3 * 20) / 40 = 55% and 56%, GRPO 30%
-    assert by_claim["efficiency: higher accuracy than grpo at equal compute"]["verdict"] == "supported"
+    # final over all depths: DLR (0.8 * 100 + 0.3 * 100) / 200 = 55% and 56%, GRPO 30%
+    higher = by_claim["efficiency: higher accuracy than grpo at equal compute"]
+    assert higher["verdict"] == "supported"
+    assert higher["evidence"].startswith("55.5% vs 30.0%, difference +25.5 points [")
+    assert "(2 vs 2 seeds x 200 problems) at 2 TFLOPs each" in higher["evidence"]
     reach = by_claim["efficiency: less compute to reach grpo's final accuracy"]
     assert reach["verdict"] == "supported" and "1 TFLOPs (50% of the budget)" in reach["evidence"]
-    assert by_claim["longer chains: higher accuracy than grpo at untrained depths 7-8"]["verdict"] == "supported"
-    assert by_claim["accumulation across tasks without forgetting"]["verdict"] == "supported"  # 90% -> 90%
+    assert reach["evidence"].endswith("(mean curves of 2 vs 2 seeds x 200 problems)")
+    longer = by_claim["longer chains: higher accuracy than grpo at untrained depths 7-8"]
+    assert longer["verdict"] == "supported" and "(2 vs 2 seeds x 100 problems)" in longer["evidence"]
+    kept = by_claim["accumulation across tasks without forgetting"]  # 90% -> 90% on the same problems
+    assert kept["verdict"] == "supported"
+    assert "90.0% vs 90.0%, difference +0.0 points [+0.0, +0.0] (1 vs 2 seeds x 50 problems)" in kept["evidence"]
     moved = {r["arm"]: r for r in rows if r["claim"].startswith("RL improves")}
     assert moved["dlr"]["verdict"] == "supported" and moved["grpo"]["verdict"] == "inconclusive"
-    assert "start 40.0% [40.0%, 40.0%] -> final 81.0% [80.0%, 82.0%]" in moved["dlr"]["evidence"]
+    # DLR's final at depths 1-2 is (40 + 41) / 100 right on average; its start 20 of 50 on both seeds
+    assert moved["dlr"]["evidence"].startswith("final vs start 81.0% vs 40.0%, difference +41.0 points [")
+    assert moved["dlr"]["evidence"].endswith("(2 seeds x 100 problems), paired by seed and problem")
+    # GRPO's final is its start on every problem: the difference is 0 in every replicate
+    assert "difference +0.0 points [+0.0, +0.0]" in moved["grpo"]["evidence"]
     assert summary["arms"]["dlr"]["train"]["frac_reward_zero_std"] == pytest.approx(0.5)  # (0.25 + 0.75) / 2
     write_report({**summary, "claims": rows}, results, tmp_path)
     report = (tmp_path / "report.md").read_text()
@@ -85,7 +111,7 @@ def higher_accuracy_row(results: dict) -> dict:
     """The DLR arm's "higher accuracy than grpo at equal compute" row for hand-made seed results."""
     summary = {
         "budget": {"kind": "flops", "amount": 1e12},
-        "arms": {name: arm_summary(seeds, name) for name, seeds in results.items()},
+        "arms": {name: arm_summary(seeds, name, 4) for name, seeds in results.items()},
     }
     rows = claims_table(summary, results, [1, 2], "synthetic_math")
     return next(r for r in rows if r["arm"] == "dlr" and r["claim"].startswith("efficiency: higher"))
@@ -93,8 +119,9 @@ def higher_accuracy_row(results: dict) -> dict:
 
 def test_a_lead_found_at_untrained_depths_only_is_named_as_such():
     """DLR 50% at trained depths 1-2 and 30% at 7-8 (overall 40%), GRPO 52% and 0% (26%): the overall lead
-    is supported by the intervals, and the evidence says it lies at untrained depths only; a lead at the
-    trained depths too (80-82% vs 50%) carries no such note."""
+    (30 problems of 200 for DLR, 2 for GRPO) is supported by the interval, and the evidence says it lies
+    at untrained depths only, where the 2 problems of 100 GRPO alone gets right leave 0 in the interval;
+    a lead at the trained depths too (80-82% vs 50%) carries no such note."""
     floor = higher_accuracy_row(
         {
             "dlr": [seed_result(10, 0.5, 0.5, 0.3, [0.4, 0.4]), seed_result(11, 0.5, 0.5, 0.3, [0.4, 0.4])],
@@ -102,7 +129,7 @@ def test_a_lead_found_at_untrained_depths_only_is_named_as_such():
         }
     )
     assert floor["verdict"] == "supported"
-    assert "at trained depths 1-2 50.0% [50.0%, 50.0%] vs 52.0% [52.0%, 52.0%]" in floor["evidence"]
+    assert "at trained depths 1-2 50.0% vs 52.0%, difference -2.0 points [" in floor["evidence"]
     assert floor["evidence"].endswith("(the lead is at untrained depths only)")
     won = higher_accuracy_row(
         {
@@ -115,12 +142,27 @@ def test_a_lead_found_at_untrained_depths_only_is_named_as_such():
 
 def test_forgetting_on_logic_at_chance_is_not_testable_and_a_lost_task_is_not_supported():
     chance = {"dlr": [seed_result(10, 0.4, 0.4, 0.3, [0.4, 0.4], other=(0.52, 0.5))]}
-    summary = {"budget": {"kind": "flops", "amount": 1e12}, "arms": {"dlr": arm_summary(chance["dlr"], "dlr")}}
+    summary = {"budget": {"kind": "flops", "amount": 1e12}, "arms": {"dlr": arm_summary(chance["dlr"], "dlr", 4)}}
     rows = claims_table(summary, chance, [1, 2], "synthetic_logic")
     forgetting = next(r for r in rows if r["claim"].startswith("accumulation"))
     assert forgetting["verdict"] == "not testable yet" and "logic at chance" in forgetting["evidence"]
     assert rows[0]["verdict"] == "not testable yet" and "no GRPO arm" in rows[0]["evidence"]
     lost = {"dlr": [seed_result(s, 0.4, 0.4, 0.3, [0.4, 0.4], other=(0.9, 0.6)) for s in (10, 11)]}
-    summary = {"budget": {"kind": "flops", "amount": 1e12}, "arms": {"dlr": arm_summary(lost["dlr"], "dlr")}}
+    summary = {"budget": {"kind": "flops", "amount": 1e12}, "arms": {"dlr": arm_summary(lost["dlr"], "dlr", 4)}}
     forgetting = next(r for r in claims_table(summary, lost, [1, 2], "synthetic_math") if "accumulation" in r["claim"])
-    assert forgetting["verdict"] == "not supported"  # 30 points lost on every seed
+    # 15 of 50 problems lost on every seed: the drop is X/50 with X ~ Binomial(50, 0.3), whose 2.5%
+    # quantile (9) is far above the 2.5 problems the 5-point margin allows
+    assert forgetting["verdict"] == "not supported"
+    assert "difference +30.0 points" in forgetting["evidence"]
+
+
+def test_a_continual_run_whose_start_and_final_test_sets_differ_is_not_paired():
+    """Phases: the start is scored on the first phase's test set (math), the final on the last's (logic)."""
+    import dataclasses
+
+    from dlr.report.claims import rl_moved
+
+    result = seed_result(0, 0.4, 0.5, 0.3, [0.4, 0.5])
+    continual = dataclasses.replace(result, start_scores=[cell(d, 0.4, "logic") for d in (1, 2)])
+    row = rl_moved("grpo", [continual], [1, 2])
+    assert row["verdict"] == "not testable yet" and "different test sets" in row["evidence"]

@@ -29,7 +29,7 @@ def test_both_arms_train_on_two_cpu_processes_and_only_rank_zero_writes(tmp_path
             "method.eval_every=1",
             "method.dlr.alignment.steps=2",
             "method.grpo.max_new_tokens=24",
-            "method.pass_at_k=null",
+            "method.samples_per_problem=0",
             "callbacks.latent_diversity.every_n_steps=1",
             "data.test_per_depth=1",
             "data.eval_depths=[1,2]",

@@ -34,6 +34,16 @@ def test_depth_scores_of_two_shards_merged_are_those_of_the_whole():
     )
 
 
+def test_depth_scores_keep_each_problem_s_id_and_outcome_in_the_order_scored():
+    records = _records([2, 1, 2])
+    metric = DepthScores(sync_on_compute=False)
+    metric.update(records, [1.0, 0.0, 0.0], [1.0, 1.0, 1.0])
+    depth_1, depth_2 = metric.scores("m", [r.id for r in records])
+    assert (depth_1.depth, depth_1.ids, depth_1.correct) == (1, ("q1",), (0.0,))
+    assert (depth_2.depth, depth_2.ids, depth_2.correct, depth_2.accuracy) == (2, ("q0", "q2"), (1.0, 0.0), 0.5)
+    assert metric.scores("m")[1].ids == () and metric.scores("m")[1].correct == (1.0, 0.0)  # no ids given
+
+
 def test_reward_statistics_are_the_batch_means_and_reduce_weighted_by_count():
     scores = torch.tensor([[[1, 1, 1.2], [0, 1, 0.2]], [[0, 0, 0.0], [0, 0, 0.0]]])  # [B=2, K=2, 3]
     zero_spread = torch.tensor([False, True])

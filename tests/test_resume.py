@@ -84,7 +84,7 @@ def test_a_killed_comparison_reruns_in_its_folder_and_finishes(tmp_path):
         "data.test_per_depth=1",
         "data.eval_depths=[1,2]",
         "method.eval_every=0.5",
-        "method.pass_at_k=0",
+        "method.samples_per_problem=0",
         "method.dlr.alignment.steps=2",
         "method.grpo.max_new_tokens=16",
         "eval.max_new_tokens=16",

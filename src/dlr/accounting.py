@@ -110,6 +110,12 @@ class BudgetedModule(Protocol):
     def generated_tokens(self) -> torch.Tensor | int: ...  # sampled tokens so far, this rank's
 
     @property
+    def main_decoded_sequences(self) -> int: ...  # sequences the main model generated so far, this rank's
+
+    @property
+    def main_forward_positions(self) -> int: ...  # token positions the main model read forward so far, this rank's
+
+    @property
     def last_reward(self) -> float | None: ...  # the last batch's mean reward; None: it had no reward
 
     @property

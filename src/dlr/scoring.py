@@ -1,11 +1,14 @@
-"""Greedy accuracy and format rate by task and depth on a fixed test set, pass@k, and their tables.
+"""Greedy accuracy and format rate by task and depth on a fixed test set, sampled accuracy and unbiased
+pass@k, and their tables.
 
 The evaluations the runner, the methods, the callbacks and the report share; Lightning-free. Scores are
 gathered in `DepthScores`, a torchmetrics Metric, so that a caller whose ranks each score a shard gets
-them reduced over the ranks."""
+them reduced over the ranks. Every score keeps each problem's id and outcome beside the cell's rate: the
+report's intervals resample the test problems (report/bootstrap.py)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -30,6 +33,48 @@ class DepthScore:
     n: int
     accuracy: float
     format_rate: float
+    # the cell's problems in the order scored: record ids and outcomes (1.0 right, 0.0 wrong); empty in
+    # scores written before they were kept, and in scores gathered over ranks (ids are not reduced)
+    ids: tuple[str, ...] = ()
+    correct: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:  # read back from JSON they are lists
+        object.__setattr__(self, "ids", tuple(self.ids))
+        object.__setattr__(self, "correct", tuple(self.correct))
+
+
+@dataclass(frozen=True)
+class SampledScore:
+    """`samples` sampled attempts at each problem of one (task, depth) cell, at the arm's own sampling
+    (GRPO: completions at its temperature; DLR: latent chains at its sigma, each decoded once by the main)."""
+
+    model: str
+    task: str
+    depth: int
+    samples: int  # n attempts per problem
+    ids: tuple[str, ...]  # the cell's problems, in the order scored
+    correct_counts: tuple[int, ...]  # per problem: how many of its n attempts were right
+    format_rate: float  # well-formed share of all the cell's attempts
+
+    def __post_init__(self) -> None:  # read back from JSON they are lists
+        object.__setattr__(self, "ids", tuple(self.ids))
+        object.__setattr__(self, "correct_counts", tuple(self.correct_counts))
+
+    @property
+    def n(self) -> int:
+        return len(self.ids)
+
+    def pass_at(self, k: int) -> tuple[float, ...]:
+        """Unbiased pass@k of each problem; pass@1 is the fraction of its attempts that are right."""
+        return tuple(unbiased_pass_at_k(self.samples, c, k) for c in self.correct_counts)
+
+
+def unbiased_pass_at_k(n: int, c: int, k: int) -> float:
+    """Chen et al. (2021): the chance that k of n attempts drawn without replacement hold a right one,
+    when c of the n are right: 1 - C(n-c, k) / C(n, k). At k = 1 it is c / n, the sampled accuracy."""
+    if not 1 <= k <= n or not 0 <= c <= n:
+        raise ValueError(f"pass@k needs 1 <= k <= n and 0 <= c <= n, got n={n}, c={c}, k={k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 class DepthScores(Metric):
@@ -50,24 +95,46 @@ class DepthScores(Metric):
         self.correct.append(torch.tensor(correct, dtype=torch.float64))
         self.format.append(torch.tensor(format_rate, dtype=torch.float64))
 
-    def compute(self) -> dict[tuple[str, int], tuple[int, float, float]]:
-        """(task, depth) -> (problems, accuracy, format rate), ordered by task name and depth."""
+    def _cells(self) -> tuple[dict[tuple[str, int], list[int]], list[float], list[float]]:
+        """The rows of each (task, depth), in the order scored and ordered by task name and depth; and
+        every row's correctness and format."""
         if not self.task:
-            return {}
+            return {}, [], []
         task, depth, correct, fmt = (
             dim_zero_cat(x).tolist() for x in (self.task, self.depth, self.correct, self.format)
         )
         groups: dict[tuple[str, int], list[int]] = {}
         for i, key in enumerate(zip((TASKS[t] for t in task), depth, strict=True)):
             groups.setdefault(key, []).append(i)
+        return dict(sorted(groups.items())), correct, fmt
+
+    def compute(self) -> dict[tuple[str, int], tuple[int, float, float]]:
+        """(task, depth) -> (problems, accuracy, format rate), ordered by task name and depth."""
+        groups, correct, fmt = self._cells()
         # summed in order as Python floats, as the tables have always been
         return {
             key: (len(rows), sum(correct[i] for i in rows) / len(rows), sum(fmt[i] for i in rows) / len(rows))
-            for key, rows in sorted(groups.items())
+            for key, rows in groups.items()
         }
 
-    def scores(self, label: str) -> list[DepthScore]:
-        return [DepthScore(label, task, depth, *values) for (task, depth), values in self.compute().items()]
+    def scores(self, label: str, ids: Sequence[str] = ()) -> list[DepthScore]:
+        """The scores by (task, depth) with each problem's outcome; `ids`: the scored records' ids in the
+        order scored, given only where this rank scored every row (no sync), kept per cell."""
+        groups, correct, _ = self._cells()
+        if ids and len(ids) != len(correct):
+            raise ValueError(f"{len(ids)} ids for {len(correct)} scored problems")
+        rates = self.compute()
+        return [
+            DepthScore(
+                label,
+                task,
+                depth,
+                *rates[(task, depth)],
+                ids=tuple(ids[i] for i in rows) if ids else (),
+                correct=tuple(correct[i] for i in rows),
+            )
+            for (task, depth), rows in groups.items()
+        ]
 
 
 def completion_prefix(fmt: PromptFormat, mode: str) -> str:
@@ -92,30 +159,44 @@ def score_by_depth(
         chunk = records[start : start + batch_size]
         verdicts = [reward.score(c, r.answer, r.task) for r, c in zip(chunk, complete(chunk), strict=True)]
         metric.update(chunk, [v.correct for v in verdicts], [v.format for v in verdicts])
-    return metric.scores(label)
+    return metric.scores(label, [r.id for r in records])
 
 
-def pass_at_k_by_depth(
+def sampled_by_depth(
     records: Sequence[Record],
     sample: Callable[[Sequence[Record], int], list[list[str]]],
-    k: int,
+    samples: int,
     *,
     label: str,
     batch_size: int,
     reward: RewardConfig,
-) -> list[DepthScore]:
-    """pass@k by (task, depth): a problem passes when any of its k sampled completions is correct.
-    `sample(chunk, k)` returns k completions per record; `format_rate` is that of all samples."""
-    metric = DepthScores(sync_on_compute=False)  # evaluation runs on rank 0 alone while the others wait
+) -> list[SampledScore]:
+    """`samples` attempts per problem, scored with the reward's strict checker, grouped by (task, depth)
+    in test-set order: how many of each problem's attempts are right (sampled accuracy and unbiased
+    pass@k follow from the counts). `sample(chunk, n)` returns n completions per record."""
+    counts: dict[tuple[str, int], list[tuple[str, int]]] = {}  # (task, depth) -> [(id, right attempts)]
+    formats: dict[tuple[str, int], list[float]] = {}
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
-        passed, formats = [], []
-        for record, attempts in zip(chunk, sample(chunk, k), strict=True):
+        for record, attempts in zip(chunk, sample(chunk, samples), strict=True):
+            if len(attempts) != samples:
+                raise ValueError(f"{len(attempts)} attempts at problem {record.id}, {samples} asked for")
             verdicts = [reward.score(c, record.answer, record.task) for c in attempts]
-            passed.append(float(any(v.correct for v in verdicts)))
-            formats.append(sum(v.format for v in verdicts) / len(verdicts))
-        metric.update(chunk, passed, formats)
-    return metric.scores(label)
+            key = (record.task, record.depth)
+            counts.setdefault(key, []).append((record.id, sum(int(v.correct) for v in verdicts)))
+            formats.setdefault(key, []).extend(float(v.format) for v in verdicts)
+    return [
+        SampledScore(
+            label,
+            task,
+            depth,
+            samples,
+            tuple(i for i, _ in counts[(task, depth)]),
+            tuple(c for _, c in counts[(task, depth)]),
+            sum(formats[(task, depth)]) / len(formats[(task, depth)]),
+        )
+        for task, depth in sorted(counts)
+    ]
 
 
 @torch.no_grad()
@@ -158,5 +239,5 @@ def depth_table(scores: Sequence[DepthScore]) -> str:
     return "\n".join(lines)
 
 
-def scores_as_dicts(scores: Sequence[DepthScore]) -> list[dict]:
+def scores_as_dicts(scores: Sequence[DepthScore | SampledScore]) -> list[dict]:
     return [asdict(s) for s in scores]

@@ -1,12 +1,13 @@
 """The compute budget of an RL arm (docs/design.md §5): device-seconds, estimated FLOPs, generated tokens and peak
-memory of everything the arm runs after the common start; evaluation is excluded. The arm stops when
+memory of everything the arm runs after the common start, and the main model's share of the work (sequences
+it decoded, positions it read) with the questions trained on; evaluation is excluded. The arm stops when
 its budget is spent, and is evaluated at fixed fractions of it.
 
 Only the time between `on_train_batch_start` and `on_train_batch_end` is charged, and the meter must
 be the first callback (the orchestrator puts it there): its start hook runs before any other
 callback's and its end hook before diagnostics and evaluations run.
 
-Under DDP every rank measures its own batch and the meter adds up all ranks' seconds, FLOPs and tokens:
+Under DDP every rank measures its own batch and the meter adds up all ranks' seconds, FLOPs, tokens and counts:
 a budget is the same total compute on one device or several (device-seconds on GPUs, where a rank's
 wall time includes waiting for the others; CPU-seconds on the CPU, as one process's threads add up).
 Every rank then holds the same totals, so all of them stop at the same batch.
@@ -53,6 +54,10 @@ class BudgetTrace:
     frac_reward_zero_std: list[list[float]] = field(default_factory=list)
 
 
+# the module's counters the meter charges by what they grow in a batch, after the clock in `_batch_start`
+COUNTERS = ("flops_spent", "generated_tokens", "main_decoded_sequences", "main_forward_positions")
+
+
 class BudgetMeter(Callback):
     """Charges each training batch to the budget; evaluates at `eval_fractions`; stops at 100%.
 
@@ -79,13 +84,15 @@ class BudgetMeter(Callback):
         self.eval_fractions = sorted(eval_fractions)
         self.clock = clock
         self.seconds, self.flops, self.generated_tokens = 0.0, 0.0, 0  # charged so far, all ranks
+        # charged batches' questions, and the main model's decoded sequences and forward positions, all ranks
+        self.questions, self.main_decoded_sequences, self.main_forward_positions = 0, 0, 0
         # DLR's stage-1 batches (`pl_module.stage == "alignment"`): charged, or set aside and reported
         self.include_alignment = include_alignment
         self.alignment_seconds, self.alignment_flops = 0.0, 0.0
         self._batch_stage = "rl"
         self.points, self.trace = [], BudgetTrace()
         self.peak_memory = 0  # bytes, the largest of any rank
-        self._batch_start: tuple[float, float, float] | None = None  # clock, FLOPs and tokens counters
+        self._batch_start: tuple[float, ...] | None = None  # clock, then the module's counters (COUNTERS)
 
     def _now(self, device: torch.device) -> float:
         if self.clock is not None:
@@ -102,13 +109,13 @@ class BudgetMeter(Callback):
         return self.spent() / self.amount
 
     def on_train_batch_start(self, trainer, pl_module: BudgetedModule, batch, batch_idx) -> None:
-        counters = float(pl_module.flops_spent), float(pl_module.generated_tokens)
         self._batch_stage = pl_module.stage
-        self._batch_start = (self._now(pl_module.device), *counters)
+        self._batch_start = (self._now(pl_module.device), *(float(getattr(pl_module, c)) for c in COUNTERS))
 
     def on_train_batch_end(self, trainer, pl_module: BudgetedModule, outputs, batch, batch_idx) -> None:
-        clock, flops, tokens = self._batch_start
+        clock, *counters = self._batch_start
         elapsed = self._now(pl_module.device) - clock  # first: what follows is not charged
+        grown = [float(getattr(pl_module, c)) - start for c, start in zip(COUNTERS, counters, strict=True)]
         rollout = pl_module.last_rollout
         diversity = float("nan")
         if rollout is not None:
@@ -122,16 +129,19 @@ class BudgetMeter(Callback):
         local = torch.tensor(
             [
                 elapsed,
-                float(pl_module.flops_spent) - flops,
-                float(pl_module.generated_tokens) - tokens,
+                grown[0],  # FLOPs
+                grown[1],  # generated tokens
                 peak_memory_bytes(pl_module.device),
                 *[float("nan") if value is None else float(value) for value in optional],
                 diversity,
                 zero_spread,
+                len(batch),  # questions
+                grown[2],  # the main model's decoded sequences
+                grown[3],  # and forward positions
             ],
             dtype=torch.float64,
         )
-        ranks = gather_ranks(trainer, local)  # [world_size, 8]
+        ranks = gather_ranks(trainer, local)  # [world_size, 11]
         self.peak_memory = max(self.peak_memory, int(ranks[:, 3].max()))
         if self._batch_stage == "alignment" and not self.include_alignment:
             self.alignment_seconds += float(ranks[:, 0].sum())
@@ -140,6 +150,9 @@ class BudgetMeter(Callback):
         self.seconds += float(ranks[:, 0].sum())
         self.flops += float(ranks[:, 1].sum())
         self.generated_tokens += int(ranks[:, 2].sum())
+        self.questions += int(ranks[:, 8].sum())
+        self.main_decoded_sequences += int(ranks[:, 9].sum())
+        self.main_forward_positions += int(ranks[:, 10].sum())
         fraction = self.fraction()
         series_columns = (
             (self.trace.reward, 4),
@@ -183,6 +196,7 @@ class BudgetMeter(Callback):
             "seconds": self.seconds,
             "flops": self.flops,
             "generated_tokens": self.generated_tokens,
+            "main_model": [self.questions, self.main_decoded_sequences, self.main_forward_positions],
             "alignment": [self.alignment_seconds, self.alignment_flops],
             "eval_fractions": self.eval_fractions,
             "peak_memory": self.peak_memory,
@@ -194,6 +208,8 @@ class BudgetMeter(Callback):
         self.seconds, self.flops, self.generated_tokens = state["seconds"], state["flops"], state["generated_tokens"]
         self.eval_fractions, self.peak_memory = state["eval_fractions"], state["peak_memory"]
         self.alignment_seconds, self.alignment_flops = state.get("alignment", (0.0, 0.0))
+        # a checkpoint from before the main model's work was counted: counted from the resume on
+        self.questions, self.main_decoded_sequences, self.main_forward_positions = state.get("main_model", (0, 0, 0))
         self.points = [BudgetPoint(**{**p, "scores": [DepthScore(**s) for s in p["scores"]]}) for p in state["points"]]
         self.trace = BudgetTrace(**state["trace"])  # a checkpoint from before a series existed starts it empty
 

@@ -63,11 +63,15 @@ class RewardStatistics(Metric):
 
 class RLModule(TrainableStateCheckpoints, LightningModule):
     """Base of the RL arms. Subclasses set `arm_name`, `stage`, `is_backbone_key`, `protected_sha256`
-    (for the checkpoints) and implement `train_batch`. The budget meter reads `flops_spent`,
-    `generated_tokens`, `last_reward`, `last_grad_norm`, `last_rollout` and `stage` after each batch;
-    `last_scores` [B, K, 3] holds the batch's scored completions, question-major."""
+    (for the checkpoints) and `main_cost`, and implement `train_batch`. The budget meter reads
+    `flops_spent`, `generated_tokens`, `main_decoded_sequences`, `main_forward_positions`,
+    `last_reward`, `last_grad_norm`, `last_rollout` and `stage` after each batch; `last_scores`
+    [B, K, 3] holds the batch's scored completions, question-major."""
 
     arm_name: str
+    # the ModelCost of the main model as the arm runs it (DLR: the frozen main; GRPO: the main with its
+    # adapters, its policy): passes charged with this very object are counted as the main model's work
+    main_cost: ModelCost
 
     def __init__(self, settings, reward: RewardConfig) -> None:
         super().__init__()
@@ -77,6 +81,9 @@ class RLModule(TrainableStateCheckpoints, LightningModule):
         # compute spent on training, for the budget meter (docs/design.md §5); evaluation is not counted
         self.register_buffer("flops_spent", torch.zeros((), dtype=torch.float64))
         self.register_buffer("generated_tokens", torch.zeros((), dtype=torch.long))  # TRL's num_tokens
+        # the main model's work (docs/design.md §5): sequences it generated, and token positions it read in
+        # forward passes. The meter charges what they grow by in a batch, so they need not survive a resume.
+        self.main_decoded_sequences, self.main_forward_positions = 0, 0
         self.last_reward: float | None = None
         self.last_grad_norm: float | None = None
         self.last_rollout = None  # latent chains of the last batch (DLR's Rollout); None: no latents
@@ -99,12 +106,20 @@ class RLModule(TrainableStateCheckpoints, LightningModule):
 
     def charge(self, cost: ModelCost, tokens: int, logit_tokens: int, backward: str = "none") -> None:
         """Add one pass of a model over `tokens` positions, with logits at `logit_tokens` of them, to the
-        FLOPs spent (docs/design.md §5)."""
+        FLOPs spent (docs/design.md §5); a pass of the main model (`main_cost`) adds its positions to the
+        main model's forward positions (its backward, if any, is in the FLOPs alone)."""
         self.flops_spent += pass_flops(cost, tokens, logit_tokens, backward)
+        if cost is self.main_cost:
+            self.main_forward_positions += tokens
 
     def charge_generation(self, cost: ModelCost, rows: int, prompt_tokens: int, new_tokens: int) -> None:
-        """Add `rows` cached generations of `new_tokens` after `prompt_tokens` to the FLOPs spent."""
+        """Add `rows` cached generations of `new_tokens` after `prompt_tokens` to the FLOPs spent; by the
+        main model, `rows` decoded sequences and the P + N - 1 positions each reads (the prefill, then
+        one cached step per new token but the last)."""
         self.flops_spent += generation_flops(cost, rows, prompt_tokens, new_tokens)
+        if cost is self.main_cost and new_tokens > 0:
+            self.main_decoded_sequences += rows
+            self.main_forward_positions += rows * (prompt_tokens + new_tokens - 1)
 
     # --- guarded optimization -----------------------------------------------------------------
 

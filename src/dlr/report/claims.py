@@ -1,39 +1,66 @@
 """The claims table: what a comparison's numbers say about each claim of the DLR abstract.
 
-Each row is `{claim, arm, verdict, evidence}`. Verdicts compare 95% bootstrap intervals over seeds:
-`supported` or `not supported` when the intervals are apart in the claim's favour or against it,
-`inconclusive` when they overlap, `not testable yet` when the run cannot speak to the claim (a task the
-models still answer at chance, a baseline missing from the run).
+Each row is `{claim, arm, verdict, evidence}`. A verdict comes from the 95% interval of a paired
+difference (ours - theirs: DLR against GRPO on the same test problems, or an arm's final against its own
+start, seed by seed), bootstrapped over seeds and test problems (report/bootstrap.py): `supported`
+when the interval lies above 0, `not supported` when below, `inconclusive` when it holds 0; `not
+testable yet` when the run cannot speak to the claim (a task the models still answer at chance, a
+baseline missing from the run). Every row's evidence says how many seeds and problems it rests on.
 """
 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 
-from dlr.report.report import SeedResult, bootstrap_ci, overall_accuracy, percent
+from dlr.report.bootstrap import Interval, difference_verdict, paired_difference
+from dlr.report.report import SeedResult, greedy_outcomes, percent, seed_rows
+from dlr.scoring import DepthScore
 
 LONG_DEPTHS = (7, 8)  # never trained: the long-horizon axis
 CHANCE_LEVEL_MARGIN = 0.10  # a true/false task within this of 50% counts as answered at chance
+FORGETTING_MARGIN = 0.05  # accuracy the other task may lose and still count as not forgotten
 
 
-def interval_verdict(ours: tuple[float, float], theirs: tuple[float, float]) -> str:
-    """supported: `ours` lies wholly above `theirs`; not supported: wholly below; else inconclusive."""
-    if ours[0] > theirs[1]:
-        return "supported"
-    if ours[1] < theirs[0]:
-        return "not supported"
-    return "inconclusive"
+@dataclass(frozen=True)
+class Comparison:
+    """Two sides' greedy accuracy on the same problems and the interval of their difference."""
+
+    ours: float
+    theirs: float
+    difference: Interval  # of ours - theirs
+
+    def text(self) -> str:
+        """e.g. "45.0% vs 53.1%, difference -8.1 points [-12.5, -3.8] (2 vs 2 seeds x 160 problems)"."""
+        d = self.difference
+        return (
+            f"{percent(self.ours)} vs {percent(self.theirs)}, difference {100 * d.estimate:+.1f} points "
+            f"[{100 * d.lo:+.1f}, {100 * d.hi:+.1f}] ({d.basis()})"
+        )
 
 
-def depth_accuracy(scores, depths: Sequence[int]) -> float:
-    """Accuracy over the problems at `depths` (count-weighted; 0 when there are none)."""
-    return overall_accuracy([s for s in scores if s.depth in depths])
+def compare(
+    ours: Sequence[Sequence[DepthScore]],
+    theirs: Sequence[Sequence[DepthScore]],
+    depths: Collection[int] | None,
+    same_seeds: bool,
+) -> Comparison:
+    """The greedy accuracies of two sides at `depths` (all when None), one list of scores per seed, and
+    the interval of their paired difference. `same_seeds`: seed s of both sides is the same run."""
+    our_ids, our_rows = seed_rows(ours, greedy_outcomes, depths)
+    their_ids, their_rows = seed_rows(theirs, greedy_outcomes, depths)
+    if our_ids != their_ids:
+        raise ValueError("the two sides of a claim were scored on different test problems: they cannot be paired")
+    return Comparison(
+        statistics.fmean(v for row in our_rows for v in row),
+        statistics.fmean(v for row in their_rows for v in row),
+        paired_difference(our_rows, their_rows, same_seeds),
+    )
 
 
-def ci_text(values: Sequence[float]) -> str:
-    lo, hi = bootstrap_ci(values)
-    return f"{percent(statistics.fmean(values))} [{percent(lo)}, {percent(hi)}]"
+def has_depths(results: Sequence[SeedResult], depths: Collection[int]) -> bool:
+    return any(s.depth in depths for r in results for s in r.final_scores)
 
 
 def first_fraction_reaching(curve: Sequence[dict], target: float) -> float | None:
@@ -42,14 +69,23 @@ def first_fraction_reaching(curve: Sequence[dict], target: float) -> float | Non
 
 
 def rl_moved(name: str, results: Sequence[SeedResult], trained: Sequence[int]) -> dict:
-    """Did RL move the arm at the depths it trained on: final against start, over seeds."""
-    start = [depth_accuracy(r.start_scores, trained) for r in results]
-    final = [depth_accuracy(r.final_scores, trained) for r in results]
+    """Did RL move the arm at the depths it trained on: each seed's final against its own start, on the
+    same problems."""
+    claim = f"RL improves the arm at its trained depths {trained[0]}-{trained[-1]}"
+    finals, starts = [r.final_scores for r in results], [r.start_scores for r in results]
+    if seed_rows(finals, greedy_outcomes, trained)[0] != seed_rows(starts, greedy_outcomes, trained)[0]:
+        return {  # a continual run starts on its first phase's test set and ends on its last's
+            "claim": claim,
+            "arm": name,
+            "verdict": "not testable yet",
+            "evidence": "start and final were scored on different test sets (phases): retention speaks instead",
+        }
+    moved = compare(finals, starts, trained, same_seeds=True)
     return {
-        "claim": f"RL improves the arm at its trained depths {trained[0]}-{trained[-1]}",
+        "claim": claim,
         "arm": name,
-        "verdict": interval_verdict(bootstrap_ci(final), bootstrap_ci(start)),
-        "evidence": f"start {ci_text(start)} -> final {ci_text(final)} (mean [95% CI] over seeds)",
+        "verdict": difference_verdict(moved.difference),
+        "evidence": f"final vs start {moved.text()}, paired by seed and problem",
     }
 
 
@@ -62,27 +98,25 @@ def efficiency_rows(
     trained: Sequence[int],
 ) -> list[dict]:
     arm, base = summary["arms"][name], summary["arms"][baseline]
-    ours, theirs = arm["final_accuracy"], base["final_accuracy"]
     unit = "TFLOPs" if budget["kind"] == "flops" else "s"
     scale = 1e12 if budget["kind"] == "flops" else 1.0
-    verdict = interval_verdict(tuple(ours["ci95"]), tuple(theirs["ci95"]))
+    ours_final, theirs_final = [r.final_scores for r in results[name]], [r.final_scores for r in results[baseline]]
+    overall = compare(ours_final, theirs_final, None, same_seeds=False)
+    verdict = difference_verdict(overall.difference)
     # where the lead is: an answer-at-once readout keeps about the direct-answer rate where its chain fails
-    ours_trained = [depth_accuracy(r.final_scores, trained) for r in results[name]]
-    theirs_trained = [depth_accuracy(r.final_scores, trained) for r in results[baseline]]
-    at_trained = interval_verdict(bootstrap_ci(ours_trained), bootstrap_ci(theirs_trained))
-    where = f"; at trained depths {trained[0]}-{trained[-1]} {ci_text(ours_trained)} vs {ci_text(theirs_trained)}"
-    if verdict == "supported" and at_trained != "supported":
+    at_trained = compare(ours_final, theirs_final, trained, same_seeds=False)
+    where = f"; at trained depths {trained[0]}-{trained[-1]} {at_trained.text()}"
+    if verdict == "supported" and difference_verdict(at_trained.difference) != "supported":
         where += " (the lead is at untrained depths only)"
     rows = [
         {
             "claim": f"efficiency: higher accuracy than {baseline} at equal compute",
             "arm": name,
             "verdict": verdict,
-            "evidence": f"{ci_text(ours['per_seed'])} vs {ci_text(theirs['per_seed'])} at "
-            f"{budget['amount'] / scale:g} {unit} each{where}",
+            "evidence": f"{overall.text()} at {budget['amount'] / scale:g} {unit} each{where}",
         }
     ]
-    target = theirs["mean"]
+    target = base["final_accuracy"]["mean"]
     reached = first_fraction_reaching(arm["curve"], target)
     base_reached = first_fraction_reaching(base["curve"], target)
     started_above = arm["curve"] and arm["curve"][0]["accuracy_mean"] >= target
@@ -99,18 +133,18 @@ def efficiency_rows(
             "arm": name,
             "verdict": verdict,
             "evidence": f"{baseline}'s final mean {percent(target)}; {name} {what}"
-            + ("" if base_reached is None else f"; {baseline} itself reaches it at {base_reached:.0%}"),
+            + ("" if base_reached is None else f"; {baseline} itself reaches it at {base_reached:.0%}")
+            + f" (mean curves of {overall.difference.basis()})",
         }
     )
-    ours_long = [depth_accuracy(r.final_scores, LONG_DEPTHS) for r in results[name]]
-    theirs_long = [depth_accuracy(r.final_scores, LONG_DEPTHS) for r in results[baseline]]
-    if any(s.depth in LONG_DEPTHS for r in results[name] for s in r.final_scores):
+    if has_depths(results[name], LONG_DEPTHS):
+        long = compare(ours_final, theirs_final, LONG_DEPTHS, same_seeds=False)
         rows.append(
             {
                 "claim": f"longer chains: higher accuracy than {baseline} at untrained depths 7-8",
                 "arm": name,
-                "verdict": interval_verdict(bootstrap_ci(ours_long), bootstrap_ci(theirs_long)),
-                "evidence": f"{ci_text(ours_long)} vs {ci_text(theirs_long)}",
+                "verdict": difference_verdict(long.difference),
+                "evidence": long.text(),
             }
         )
     st, base_st = arm["stability"], base["stability"]
@@ -122,7 +156,8 @@ def efficiency_rows(
             "verdict": ("supported" if steadier else "not supported") if len(results[name]) > 1 else "inconclusive",
             "evidence": f"collapses {st['collapses']} vs {base_st['collapses']}; final-accuracy std over seeds "
             f"{percent(st['final_accuracy_std'])} vs {percent(base_st['final_accuracy_std'])}; grad-norm CV "
-            f"{st['grad_norm_cv']:.2f} vs {base_st['grad_norm_cv']:.2f}",
+            f"{st['grad_norm_cv']:.2f} vs {base_st['grad_norm_cv']:.2f} ({len(results[name])} vs "
+            f"{len(results[baseline])} seeds)",
         }
     )
     return rows
@@ -147,18 +182,29 @@ def forgetting_row(name: str, summary: dict, results: Sequence[SeedResult], othe
                 "evidence": evidence + "; logic at chance",
             }
         lost = kept[0] - kept[-1]
-        verdict = "supported" if lost <= 0.05 else "not supported"
-        return {"claim": claim, "arm": name, "verdict": verdict, "evidence": evidence + f" (lost {percent(lost)})"}
-    before = [r.other_task_before for r in results if r.other_task_before is not None]
-    after = [r.other_task_after for r in results if r.other_task_after is not None]
-    if not before or not after:
+        verdict = "supported" if lost <= FORGETTING_MARGIN else "not supported"
+        evidence += (
+            f" (lost {percent(lost)}; mean of {len(results)} seeds, no interval: retention keeps accuracies only)"
+        )
+        return {"claim": claim, "arm": name, "verdict": verdict, "evidence": evidence}
+    if not results[0].other_task_before_scores or not all(r.other_task_after_scores for r in results):
         return {"claim": claim, "arm": name, "verdict": "not testable yet", "evidence": "no other task in this run"}
-    evidence = f"{other_task}: {ci_text(before)} before (the frozen main's own chain) -> {ci_text(after)} after"
-    if other_task == "synthetic_logic" and abs(statistics.fmean(before) - 0.5) <= CHANCE_LEVEL_MARGIN:
+    # the before is the common start (the same for every seed): one run, against each seed's after
+    drop = compare(
+        [results[0].other_task_before_scores], [r.other_task_after_scores for r in results], None, same_seeds=False
+    )
+    evidence = (
+        f"{other_task}, before (the frozen main's own chain) vs after: {drop.text()}; "
+        f"a loss of up to {percent(FORGETTING_MARGIN)} counts as none"
+    )
+    if other_task == "synthetic_logic" and abs(drop.ours - 0.5) <= CHANCE_LEVEL_MARGIN:
         return {"claim": claim, "arm": name, "verdict": "not testable yet", "evidence": evidence + " (logic at chance)"}
-    drop = [b - a for b, a in zip(before, after, strict=True)]
-    lo, hi = bootstrap_ci(drop)
-    verdict = "not supported" if lo > 0.05 else ("supported" if hi <= 0.05 else "inconclusive")
+    if drop.difference.lo > FORGETTING_MARGIN:
+        verdict = "not supported"
+    elif drop.difference.hi <= FORGETTING_MARGIN:
+        verdict = "supported"
+    else:
+        verdict = "inconclusive"
     return {"claim": claim, "arm": name, "verdict": verdict, "evidence": evidence}
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import random
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dlr.scoring import DepthScore
+from dlr.report.bootstrap import Interval, mean_interval
+from dlr.scoring import DepthScore, SampledScore
 
 
 def overall_accuracy(scores: Sequence[DepthScore]) -> float:
@@ -24,10 +25,54 @@ def accuracy_by_depth(scores: Sequence[DepthScore]) -> dict[int, float]:
     return {d: overall_accuracy([s for s in scores if s.depth == d]) for d in depths}
 
 
+def problem_values(
+    cells: Sequence[DepthScore | SampledScore],
+    values_of: Callable[[DepthScore | SampledScore], Sequence[float]],
+    depths: Collection[int] | None = None,
+) -> tuple[tuple[str, ...], list[float]]:
+    """Every problem's id and value (`values_of(cell)`, one per problem) in the cells at `depths` (all
+    when None), cells ordered by task and depth: one seed's row of an interval (report/bootstrap.py)."""
+    ids, values = [], []
+    for cell in sorted(cells, key=lambda c: (c.task, c.depth)):
+        if depths is not None and cell.depth not in depths:
+            continue
+        cell_values = values_of(cell)
+        if len(cell.ids) != cell.n or len(cell_values) != cell.n:
+            raise ValueError(f"the {cell.task} depth-{cell.depth} scores of {cell.model} hold no per-problem outcomes")
+        ids += cell.ids
+        values += cell_values
+    return tuple(ids), values
+
+
+def seed_rows(
+    runs: Sequence[Sequence[DepthScore | SampledScore]],
+    values_of: Callable[[DepthScore | SampledScore], Sequence[float]],
+    depths: Collection[int] | None = None,
+) -> tuple[tuple[str, ...], list[list[float]]]:
+    """The problems' ids and one row of values per run (seed), checked to be the same problems in the
+    same order in every run: the rows an interval resamples."""
+    rows = [problem_values(run, values_of, depths) for run in runs]
+    ids = rows[0][0]
+    if any(other != ids for other, _ in rows[1:]):
+        raise ValueError("the seeds were scored on different test problems: their outcomes cannot be paired")
+    return ids, [values for _, values in rows]
+
+
+def greedy_outcomes(cell: DepthScore) -> Sequence[float]:
+    """A greedy score's per-problem outcomes (1.0 right, 0.0 wrong)."""
+    return cell.correct
+
+
+def pass_at(k: int) -> Callable[[SampledScore], Sequence[float]]:
+    """A sampled score's per-problem unbiased pass@k (k = 1: the sampled accuracy)."""
+    return lambda cell: cell.pass_at(k)
+
+
 def bootstrap_ci(
     values: Sequence[float], level: float = 0.95, resamples: int = 10_000, seed: int = 0
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of `values` (seeds). One value gives a zero-width interval."""
+    """Percentile bootstrap interval of the mean of `values` (seeds alone: the accuracy-vs-budget curve,
+    whose points keep no per-problem outcomes). One value gives a zero-width interval."""
     if not values:
         raise ValueError("bootstrap_ci needs at least one value")
     rng = random.Random(seed)
@@ -57,7 +102,9 @@ class SeedResult:
     seed: int
     curve: list[dict]  # [{"budget_fraction", "seconds", "flops", "generated_tokens", "accuracy"}]
     final_scores: list[DepthScore]
-    spent: dict  # {"seconds", "flops", "generated_tokens", "peak_memory_gb"}
+    # {"seconds", "flops", "generated_tokens", "peak_memory_gb", "questions", "main_decoded_sequences",
+    #  "main_forward_positions"}: what training spent (callbacks/budget.py)
+    spent: dict
     other_task_before: float | None  # None: no forgetting set configured
     other_task_after: float | None
     heldout_nll_before: float | None
@@ -67,9 +114,13 @@ class SeedResult:
     # {"reward", "grad_norm", "diversity", "frac_reward_zero_std"}: [budget fraction, value] pairs per batch
     trace: dict = field(default_factory=dict)
     retention: dict = field(default_factory=dict)  # continual: {after phase: {task: accuracy}}
-    pass_at_k: float | None = None  # final pass@k over the test set (None: not measured)
+    # at the end, `method.samples_per_problem` sampled attempts per test problem (empty: not measured)
+    sampled: list[SampledScore] = field(default_factory=list)
     start_scores: list[DepthScore] = field(default_factory=list)  # at budget 0, before any RL step
     arm_info: dict = field(default_factory=dict)  # DLR: readout, stage 1's cost and its scores (after_alignment)
+    # the forgetting check's scores on the other task, problem by problem (empty: no other task)
+    other_task_before_scores: list[DepthScore] = field(default_factory=list)
+    other_task_after_scores: list[DepthScore] = field(default_factory=list)
 
 
 def mean_or_none(values: Sequence[float | None]) -> float | None:
@@ -97,10 +148,88 @@ def mean_accuracy_by_depth(runs: Sequence[Sequence[DepthScore]]) -> dict[str, fl
     return {str(d): statistics.fmean(accuracy_by_depth(r).get(d, 0.0) for r in runs) for d in depths}
 
 
-def arm_summary(results: Sequence[SeedResult], method: str) -> dict:
-    """One arm's entry in `summary.json` from its seeds' results; `method`: dlr or grpo, what the arm is.
-    An arm given the answer cue has its format rate null, with the reason beside it."""
+def interval_fields(interval: Interval) -> dict:
+    """An interval as `summary.json` gives it: mean, 95% interval and what it rests on."""
+    return {"mean": interval.estimate, "ci95": [interval.lo, interval.hi], "interval_over": interval.basis()}
+
+
+def sampled_summary(results: Sequence[SeedResult], pass_at_k: int) -> dict:
+    """The sampled metrics of an arm's seeds: sampled accuracy (pass@1, the mean fraction of a problem's
+    n attempts that are right, as DeepSeek-R1 reports it) and unbiased pass@k (Chen et al., 2021), each
+    with its interval over seeds and problems and by depth; nulls when no seed sampled."""
+    runs = [r.sampled for r in results]
+    if not all(runs):
+        return {"sampled_accuracy": None, "sampled_accuracy_by_depth": None, "pass_at_k": None}
+    samples = runs[0][0].samples
+    if not 1 <= pass_at_k <= samples:
+        raise ValueError(f"pass@{pass_at_k} needs 1 <= k <= the {samples} samples per problem")
+    depths = sorted({s.depth for run in runs for s in run})
+
+    def metric(k: int) -> dict:
+        _, rows = seed_rows(runs, pass_at(k))
+        by_depth = {
+            str(d): statistics.fmean(v for row in seed_rows(runs, pass_at(k), {d})[1] for v in row) for d in depths
+        }
+        return {
+            **interval_fields(mean_interval(rows)),
+            "per_seed": [statistics.fmean(r) for r in rows],
+            "by_depth": by_depth,
+        }
+
+    accuracy, at_k = metric(1), metric(pass_at_k)
+    return {
+        "sampled_accuracy": {"samples_per_problem": samples, **{k: v for k, v in accuracy.items() if k != "by_depth"}},
+        "sampled_accuracy_by_depth": accuracy["by_depth"],
+        "pass_at_k": {"k": pass_at_k, "samples_per_problem": samples, **at_k},
+    }
+
+
+def main_model_work(results: Sequence[SeedResult]) -> dict:
+    """What reached the main model in training, per seed and per training question (docs/design.md §5):
+    sequences it decoded and token positions it read in forward passes, beside the FLOPs of everything."""
+    spent = [r.spent for r in results]
+
+    def per_question(key: str) -> float | None:
+        if any(s["questions"] == 0 for s in spent):
+            return None
+        return statistics.fmean(s[key] / s["questions"] for s in spent)
+
+    return {
+        "questions": [int(s["questions"]) for s in spent],
+        "decoded_sequences": [int(s["main_decoded_sequences"]) for s in spent],
+        "forward_positions": [int(s["main_forward_positions"]) for s in spent],
+        "per_question": {
+            "decoded_sequences": per_question("main_decoded_sequences"),
+            "forward_positions": per_question("main_forward_positions"),
+            "flops": per_question("flops"),
+        },
+    }
+
+
+def relative_to_grpo(arms: dict[str, dict]) -> dict[str, dict | None]:
+    """Each arm's main-model work per training question over the run's first GRPO arm's (decodes: the
+    paper's '#Forward' of Table 3, relative to token-level GRPO); None without a GRPO arm."""
+    baseline = next((name for name, arm in arms.items() if arm["method"] == "grpo"), None)
+    if baseline is None:
+        return dict.fromkeys(arms)
+    theirs = arms[baseline]["main_model"]["per_question"]
+    ratios = {}
+    for name, arm in arms.items():
+        ours = arm["main_model"]["per_question"]
+        ratios[name] = {
+            "baseline": baseline,
+            **{key: None if ours[key] is None or not theirs[key] else ours[key] / theirs[key] for key in ours},
+        }
+    return ratios
+
+
+def arm_summary(results: Sequence[SeedResult], method: str, pass_at_k: int) -> dict:
+    """One arm's entry in `summary.json` from its seeds' results; `method`: dlr or grpo, what the arm is;
+    `pass_at_k`: the k of the pass@k it reports from its sampled attempts. Intervals of accuracies are
+    over seeds and test problems (report/bootstrap.py). An arm given the answer cue has its format rate
+    null, with the reason beside it."""
     finals = [overall_accuracy(r.final_scores) for r in results]
+    _, final_rows = seed_rows([r.final_scores for r in results], greedy_outcomes)
     fractions = sorted({round(p["budget_fraction"], 6) for r in results for p in r.curve})
     curve = []
     for f in fractions:
@@ -140,12 +269,13 @@ def arm_summary(results: Sequence[SeedResult], method: str) -> dict:
             "generated_tokens": [int(r.spent["generated_tokens"]) for r in results],
             "peak_memory_gb": [r.spent["peak_memory_gb"] for r in results],
         },
-        "final_accuracy": {"mean": statistics.fmean(finals), "ci95": list(bootstrap_ci(finals)), "per_seed": finals},
+        "final_accuracy": {**interval_fields(mean_interval(final_rows)), "per_seed": finals},
         "accuracy_by_depth": by_depth,
+        **sampled_summary(results, pass_at_k),
+        "main_model": main_model_work(results),
         "format_rate": None if free_answer_cue else format_rate,
         "format_rate_by_depth": None if free_answer_cue else format_by_depth,
         "format_rate_not_applicable": FREE_ANSWER_CUE if free_answer_cue else None,  # why format_rate is null
-        "pass_at_k": {"mean": mean_or_none([r.pass_at_k for r in results]), "per_seed": [r.pass_at_k for r in results]},
         "curve": curve,
         "forgetting": {
             "other_task_accuracy_before": mean_or_none([r.other_task_before for r in results]),
@@ -244,46 +374,104 @@ def number(x: float | None) -> str:
     return "–" if x is None else f"{x:.3f}"
 
 
+def main_model_markdown(arms: dict[str, dict]) -> list[str]:
+    """The main model's work per training question, each arm against GRPO's (the paper's '#Forward' and more)."""
+
+    def cell(arm: dict, key: str, scale: float = 1.0, digits: int = 1) -> str:
+        value, ratio = arm["main_model"]["per_question"][key], (arm["main_model"]["relative_to_grpo"] or {}).get(key)
+        text = "–" if value is None else f"{value / scale:.{digits}f}"
+        return text + ("" if ratio is None else f" ({100 * ratio:.0f}%)")
+
+    lines = [
+        "",
+        "## Main-model work per training question (relative to GRPO's)",
+        "",
+        "| arm | training questions (per seed) | main-model decodes | main-model forward positions | GFLOPs (all models) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, arm in arms.items():
+        questions = ", ".join(str(q) for q in arm["main_model"]["questions"])
+        lines.append(
+            f"| {name} | {questions} | {cell(arm, 'decoded_sequences')} | {cell(arm, 'forward_positions', digits=0)} | "
+            f"{cell(arm, 'flops', 1e9, 2)} |"
+        )
+    return [
+        *lines,
+        "",
+        "Per question trained in RL (batches the budget counts), mean over seeds; in brackets, as a share of the GRPO "
+        "arm's. Main-model decodes: sequences the main model generates (GRPO's sampled completions; DLR's kept "
+        "chains, each decoded once), the rollouts that reach it; the paper's '#Forward' (Table 3, DLR 18%) counts "
+        "these (its §11: G main-model passes per question for GRPO, K for DLR). Main-model forward positions: token "
+        "positions the main model reads in forward passes, which weigh each decode by its length and add GRPO's "
+        "log-prob and training passes; a cached generation of N tokens after a P-position prompt reads P + N - 1, a "
+        "teacher-forced pass (GRPO's log-prob and training passes, DLR's stage-1 NLL) its whole sequence; backward "
+        "passes are not counted (FLOPs count them). GFLOPs: everything the arm runs, as the budget charges it "
+        "(docs/design.md §5).",
+    ]
+
+
 def claims_markdown(rows: Sequence[dict]) -> list[str]:
     """The claims table (report/claims.py makes its rows) that opens the report; nothing without rows."""
     if not rows:
         return []
     lines = ["## Claims", "", "| claim | arm | verdict | evidence |", "|---|---|---|---|"]
     lines += [f"| {r['claim']} | {r['arm']} | **{r['verdict']}** | {r['evidence']} |" for r in rows]
-    return [*lines, "", "## Results", ""]
+    note = (
+        "Verdicts come from the 95% interval of a paired difference, a percentile bootstrap over seeds and test "
+        "problems (the same problems drawn for both sides; an arm's start and final paired by seed): supported "
+        "above 0, not supported below, inconclusive across it. With few problems that differ it is optimistic: "
+        "4 of 40 right against none, on seeds that agree, reaches down to 1 problem (2.5%) and is called supported, "
+        "where an exact sign test on those 4 problems would not call it (p = 1/16)."
+    )
+    return [*lines, "", note, "", "## Results", ""]
 
 
 def write_report(summary: dict, results: dict[str, Sequence[SeedResult]], out: Path) -> list[str]:
     """Write summary.json, the plots and report.md into `out`; return a short summary (5 lines)."""
     out.mkdir(parents=True, exist_ok=True)
-    ranked = sorted(summary["arms"], key=lambda arm: -summary["arms"][arm]["final_accuracy"]["mean"])
-    summary = {**summary, "ranking": ranked}  # arms by mean final accuracy, best first
+    ratios = relative_to_grpo(summary["arms"])
+    arms = {
+        name: {**arm, "main_model": {**arm["main_model"], "relative_to_grpo": ratios[name]}}
+        for name, arm in summary["arms"].items()
+    }
+    ranked = sorted(arms, key=lambda arm: -arms[arm]["final_accuracy"]["mean"])
+    summary = {**summary, "arms": arms, "ranking": ranked}  # ranking: arms by mean final accuracy, best first
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     images = plot(summary, results, out)
     budget = summary["budget"]
     amount = f"{budget['amount'] / 1e12:g} TFLOPs" if budget["kind"] == "flops" else f"{budget['amount']:g} seconds"
+    sampled = next((a["pass_at_k"] for a in arms.values() if a["pass_at_k"]), None)  # n and k, when sampled
+    sampled_header = (
+        f"sampled accuracy (n={sampled['samples_per_problem']}) | pass@{sampled['k']} | " if sampled else ""
+    )
     lines = [
         f"# {summary['experiment']}",
         "",
         f"Device: {summary['device']}. Budget per arm and seed: {amount} (training only; evaluation is not charged).",
         "",
         *claims_markdown(summary.get("claims", [])),
-        f"| rank | arm | what it is | final accuracy (mean) | 95% CI over seeds | per seed | pass@{summary.get('pass_at_k') or 'k'} | format rate | seconds | TFLOPs | generated tokens | weights kept |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| rank | arm | what it is | greedy accuracy (mean) | 95% CI (seeds x problems) | per seed | {sampled_header}"
+        "format rate | seconds | TFLOPs | generated tokens | weights kept |",
+        "|---|---|---|---|---|---|" + "---|" * (2 if sampled else 0) + "---|---|---|---|---|",
     ]
     for rank, arm in enumerate(ranked, 1):
-        s = summary["arms"][arm]
+        s = arms[arm]
         fa = s["final_accuracy"]
+        sampled_cells = (
+            f"{percent((s['sampled_accuracy'] or {}).get('mean'))} | {percent((s['pass_at_k'] or {}).get('mean'))} | "
+            if sampled
+            else ""
+        )
         lines.append(
             f"| {rank} | {arm} | {arm_description(s)} | {percent(fa['mean'])} | "
             f"{percent(fa['ci95'][0])}–{percent(fa['ci95'][1])} | "
-            f"{', '.join(percent(v) for v in fa['per_seed'])} | {percent(s['pass_at_k']['mean'])} | "
+            f"{', '.join(percent(v) for v in fa['per_seed'])} | {sampled_cells}"
             f"{'n/a (cue given)' if s['format_rate_not_applicable'] else percent(s['format_rate'])} | "
             f"{statistics.fmean(s['spent']['seconds']):.0f} | "
             f"{statistics.fmean(s['spent']['flops']) / 1e12:.2f} | {statistics.fmean(s['spent']['generated_tokens']):.0f} | "
             f"{'yes' if s['main_weights_unchanged'] else 'NO'} |"
         )
-    for arm, s in summary["arms"].items():
+    for arm, s in arms.items():
         if "readout" in s:  # a DLR arm: where it started and what getting there cost
             a = s["alignment"]
             start = ", ".join(f"d{d} {percent(v)}" for d, v in s["after_alignment"]["accuracy_by_depth"].items())
@@ -305,19 +493,37 @@ def write_report(summary: dict, results: dict[str, Sequence[SeedResult]], out: P
                     "policy, so the estimator leans toward the critic's choices; `method.rl.filter=random` is the "
                     "unbiased variant (experiment=dlr_ablations runs both)."
                 )
-    depths = sorted({d for s in summary["arms"].values() for d in s["accuracy_by_depth"]}, key=int)
+    if sampled:
+        lines += [
+            "",
+            f"Greedy accuracy: one greedy answer per test problem. Sampled accuracy: the mean share of "
+            f"{sampled['samples_per_problem']} attempts per problem that are right, each arm sampling as it trains "
+            f"(GRPO: completions at its temperature; DLR: latent chains at its sigma, each decoded once by the main); "
+            f"pass@{sampled['k']}: the unbiased estimator 1 - C(n-c, k)/C(n, k) of Chen et al. (2021) from the same "
+            "attempts, averaged over problems. Intervals: 95% percentile bootstrap over seeds and test problems.",
+        ]
+    lines += main_model_markdown(arms)
+    depths = sorted({d for s in arms.values() for d in s["accuracy_by_depth"]}, key=int)
+    columns = [(name, "accuracy_by_depth", name) for name in arms]
+    if sampled:  # each arm's sampled accuracy beside its greedy one
+        columns = [
+            column
+            for name, arm in arms.items()
+            for column in (
+                (name, "accuracy_by_depth", f"{name} greedy"),
+                (name, "sampled_accuracy_by_depth", f"{name} sampled"),
+            )
+        ]
     lines += [
         "",
         "## Accuracy by depth (final, mean over seeds)",
         "",
-        "| depth | " + " | ".join(summary["arms"]) + " |",
-        "|---|" + "---|" * len(summary["arms"]),
+        "| depth | " + " | ".join(label for _, _, label in columns) + " |",
+        "|---|" + "---|" * len(columns),
     ]
     for d in depths:
         lines.append(
-            f"| {d} | "
-            + " | ".join(percent(s["accuracy_by_depth"].get(d, 0.0)) for s in summary["arms"].values())
-            + " |"
+            f"| {d} | " + " | ".join(percent((arms[name][key] or {}).get(d)) for name, key, _ in columns) + " |"
         )
     lines += [
         "",
@@ -352,11 +558,11 @@ def write_report(summary: dict, results: dict[str, Sequence[SeedResult]], out: P
     (out / "report.md").write_text("\n".join(lines))
     short = [f"{summary['experiment']} on {summary['device']}, {amount} per arm and seed:"]
     for arm in ranked:
-        s = summary["arms"][arm]
+        s = arms[arm]
         fa = s["final_accuracy"]
         short.append(
-            f"  {arm}: {percent(fa['mean'])} [{percent(fa['ci95'][0])}, {percent(fa['ci95'][1])}] over seeds "
-            f"{s['seeds']}, {statistics.fmean(s['spent']['flops']) / 1e12:.2f} TFLOPs"
+            f"  {arm}: {percent(fa['mean'])} [{percent(fa['ci95'][0])}, {percent(fa['ci95'][1])}] over "
+            f"{fa['interval_over']} (seeds {s['seeds']}), {statistics.fmean(s['spent']['flops']) / 1e12:.2f} TFLOPs"
         )
     kept = all(s["main_weights_unchanged"] for s in summary["arms"].values())
     collapses = sum(s["stability"]["collapses"] for s in summary["arms"].values())

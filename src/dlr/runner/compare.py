@@ -38,7 +38,7 @@ from dlr.runner.common import (
     reward_config,
     write_json,
 )
-from dlr.scoring import DepthScore, pass_at_k_by_depth, scores_as_dicts
+from dlr.scoring import DepthScore, SampledScore, sampled_by_depth, scores_as_dicts
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +120,20 @@ def phase_datamodule(cfg: DictConfig, source: str) -> ReasoningDataModule:
     return datamodule
 
 
-def load_seed_result(path: Path):
-    """A finished (arm, seed)'s `result.json`, as the report reads it."""
+SCORE_LISTS = ("final_scores", "start_scores", "other_task_before_scores", "other_task_after_scores")
+
+
+def load_seed_result(path: Path) -> SeedResult:
+    """A finished (arm, seed)'s `result.json`, as the report reads it. One written before the results kept
+    each test problem's outcome cannot be paired problem by problem: it stops the run, saying so."""
     fields = json.loads(path.read_text())
-    scores = {key: [DepthScore(**s) for s in fields.get(key, [])] for key in ("final_scores", "start_scores")}
-    return SeedResult(**{**fields, **scores})
+    scores = {key: [DepthScore(**s) for s in fields.get(key, [])] for key in SCORE_LISTS}
+    if "sampled" not in fields or any(len(s.correct) != s.n for s in scores["final_scores"]):
+        raise SystemExit(
+            f"error: {path} was written before results kept each test problem's outcome and sampled attempts, "
+            "which the report's intervals and sampled metrics need; move its folder aside to rerun that arm and seed"
+        )
+    return SeedResult(**{**fields, **scores, "sampled": [SampledScore(**s) for s in fields["sampled"]]})
 
 
 def dlr_arm_info(arm: Arm, meter, aligner: list) -> dict:
@@ -186,17 +195,14 @@ def train_arm_seed(
     if not rank_zero:
         return None
     unchanged = check_protected(arm, start_hash, Path(arm_cfg.paths.output_dir))
-    pass_at_k = arm_pass_at_k(cfg, arm, training.records, label) if cfg.method.pass_at_k else None
+    sampled = arm_sampled(cfg, arm, training.records, label) if cfg.method.samples_per_problem else []
     meter = training.meters[-1]  # curves and final scores: the last phase's
     final = meter.points[-1].scores if meter.points[-1].fraction >= 1.0 else arm.evaluate(training.records, label)
     after = other_task_probe(arm, fmt, others, label, cfg.eval.batch_size)
     arm_info = dlr_arm_info(arm, training.meters[0], training.aligner) if kind == "dlr" else {}
-    result = seed_result(seed, training, final, before, after, unchanged, pass_at_k, arm_info)
+    result = seed_result(seed, training, final, before, after, unchanged, sampled, arm_info)
     # Kept as soon as it exists: a later arm that crashes does not lose this one.
-    write_json(
-        Path(arm_cfg.paths.output_dir) / "result.json",
-        {**dataclasses.asdict(result), "final_scores": scores_as_dicts(result.final_scores)},
-    )
+    write_json(Path(arm_cfg.paths.output_dir) / "result.json", dataclasses.asdict(result))
     return result
 
 
@@ -275,36 +281,34 @@ def phase_meter(
 
 def main_text_chain_probe(
     cfg: DictConfig, arm: Arm, fmt: PromptFormat, others: Sequence[Record], label: str
-) -> tuple[float | None, float | None]:
+) -> tuple[list[DepthScore], float | None]:
     """The forgetting check's common start for every arm: the frozen main writing its own chain on the
     other task (GRPO's adapters start at zero, so its policy is that main), and the held-out NLL. An
     untrained DLR pipeline (random projector and heads) would measure the projector, not forgetting."""
     if not others:
-        return None, None
+        return [], None
     scores = own_chain_scores(cfg, *arm.text_model, others, label)
-    return overall_accuracy(scores), heldout_nll(arm.text_model, fmt, others, cfg.eval.batch_size)
+    return scores, heldout_nll(arm.text_model, fmt, others, cfg.eval.batch_size)
 
 
 def other_task_probe(
     arm: Arm, fmt: PromptFormat, others: Sequence[Record], label: str, batch_size: int
-) -> tuple[float | None, float | None]:
-    """Accuracy on the other task's test set and the held-out NLL of its gold completions; None without one."""
+) -> tuple[list[DepthScore], float | None]:
+    """Scores on the other task's test set and the held-out NLL of its gold completions; none without one."""
     if not others:
-        return None, None
-    return overall_accuracy(arm.evaluate(others, label)), heldout_nll(arm.text_model, fmt, others, batch_size)
+        return [], None
+    return arm.evaluate(others, label), heldout_nll(arm.text_model, fmt, others, batch_size)
 
 
-def arm_pass_at_k(cfg: DictConfig, arm: Arm, records: Sequence[Record], label: str) -> float:
-    """pass@`method.pass_at_k` of the arm's sampled attempts on the test set."""
-    return overall_accuracy(
-        pass_at_k_by_depth(
-            records,
-            arm.sample_attempts,
-            cfg.method.pass_at_k,
-            label=label,
-            batch_size=cfg.eval.batch_size,
-            reward=reward_config(cfg),
-        )
+def arm_sampled(cfg: DictConfig, arm: Arm, records: Sequence[Record], label: str) -> list[SampledScore]:
+    """`method.samples_per_problem` attempts per test problem at the arm's own sampling, scored."""
+    return sampled_by_depth(
+        records,
+        arm.sample_attempts,
+        cfg.method.samples_per_problem,
+        label=label,
+        batch_size=cfg.eval.batch_size,
+        reward=reward_config(cfg),
     )
 
 
@@ -312,14 +316,14 @@ def seed_result(
     seed: int,
     training: ArmTraining,
     final: list[DepthScore],
-    before: tuple[float | None, float | None],
-    after: tuple[float | None, float | None],
+    before: tuple[list[DepthScore], float | None],
+    after: tuple[list[DepthScore], float | None],
     unchanged: bool,
-    pass_at_k: float | None,
+    sampled: list[SampledScore],
     arm_info: dict,
 ) -> SeedResult:
     """The (arm, seed)'s result: the last phase's curve, what all phases spent, the forgetting probes
-    (`before`, `after`: other-task accuracy and held-out NLL) and the stability measures."""
+    (`before`, `after`: other-task scores and held-out NLL), the sampled attempts and the stability measures."""
     meters, meter = training.meters, training.meters[-1]
     return SeedResult(
         seed=seed,
@@ -339,18 +343,23 @@ def seed_result(
             "flops": sum(m.flops for m in meters),
             "generated_tokens": sum(m.generated_tokens for m in meters),
             "peak_memory_gb": max(m.peak_memory for m in meters) / 2**30,
+            "questions": sum(m.questions for m in meters),
+            "main_decoded_sequences": sum(m.main_decoded_sequences for m in meters),
+            "main_forward_positions": sum(m.main_forward_positions for m in meters),
         },
-        other_task_before=before[0],
-        other_task_after=after[0],
+        other_task_before=overall_accuracy(before[0]) if before[0] else None,
+        other_task_after=overall_accuracy(after[0]) if after[0] else None,
         heldout_nll_before=before[1],
         heldout_nll_after=after[1],
         grad_norm_cv=meter.grad_norm_cv(),
         protected_unchanged=unchanged,
         trace=vars(meter.trace),
         retention=training.retention,
-        pass_at_k=pass_at_k,
+        sampled=sampled,
         start_scores=meters[0].points[0].scores,
         arm_info=arm_info,
+        other_task_before_scores=before[0],
+        other_task_after_scores=after[0],
     )
 
 
@@ -375,8 +384,11 @@ def run_dlr_vs_grpo(cfg: DictConfig, out: Path) -> None:
         "experiment": cfg.task_name,
         "device": device_name(cfg.trainer.accelerator),
         "budget": {"kind": cfg.budget.kind, "amount": float(cfg.budget.amount)},
-        "pass_at_k": cfg.method.pass_at_k,
-        "arms": {name: arm_summary(seed_results, kinds[name]) for name, seed_results in results.items()},
+        "samples_per_problem": cfg.method.samples_per_problem,
+        "pass_at_k": cfg.method.pass_at_k if cfg.method.samples_per_problem else None,
+        "arms": {
+            name: arm_summary(seed_results, kinds[name], cfg.method.pass_at_k) for name, seed_results in results.items()
+        },
     }
     summary["claims"] = claims_table(summary, results, list(cfg.data.train_depths), cfg.method.other_task)
     short = write_report(summary, results, out)
@@ -390,6 +402,13 @@ def check_comparison(cfg: DictConfig, seeds: Sequence[int], out: Path) -> dict[s
         raise SystemExit("error: method.arms and method.seeds must each name at least one")
     if not 0 < cfg.method.eval_every <= 1:
         raise SystemExit(f"error: method.eval_every must be in (0, 1], got {cfg.method.eval_every}")
+    samples, k = cfg.method.samples_per_problem, cfg.method.pass_at_k
+    if not isinstance(samples, int) or samples < 0:
+        raise SystemExit(f"error: method.samples_per_problem must be an integer >= 0, got {samples!r}")
+    if samples and (not isinstance(k, int) or not 1 <= k <= samples):
+        raise SystemExit(
+            f"error: method.pass_at_k must be an integer in [1, method.samples_per_problem={samples}], got {k!r}"
+        )
     kinds = {name: arm_kind(cfg, name) for name in cfg.method.arms}  # fails now on an unknown arm
     if cfg.budget.kind not in BUDGET_KINDS:
         raise SystemExit(f"error: budget.kind must be one of {BUDGET_KINDS}, got {cfg.budget.kind!r}")
