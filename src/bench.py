@@ -7,6 +7,7 @@ python src/bench.py probe --T 4                  # what the frozen tiny main rea
 python src/bench.py explore --G 8 [--readout answer]  # reward spread and accuracy of noisy latents, by sigma and depth
 python src/bench.py compress --ratios 1 2 4      # answer readout: the gold chain's embeddings, c tokens per latent
 python src/bench.py frontier --per-depth 50 --samples 16  # greedy, pass@1 and pass@k by task and depth: main text chain, DLR readouts
+python src/bench.py sweep logs/sweep_grpo/multirun_<time>  # a Hydra sweep of the comparison, ranked on its validation set
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["rollout", "decode", "memory", "probe", "explore", "compress", "frontier"])
+    parser.add_argument(
+        "command", choices=["rollout", "decode", "memory", "probe", "explore", "compress", "frontier", "sweep"]
+    )
+    parser.add_argument("folder", nargs="?", default=None, help="sweep: the multirun folder to rank")
     parser.add_argument("--backbone", default="tiny", help="a configs/backbone name; real ones get random weights")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument(
@@ -72,6 +76,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--temperature", type=float, default=1.0, help="frontier: the main's sampling temperature")
     parser.add_argument("--test-seed", type=int, default=1000, help="frontier: 1000 is the fixed test set")
     args = parser.parse_args(argv)
+    if args.command == "sweep":  # reads a finished sweep: no backbone, no device
+        from dlr.report.sweep import sweep_rows
+
+        if args.folder is None:
+            parser.error("sweep needs the multirun folder: python src/bench.py sweep logs/sweep_grpo/multirun_<time>")
+        rows = sweep_rows(Path(args.folder))
+        print(table(rows))
+        return {"folder": args.folder, "rows": rows}
 
     import torch
 

@@ -206,3 +206,26 @@ def test_frontier_scores_the_main_and_both_readouts_greedy_and_sampled(tmp_path)
         assert row["pass@1"] <= row["pass@2"] <= 1.0 and 0.0 <= row["spread@2"] <= row["pass@2"]
     with pytest.raises(ValueError, match="--ks"):
         bench.main(["frontier", "--device", "cpu", "--per-depth", "1", "--samples", "2", "--ks", "3"])
+
+
+def test_sweep_ranks_jobs_by_final_accuracy_at_their_trained_depths(tmp_path):
+    """Two finished jobs of a Hydra sweep (and one that did not finish): each row's start and final are the
+    means over the trained depths 1-2 only; the untrained depth 3 is read by neither."""
+    for job, lr, start, final in (
+        ("0", "3e-5", [0.5, 0.3, 0.9], [0.6, 0.4, 0.0]),
+        ("1", "1e-4", [0.5, 0.3, 0.9], [0.8, 0.5, 0.0]),
+    ):
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- method.grpo.lr={lr}\n")
+        (tmp_path / job / "config_resolved.yaml").write_text("data:\n  train_depths: [1, 2]\n  test_seed: 2000\n")
+        by_depth = lambda values: {str(d + 1): v for d, v in enumerate(values)}  # noqa: E731
+        summary = {"arms": {"grpo": {"start_accuracy_by_depth": by_depth(start), "accuracy_by_depth": by_depth(final)}}}
+        (tmp_path / job / "summary.json").write_text(json.dumps(summary))
+    (tmp_path / "2").mkdir()  # a job still running: no summary.json yet
+    rows = bench.main(["sweep", str(tmp_path)])["rows"]
+    assert [r["overrides"] for r in rows] == ["method.grpo.lr=1e-4", "method.grpo.lr=3e-5"]
+    assert rows[0]["start"] == pytest.approx(0.4) and rows[0]["final"] == pytest.approx(0.65)
+    assert rows[0]["gain"] == pytest.approx(0.25) and rows[1]["final"] == pytest.approx(0.5)
+    assert rows[0]["test_seed"] == 2000 and rows[0]["trained_depths"] == "1-2"
+    with pytest.raises(SystemExit, match="no finished job"):
+        bench.main(["sweep", str(tmp_path / "2")])
