@@ -165,7 +165,8 @@ def test_compress_reads_the_gold_embeddings_as_the_gold_text(tmp_path):
 
 
 def test_unbiased_pass_at_k_and_spread_match_hand_counts():
-    from dlr.probes import spread_at_k, unbiased_pass_at_k
+    from dlr.probes import spread_at_k
+    from dlr.scoring import unbiased_pass_at_k
 
     assert unbiased_pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 - C(3,2)/C(4,2) = 1 - 3/6
     assert unbiased_pass_at_k(8, 2, 4) == pytest.approx(1 - 15 / 70)  # 1 - C(6,4)/C(8,4)

@@ -23,7 +23,7 @@ from dlr.models.generation import greedy_complete, greedy_decode_embeds, sample_
 from dlr.models.projector import mean_embedding_norm
 from dlr.models.readout import Readout, latent_main_inputs
 from dlr.rewards import CORRECT
-from dlr.scoring import evaluate_by_depth, score_by_depth
+from dlr.scoring import evaluate_by_depth, score_by_depth, unbiased_pass_at_k
 
 
 def probe_readouts(bb: Backbone, per_depth: int, latent_steps: int, latent_dim: int, stage1_root: Path) -> dict:
@@ -387,14 +387,6 @@ def compression_tables(result: dict) -> str:
     if "c1_matches_text" in result:
         blocks.append(f"c=1 embeddings and gold text decode the same answer on {100 * result['c1_matches_text']:.1f}%")
     return "\n\n".join(blocks)
-
-
-def unbiased_pass_at_k(n: int, c: int, k: int) -> float:
-    """Chen et al. (2021): the chance that k of n attempts drawn without replacement hold a correct one,
-    when c of the n are correct: 1 - C(n-c, k) / C(n, k)."""
-    if not 1 <= k <= n or not 0 <= c <= n:
-        raise ValueError(f"pass@k needs 1 <= k <= n and 0 <= c <= n, got n={n}, c={c}, k={k}")
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 def spread_at_k(n: int, c: int, k: int) -> float:
