@@ -57,6 +57,7 @@ class GRPOModule(RLModule):
         super().__init__(settings, reward)  # last_rollout stays None: no latent chains, no diversity traced
         self.policy, self.tokenizer, self.fmt, self.base_sha256 = policy, tokenizer, fmt, base_sha256
         self.cost = model_cost(policy)  # body at every position, head where logits are computed
+        self.main_cost = self.cost  # the policy is the main model: all its passes are main-model work (rl_base)
         self.register_buffer("eos_ids", torch.tensor(eos_token_ids(policy, tokenizer)), persistent=False)
 
     def adapter_parameters(self) -> list[torch.nn.Parameter]:
