@@ -357,19 +357,16 @@ def test_ablation_variants_merge_their_overrides_into_full_dlr(tmp_path):
         if name != "grpo"
     }
     full = settings["dlr"]
-    assert settings["dlr_no_contrastive"].rl.lambda_con == 0 and full.rl.lambda_con > 0
-    assert settings["dlr_random_filter"].rl.filter == "random"
-    assert (
-        settings["dlr_no_filter"].rl.filter == "none"
-        and settings["dlr_no_filter"].rl.num_decoded == full.rl.num_samples
-    )
-    assert settings["dlr_no_kl"].rl.beta == 0 and full.rl.beta > 0
-    assert settings["dlr_4_modes"].latent.num_modes == 4
-    # the shipped stage 1 has one mode: four modes train their own stage 1
-    assert settings["dlr_4_modes"].alignment.init_from is None and settings["dlr_4_modes"].alignment.steps == 100
+    assert full.rl.contrastive == "dispersion" and not full.rl.contrastive_normalize  # Eq. 8 as written
+    assert settings["dlr_dispersion_cosine"].rl.contrastive_normalize
+    assert settings["dlr_reward_infonce"].rl.contrastive == "reward_infonce"
+    assert settings["dlr_no_contrastive"].rl.contrastive == "none"
+    algorithm1 = settings["dlr_algorithm1"]
+    assert algorithm1.rl.filter == "none" and algorithm1.rl.num_decoded == full.rl.num_samples
+    assert algorithm1.rl.k_explore == 0 and algorithm1.critic.weight == 0 and full.critic.weight > 0
     for name, variant in settings.items():  # everything else is full DLR's
-        assert variant.critic == full.critic, name
-        assert name == "dlr_4_modes" or variant.alignment == full.alignment, name
+        assert variant.alignment == full.alignment and variant.latent == full.latent, name
+        assert name == "dlr_algorithm1" or variant.critic == full.critic, name
 
 
 def test_dlr_readouts_runs_grpo_and_both_readouts_on_the_main_jobs_budget_seeds_and_test_set(tiny_pair, tmp_path):
