@@ -315,3 +315,85 @@ def test_package_imports_without_datasets() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+# --- the training stream: a seeded order per epoch, sharded by rank, resumable ---------------------------
+
+GSM8K_FIXTURE = str(FIXTURES / "gsm8k.jsonl")
+
+
+def gsm8k_datamodule(train_seed: int, batch_size: int = 2):
+    """The GSM8K fixture as data=gsm8k reads it: its first record is the test set, the other four valid
+    records (gsm8k-train-1, -2, -4, -5; rows 3 and 6 are malformed) the training split."""
+    from dlr.data.datamodule import ReasoningDataModule
+
+    return ReasoningDataModule(
+        source="gsm8k",
+        batch_size=batch_size,
+        train_depths=[1, 4],
+        eval_depths=[1, 8],
+        train_seed=train_seed,
+        test_seed=1000,
+        test_per_depth=1,
+        train_split="train",
+        test_split="test",
+        local_path=GSM8K_FIXTURE,
+        test_size=1,
+    )
+
+
+def test_epoch_order_is_a_permutation_drawn_from_the_seed_and_the_epoch():
+    from dlr.data.datamodule import epoch_order
+
+    assert [epoch_order(4, 0, e) for e in range(3)] == [[3, 2, 0, 1], [2, 1, 0, 3], [0, 2, 1, 3]]
+    assert epoch_order(4, 1, 0) == [0, 2, 1, 3]
+    assert sorted(epoch_order(7473, 5, 2)) == list(range(7473))  # GSM8K's training split, every record once
+
+
+def test_gsm8k_training_order_differs_between_seeds_and_epochs():
+    """Before, every seed read the hub stream in file order (1, 2, 4, 5, 1, 2, ...)."""
+    orders = {}
+    for seed in (0, 1):
+        datamodule = gsm8k_datamodule(seed)
+        datamodule.setup()
+        stream = datamodule.train_stream
+        orders[seed] = [stream.record_at(i).id.removeprefix("gsm8k-train-") for i in range(8)]
+    assert orders[0] == ["5", "4", "1", "2", "4", "2", "1", "5"]
+    assert orders[1] == ["1", "4", "2", "5", "2", "4", "1", "5"]
+    for order in orders.values():  # each epoch visits every training record once
+        assert sorted(order[:4]) == sorted(order[4:]) == ["1", "2", "4", "5"]
+    assert datamodule.skip_counts()["train"] == {
+        "question is in the test set": 1,
+        "no final answer line": 1,
+        "unparsable gold answer": 1,
+    }
+
+
+def test_ranks_read_disjoint_shards_of_each_epoch():
+    from dlr.data.datamodule import HubStream
+
+    test_questions = frozenset(r.question for r in gsm8k_datamodule(0).test_records())
+    ranks = [HubStream("gsm8k", "train", GSM8K_FIXTURE, 3, rank, 2, test_questions) for rank in (0, 1)]
+    for epoch in range(3):  # 2 records per rank and epoch
+        shards = [{ranks[r].record_at(2 * epoch + i).id for i in range(2)} for r in (0, 1)]
+        assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == 4
+
+
+def test_a_resumed_gsm8k_stream_goes_on_where_it_stopped():
+    """As Lightning uses it: the loader fetches one batch ahead, so the state saved after training on batch
+    k holds the position after batch k, and the resumed stream's first batch is batch k + 1."""
+    uninterrupted = iter(gsm8k_datamodule(0).train_dataloader())
+    expected = [[r.id for r in next(uninterrupted)] for _ in range(5)]
+
+    first = gsm8k_datamodule(0)
+    loader = iter(first.train_dataloader())
+    for _ in range(3):  # trains on batches 0-2 while fetching 1-3
+        first.on_before_batch_transfer(next(loader), 0)
+    next(loader)  # batch 3: fetched ahead, never trained on
+    state = first.state_dict()
+    assert state == {"next_index": 6}  # 3 batches of 2
+
+    resumed = gsm8k_datamodule(0)
+    resumed.load_state_dict(state)
+    loader = iter(resumed.train_dataloader())
+    assert [[r.id for r in next(loader)] for _ in range(2)] == expected[3:]

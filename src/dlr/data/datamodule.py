@@ -110,40 +110,72 @@ class ProceduralStream(IterableDataset):
             yield record
 
 
+def epoch_order(count: int, seed: int, epoch: int) -> list[int]:
+    """The order in which epoch `epoch` of a hub training stream visits its `count` records: a permutation
+    drawn from `(seed, epoch)` alone, so each seed reads its own order, every epoch another, on every run."""
+    order = list(range(count))
+    random.Random(f"hub:{seed}:{epoch}").shuffle(order)
+    return order
+
+
 class HubStream(IterableDataset):
-    """Records from a hub dataset (or a local JSONL file in its schema), sharded by rank, repeated,
-    skipping test-set questions (single-split releases train and test on one split)."""
+    """Records of a hub dataset (or a local JSONL file in its schema), in a seeded order that changes every
+    epoch, sharded by rank, skipping test-set questions (single-split releases train and test on one split).
+
+    The split is read once and kept: the training splits are small (GSM8K's 7,473 records are a few MB) and
+    record i of the stream is then a pure function of (seed, rank, i), so a resumed run goes on from its
+    position (`next_index`) exactly as the procedural streams do. Epoch e visits `epoch_order(n, seed, e)`
+    and rank r takes every world_size-th record of it from the r-th."""
 
     def __init__(
         self,
         name: str,
         split: str,
         local_path: str | None,
+        seed: int,
         rank: int,
         world_size: int,
         exclude_questions: frozenset[str],
     ) -> None:
-        self.name, self.split, self.local_path = name, split, local_path
+        self.name, self.split, self.local_path, self.seed = name, split, local_path, seed
         self.rank, self.world_size = rank, world_size
         self.exclude_questions = exclude_questions
+        self.next_index = 0  # position in this rank's stream; saved and restored on resume
         self.skipped = SkipCounter()
+        self._records: list[Record] | None = None
+        self._order: tuple[int, list[int]] = (-1, [])  # (epoch, this rank's record indices in that epoch)
 
-    def __iter__(self) -> Iterator[Record]:
-        from dlr.data.hub import stream_hub_records
+    def records(self) -> list[Record]:
+        """The split's usable records in file order, read on first use (malformed rows and test-set
+        questions are counted in `skipped`)."""
+        if self._records is None:
+            from dlr.data.hub import stream_hub_records
 
-        for _epoch in itertools.count():
             rows = stream_hub_records(self.name, self.split, self.skipped, local_path=self.local_path)
-            count = 0
-            for i, record in enumerate(rows):
+            self._records = []
+            for record in rows:
                 if record.question in self.exclude_questions:
                     self.skipped.skip("question is in the test set")
-                elif i % self.world_size == self.rank:
-                    count += 1
-                    yield record
-            if count == 0:
-                raise ValueError(
-                    f"dataset {self.name!r} split {self.split!r} has no valid records for rank {self.rank}"
-                )
+                else:
+                    self._records.append(record)
+        return self._records
+
+    def record_at(self, index: int) -> Record:
+        """Record `index` of this rank's stream."""
+        records = self.records()
+        per_epoch = len(range(self.rank, len(records), self.world_size))
+        if per_epoch == 0:
+            raise ValueError(f"dataset {self.name!r} split {self.split!r} has no valid records for rank {self.rank}")
+        epoch, offset = divmod(index, per_epoch)
+        if self._order[0] != epoch:  # one permutation per epoch, drawn when the epoch starts
+            self._order = (epoch, epoch_order(len(records), self.seed, epoch)[self.rank :: self.world_size])
+        return records[self._order[1][offset]]
+
+    def __iter__(self) -> Iterator[Record]:
+        while True:
+            record = self.record_at(self.next_index)
+            self.next_index += 1
+            yield record
 
 
 class ReasoningDataModule(LightningDataModule):
@@ -202,7 +234,7 @@ class ReasoningDataModule(LightningDataModule):
         self.frontier = self._frontier(dict(frontier or {}))
         self._test_set: list[Record] | None = None
         self._test_skipped = SkipCounter()
-        self.train_stream: IterableDataset | None = None
+        self.train_stream: ProceduralStream | HubStream | None = None
         # Lightning fetches one batch ahead, so the stream's own position runs ahead of training: each
         # batch carries the position after it, and only batches actually used advance `_consumed`.
         self._batch_ends: deque[int] = deque()
@@ -252,7 +284,9 @@ class ReasoningDataModule(LightningDataModule):
         if self.train_spec is not None:
             self.train_stream = ProceduralStream(self.train_spec, self.train_seed, rank, exclude, self.frontier)
         else:
-            self.train_stream = HubStream(self.source, self.train_split, self.local_path, rank, world, exclude)
+            self.train_stream = HubStream(
+                self.source, self.train_split, self.local_path, self.train_seed, rank, world, exclude
+            )
 
     def skip_counts(self) -> dict[str, dict[str, int]]:
         """Records dropped so far, by stream and reason (malformed rows, test-set questions)."""
@@ -262,13 +296,12 @@ class ReasoningDataModule(LightningDataModule):
         return counts
 
     def _collate(self, records: list[Record]) -> list[Record]:
-        if isinstance(self.train_stream, ProceduralStream):
-            self._batch_ends.append(self.train_stream.next_index)
+        self._batch_ends.append(self.train_stream.next_index)
         return records
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        # Procedural records are cheap to make; one process keeps the stream position exact for resuming.
+        # Records are cheap to make or kept in memory; one process keeps the stream position exact for resuming.
         return DataLoader(self.train_stream, batch_size=self.batch_size, collate_fn=self._collate, num_workers=0)
 
     def transfer_batch_to_device(self, batch: list[Record], device, dataloader_idx: int) -> list[Record]:
@@ -280,9 +313,10 @@ class ReasoningDataModule(LightningDataModule):
         return batch
 
     def state_dict(self) -> dict:
-        """The stream position and the frontier's estimate. On resume the one batch Lightning had
-        fetched ahead is drawn again, by the restored estimate (which has seen one batch more)."""
-        if not isinstance(self.train_stream, ProceduralStream):
+        """The stream position (procedural and hub streams alike) and the frontier's estimate. On resume the
+        one batch Lightning had fetched ahead is drawn again, by the restored estimate (which has seen one
+        batch more)."""
+        if self.train_stream is None:
             return {}
         state = {"next_index": self._consumed}
         if self.frontier is not None:
@@ -291,7 +325,7 @@ class ReasoningDataModule(LightningDataModule):
 
     def load_state_dict(self, state: dict) -> None:
         self.setup()
-        if isinstance(self.train_stream, ProceduralStream) and "next_index" in state:
+        if "next_index" in state:  # a hub stream saved by an earlier version has none: it starts over
             self.train_stream.next_index = self._consumed = state["next_index"]
             self._batch_ends.clear()
         if self.frontier is not None and "frontier" in state:
