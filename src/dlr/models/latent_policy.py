@@ -135,7 +135,7 @@ class LatentPolicy(nn.Module):
         hidden = out.hidden_states[-1]  # [N, Lq + E, H]
         q_mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden[:, : input_ids.shape[1]] * q_mask).sum(1) / q_mask.sum(1).clamp(min=1)
-        return hidden[:, input_ids.shape[1] :], pooled, out.past_key_values, mask
+        return hidden[:, input_ids.shape[1] :], pooled, out.cache, mask
 
     def _placeholders(self, batch: int, device: torch.device) -> torch.Tensor:
         """Placeholder embeddings [B*M, T, H], with each mode's start embedding added."""
@@ -275,12 +275,12 @@ class LatentPolicy(nn.Module):
                 inputs_embeds=self._fed_back(project(z))[:, None],
                 attention_mask=full_mask,
                 position_ids=left_padded_positions(full_mask)[:, -1:],
-                past_key_values=cache,
+                cache=cache,  # transformers >= 5.24's name (`past_key_values` goes in 5.40)
                 output_hidden_states=True,
                 use_cache=True,
                 logits_to_keep=1,
             )
-            h, cache = out.hidden_states[-1][:, -1], out.past_key_values
+            h, cache = out.hidden_states[-1][:, -1], out.cache
 
         mu, log_sigma, stop_logit, z = (
             torch.stack(parts, dim=1).unflatten(0, (B, G)) for parts in zip(*steps, strict=True)

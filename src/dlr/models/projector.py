@@ -62,9 +62,13 @@ class SoftTokenProjector(nn.Module):
         return self.to_vocabulary(z.float())
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """z: [..., T, Dz] -> [..., T, Dmain]."""
-        weight = self.embeddings.weight.detach().float()  # [V, Dmain]
-        x = torch.softmax(self.vocabulary_logits(z), dim=-1) @ weight
+        """z: [..., T, Dz] -> [..., T, Dmain], in float32.
+
+        The expected embedding is computed in the embedding matrix's own dtype: a float32 copy of a bf16
+        matrix would be made at every call (0.93 GB for Qwen2.5-1.5B's, 2.2 GB for the 7B's, once per
+        recurrent step); only the [..., Dmain] result is cast. A float32 matrix is used as it is."""
+        weight = self.embeddings.weight.detach()  # [V, Dmain], the main's dtype
+        x = (torch.softmax(self.vocabulary_logits(z), dim=-1).to(weight.dtype) @ weight).float()
         if self.rescale_to is not None:
             x = x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12) * self.rescale_to
         return x
