@@ -528,7 +528,7 @@ def test_real_scale_backbone_config_gives_the_reported_dlr_sizes():
     )
     assert cfg.backbone.main.quantization == "nf4" and cfg.backbone.prompt.use_chat_template
     grpo = compose_config(["experiment=grpo", "backbone=qwen2.5-0.5b+1.5b", "data=gsm8k"])
-    assert GRPOSettings.from_dict(OmegaConf.to_container(grpo.method, resolve=True)).max_new_tokens == 256
+    assert GRPOSettings.from_dict(OmegaConf.to_container(grpo.method, resolve=True)).max_new_tokens == 512
 
 
 @pytest.mark.parametrize(("backbone", "main_billions"), [("qwen2.5-0.5b+1.5b", 1.54), ("qwen2.5-0.5b+7b", 7.62)])
