@@ -154,8 +154,9 @@ def _local_models(qwen, main: str = "main") -> list[str]:
 
 
 def test_the_gsm8k_comparison_runs_to_its_report(qwen, tmp_path):
-    """`experiment=dlr_vs_grpo_gsm8k` as configured (NF4 main, bf16 compute, chat template, the box markers),
-    at tiny sizes: both arms train until a FLOPs budget of a couple of steps is spent, then the report."""
+    """`experiment=dlr_vs_grpo_gsm8k` as configured (NF4 main computing in bf16, chat template, the box markers) but
+    on the CPU with float32 trainable parts and at tiny sizes: both arms train until a FLOPs budget of a couple of
+    steps is spent, then the report."""
     run_dir = tmp_path / "run"
     result = run_train(
         [
