@@ -1,5 +1,6 @@
 """The committed tiny backbone: loadable offline, small, and as good as the README says where RL
-needs it to be (good on shallow problems, weak on deep ones)."""
+needs it to be: in math, partly right at every depth the main job trains on and worse the deeper the
+problem, so RL has in-distribution errors to fix (the testbed, issue 33)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def test_shipped_backbone_is_complete_and_small():
     assert (TINY / "dlr_stage1" / "rationale" / "stage1.safetensors").exists()  # DLR's shipped stage 1
     # wip/ is a training checkpoint carried between sessions, not part of what ships
     size = sum(p.stat().st_size for p in TINY.rglob("*") if p.is_file() and "wip" not in p.relative_to(TINY).parts)
-    assert size <= 25 * 2**20
+    assert size <= 40 * 2**20
 
 
 @pytest.fixture(scope="module")
@@ -33,27 +34,34 @@ def nf4_main():
 
 
 LOGIC_GAP = (
-    "known gap: after 2200 CPU warm-start steps the shipped main follows logic chains but writes a fixed polarity "
-    "for the last rule (accuracy ~50% at every depth); issue 15 (data/backbones/tiny/wip/WIP.md) carries the curriculum that should close it"
+    "known gap (issue 36): the tiny main answers logic at chance (about 50% at every depth); it takes shortcuts "
+    "instead of looking each rule up by its subject"
 )
 
 
-@pytest.mark.parametrize(
-    "task", ["math", pytest.param("logic", marks=pytest.mark.xfail(strict=True, reason=LOGIC_GAP))]
-)
-def test_shipped_main_in_nf4_is_good_shallow_and_weak_deep(nf4_main, task):
+def nf4_scores(nf4_main, task: str, depths: tuple[int, ...]) -> dict[int, float]:
+    """Greedy accuracy by depth of the main's own text chain on a test set of our own seed (not the one in
+    the README), 25 problems per depth: a fresh sample of what the README reports."""
     model, tokenizer = nf4_main
-    # A test set of our own seed (not the one in the README) so this is a fresh sample.
-    records = fixed_test_set(ProceduralSpec({task: 1.0}, 1, 8), seed=4242, per_depth=25)
-    records = [r for r in records if r.depth in (1, 2, 7, 8)]
-    scores = {
-        s.depth: s.accuracy
-        for s in evaluate_by_depth(
-            model, tokenizer, PromptFormat(), records, label="main/cot", reward=reward_from_yaml()
-        )
-    }
-    assert min(scores[1], scores[2]) >= 0.84, scores  # the target is 90%; 25 samples per depth are noisy
-    assert (scores[7] + scores[8]) / 2 <= min(scores[1], scores[2]) - 0.2, scores
+    records = [
+        r for r in fixed_test_set(ProceduralSpec({task: 1.0}, 1, 8), seed=4242, per_depth=25) if r.depth in depths
+    ]
+    scores = evaluate_by_depth(model, tokenizer, PromptFormat(), records, label="main/cot", reward=reward_from_yaml())
+    return {s.depth: s.accuracy for s in scores}
+
+
+def test_shipped_main_in_nf4_leaves_math_room_at_every_trained_depth(nf4_main):
+    """The testbed's bar (issue 33) on a fresh sample: between 20% and 85% at depths 1-6 (with 25 problems a
+    depth, 2 problems of slack each way), and falling with depth."""
+    scores = nf4_scores(nf4_main, "math", (1, 2, 5, 6))
+    assert all(0.12 <= scores[d] <= 0.93 for d in scores), scores
+    assert (scores[1] + scores[2]) / 2 >= (scores[5] + scores[6]) / 2 + 0.1, scores
+
+
+@pytest.mark.xfail(strict=True, reason=LOGIC_GAP)
+def test_shipped_main_in_nf4_reasons_in_logic(nf4_main):
+    scores = nf4_scores(nf4_main, "logic", (1, 2))
+    assert min(scores.values()) >= 0.65, scores
 
 
 def test_eval_tiny_runs_from_the_command_line(tmp_path: Path):

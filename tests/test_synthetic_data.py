@@ -181,11 +181,11 @@ def test_test_set_is_fixed_and_never_in_the_train_stream():
         (1, 3),
         train_seed=1,
         test_seed=2,
-        test_per_depth=20,
+        test_per_depth=200,  # enough depth-1 problems that some of the 3000 drawn below collide
         mix_weights={"math": 0.5, "logic": 0.5},
     )
     test = dm.test_records()
-    assert len(test) == 2 * 3 * 20 and test == fixed_test_set(dm.eval_spec, 2, 20)
+    assert len(test) == 2 * 3 * 200 and test == fixed_test_set(dm.eval_spec, 2, 200)
     dm.setup()
     questions = {r.question for r in test}
     stream = iter(dm.train_stream)
