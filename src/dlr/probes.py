@@ -26,6 +26,12 @@ from dlr.rewards import CORRECT
 from dlr.scoring import evaluate_by_depth, score_by_depth, unbiased_pass_at_k
 
 
+def mixed_test_set(per_depth: int, test_seed: int = 1000) -> list:
+    """The probes' records: math and logic at depths 1-8, `per_depth` each; seed 1000 is the fixed test set."""
+    data = ReasoningDataModule("mixed", 1, [1, 4], [1, 8], 0, test_seed, per_depth, {"math": 0.5, "logic": 0.5})
+    return data.test_records()
+
+
 def probe_readouts(bb: Backbone, per_depth: int, latent_steps: int, latent_dim: int, stage1_root: Path) -> dict:
     """What the frozen main model can read in its latent span: greedy accuracy by task and depth of
     the fixed test set under each readout, for spans the project can make before any RL: no latents
@@ -34,8 +40,7 @@ def probe_readouts(bb: Backbone, per_depth: int, latent_steps: int, latent_dim: 
     the ceiling, the gold chain's own tokens (its first T, or all of it; given as text, which equals
     giving their embeddings)."""
 
-    data = ReasoningDataModule("mixed", 1, [1, 4], [1, 8], 0, 1000, per_depth, {"math": 0.5, "logic": 0.5})
-    records = data.test_records()
+    records = mixed_test_set(per_depth)
     main_sha = weights_sha256(bb.main)
     scores = []
     for readout in ("rationale", "answer"):
@@ -281,8 +286,7 @@ def probe_compression(bb: Backbone, per_depth: int, ratios: list[int], batch_siz
     for ratio in ratios:  # fail on a bad ratio before any decoding
         check_ratio(ratio)
     reward = reward_from_yaml()
-    data = ReasoningDataModule("mixed", 1, [1, 4], [1, 8], 0, 1000, per_depth, {"math": 0.5, "logic": 0.5})
-    records = data.test_records()
+    records = mixed_test_set(per_depth)
     tok, fmt, main = bb.main_tokenizer, bb.fmt, bb.main
     readout = Readout("answer", fmt, 4)
     norm = mean_embedding_norm(main)
@@ -441,8 +445,7 @@ def probe_frontier(
         if not 1 <= k <= samples:
             raise ValueError(f"--ks: each k must lie in 1..--samples ({samples}), got {k}")
     reward = reward_from_yaml()
-    data = ReasoningDataModule("mixed", 1, [1, 4], [1, 8], 0, test_seed, per_depth, {"math": 0.5, "logic": 0.5})
-    records = data.test_records()
+    records = mixed_test_set(per_depth, test_seed)
     tok, fmt = bb.main_tokenizer, bb.fmt
     decode_tokens = 96  # eval.max_new_tokens: depth-8 chains need about 80
 
