@@ -75,6 +75,15 @@ EXTRACTION_CASES = [
     ("\\boxed{", None, None),
     ("####", None, None),  # empty marker falls through ...
     ("The answer is 4\n####   ", "4", "4"),  # ... to the next rule
+    # instruct models' closing phrasings (issue 34)
+    ("The final answer is 18.", "18", "18"),
+    ("the answer is: 18 dollars", "18", "18"),  # the leading number of a line with a unit
+    ("#### **18**", "18", "18"),  # markdown bold around the answer
+    ("Answer: 18", "18", "18"),
+    ("So 6 + 12 = 18.\n**Final Answer:** 18", "18", "18"),
+    ("**Final Answer**: 18", "18", "18"),
+    ("Answer: **true**", "true", "true"),
+    ("my answer: 18", None, "18"),  # "answer:" only counts where it opens a line
     ("", None, None),
     ("no answer here", None, None),
     ("we get 3 and then 1,250.5 total", None, "1,250.5"),  # lenient: last number
@@ -371,6 +380,11 @@ def test_tagged_answer_is_read_from_the_last_answer_span(text, expected):
         ("#### false", "true", "logic", 0.0, 1.0, 0.2),
         ("#### 0.5", "\\frac{1}{2}", "math", 1.0, 1.0, 1.2),
         ("#### 12 #### 12", "12", "math", 1.0, 0.0, 1.0),
+        # instruct phrasings (issue 34): correct everywhere, well formed only on a `#### n` line
+        ("The final answer is 18.", "18", "math", 1.0, 0.0, 1.0),
+        ("the answer is: 18 dollars", "18", "math", 1.0, 0.0, 1.0),
+        ("#### **18**", "18", "math", 1.0, 1.0, 1.2),
+        ("Answer: 18", "18", "math", 1.0, 0.0, 1.0),
     ],
 )
 def test_score_default_weights(completion, gold, task, correct, well_formed, total):

@@ -2,11 +2,13 @@
 
 Extraction (`extract_answer`; `extract_tagged_answer` reads a `<answer>...</answer>` span first), in priority order:
   1. the last `####` marker: the rest of its line;
-  2. the last `The answer is X` (case-insensitive, optional colon): the rest of its line;
+  2. the last `The answer is X` or `The final answer is X` (case-insensitive, optional colon), or a line
+     that opens with `Answer:` / `Final answer:` (markdown bold around it allowed): the rest of its line,
+     its leading number when a unit or words follow (`18 dollars` -> `18`);
   3. the last `\\boxed{...}`, nested braces handled; an unbalanced last box gives nothing;
   4. lenient mode only: the last number in the text.
 A marker followed by nothing falls through to the next rule. The extracted text is cleaned: trailing
-period and surrounding `$...$` dropped, and a `\\boxed{...}` inside it is unwrapped.
+period, surrounding markdown bold `**...**` and `$...$` dropped, and a `\\boxed{...}` inside it is unwrapped.
 
 Normalisation decisions (`normalize_answer`, `parse_number`):
   - surrounding whitespace, a trailing period, `$...$` delimiters, a leading currency `$` are dropped;
@@ -59,7 +61,11 @@ _WORKER_BACKSTOP_S = 60  # the worker's own signal timeout, so an orphaned worke
 _MAX_IDLE_WORKERS = 4  # each holds sympy (~70 MB); extra workers from a burst of threads are closed
 
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"  # the answer span of reward.structure=tags
-_ANSWER_IS = re.compile(r"the answer is:?", re.IGNORECASE)
+# Instruct models' closing phrasings: "The (final) answer is: 18", and "Answer: 18" or "**Final Answer:** 18"
+# opening a line (only there: "the answer: 18" mid-sentence is too loose to read as a final answer).
+_ANSWER_IS = re.compile(
+    r"the (?:final )?answer is:?|^[ \t]*(?:\*\*)?(?:final )?answer(?::\*\*|(?:\*\*)?:)", re.IGNORECASE | re.MULTILINE
+)
 _BOXED = "\\boxed{"
 _BRACE = re.compile(r"[{}]")
 _NUMBER_IN_TEXT = re.compile(r"-?[0-9]+(?:,[0-9]{3})*(?:\.[0-9]+)?")
@@ -82,7 +88,7 @@ def extract_answer(text: str, *, lenient: bool = False) -> str | None:
     if (last_answer_is := _last_match(_ANSWER_IS, text)) and (
         answer := _clean(_rest_of_line(text, last_answer_is.end()))
     ):
-        return answer
+        return _plain_head(answer)
     if (boxed := _last_boxed(text)) and (answer := _clean(boxed)):
         return answer
     if lenient:
@@ -152,8 +158,10 @@ def _clean(answer: str) -> str:
 
 
 def _strip_delimiters(answer: str) -> str:
-    """Drop surrounding whitespace, trailing periods and a `$...$` math wrapper."""
+    """Drop surrounding whitespace, trailing periods, a markdown bold `**...**` and a `$...$` math wrapper."""
     answer = answer.strip().rstrip(".").strip()
+    if len(answer) >= 4 and answer.startswith("**") and answer.endswith("**"):
+        answer = answer[2:-2].strip().rstrip(".").strip()
     if len(answer) >= 2 and answer[0] == answer[-1] == "$":
         answer = answer[1:-1].strip()
     return answer
