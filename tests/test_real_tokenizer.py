@@ -5,6 +5,7 @@ of width 64, and the GSM8K fixture. Token ids are Qwen2.5-Instruct's (checked ag
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -246,3 +247,32 @@ def test_gsm8k_budgets_leave_room_for_an_instruct_chain_in_the_same_logits_memor
         cfg.eval.max_new_tokens == cfg.method.grpo.max_new_tokens == cfg.method.dlr.max_new_tokens.rationale == budget
     )
     assert cfg.method.grpo.micro_batch_size * budget == logits_before
+
+
+def test_the_heldout_nll_scores_the_chat_completion_with_a_bounded_logits_memory(qwen, qwen_format):
+    """Issue 34 items 2 and 6: the forgetting check scores GSM8K's gold solution as the instruct main writes it
+    (its reasoning and `#### n` in the assistant turn, ended by `<|im_end|>`, no latent markers), and no pass
+    computes logits for more than `eval.nll_logit_positions` positions of the 151936-token vocabulary."""
+    from dlr.data.hub import adapt_gsm8k
+    from dlr.data.schema import MalformedRecord
+    from dlr.runner.compare import heldout_nll
+
+    records = []
+    for i, line in enumerate(Path(GSM8K_FIXTURE).read_text().splitlines()[:6]):  # its malformed rows are skipped
+        with contextlib.suppress(MalformedRecord):
+            records.append(adapt_gsm8k(json.loads(line), f"test:{i}"))
+    assert len(records) >= 3
+    tokenizer = load_tokenizer(str(qwen["tokenizer"]))
+    completion = qwen_format.gold_completion(records[0].cot, records[0].answer, tokenizer.eos_token)
+    assert completion.endswith(f"\n#### {records[0].answer}<|im_end|>") and "<|box_start|>" not in completion
+    model = load_main(ModelSpec(name_or_path=str(qwen["main"])))
+    shapes = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, output: shapes.append(tuple(output.shape)))
+    try:
+        nll = heldout_nll((model, tokenizer), qwen_format, records, logit_positions=16)
+    finally:
+        hook.remove()
+    assert all(len(shape) == 2 and shape[0] <= 16 and shape[1] == QWEN25_VOCAB["1.5b"] for shape in shapes)
+    completions = [qwen_format.gold_completion(r.cot, r.answer, tokenizer.eos_token) for r in records]
+    assert sum(shape[0] for shape in shapes) == sum(len(tokenizer(c).input_ids) for c in completions)
+    assert 11.0 < nll < 13.0  # a random model: about log(151936) = 11.9 nats per token

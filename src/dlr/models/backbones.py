@@ -61,6 +61,16 @@ class PromptFormat:
         bos = tokenizer.bos_token or ""
         return f"{bos} {self.template.format(question=question)}".strip()
 
+    def gold_completion(self, reasoning: str, answer: str, eos: str) -> str:
+        """A gold solution as the main writes it after `prompt` when it reasons in text: the paper's tags
+        (structure=tags); reasoning then the `#### n` line an instruct model's instruction asks for (chat
+        template); else the tiny main's warm-start form, the chain between the latent markers."""
+        if self.structure == "tags":
+            return f"<think>\n{reasoning}\n</think>\n<answer>{answer}</answer>{eos}"
+        if self.use_chat_template:
+            return f"{reasoning}\n{self.answer_cue} {answer}{eos}"
+        return f"{self.bol} {reasoning} {self.eol} {self.answer_cue} {answer} {eos}"
+
 
 def marker_token_id(tokenizer: PreTrainedTokenizerBase, marker: str) -> int | None:
     """The id of the one existing token that `marker` is inside a prompt, or None when it is not one

@@ -24,7 +24,7 @@ from dlr.data.schema import Record
 from dlr.methods.dlr_module import DLRSettings
 from dlr.methods.grpo_module import GRPOSettings
 from dlr.methods.stage1 import STAGE1_COMMANDS, shipped_stage1_folder
-from dlr.methods.warmstart_module import encode_sft_batch, sft_completion
+from dlr.methods.warmstart_module import encode_sft_batch
 from dlr.models.backbones import PromptFormat
 from dlr.report.claims import claims_table
 from dlr.report.report import SeedResult, arm_summary, overall_accuracy, write_report
@@ -87,21 +87,66 @@ def other_task_records(cfg: DictConfig, source: str) -> list[Record]:
     return instantiate(other).test_records()
 
 
-def heldout_nll(model_and_tokenizer: tuple, fmt: PromptFormat, records: Sequence[Record], batch_size: int) -> float:
-    """Mean NLL per token of the gold completions (`<bol> reasoning <eol> #### answer`) of `records`."""
+def heldout_nll(
+    model_and_tokenizer: tuple, fmt: PromptFormat, records: Sequence[Record], logit_positions: int
+) -> float:
+    """Mean NLL per token of the gold completions of `records`, written as the main writes its own chain
+    (`PromptFormat.gold_completion`). Each forward pass computes full-vocabulary logits at no more than
+    `logit_positions` completion positions (a boolean `logits_to_keep`), so peak memory is bounded by
+    logit_positions x vocabulary, whatever the batch; a completion longer than that is scored in pieces."""
+    if logit_positions < 1:
+        raise ValueError(f"eval.nll_logit_positions must be at least 1, got {logit_positions}")
     model, tokenizer = model_and_tokenizer
     device = next(model.parameters()).device
+    prompts = [fmt.prompt(r.question, tokenizer) for r in records]
+    completions = [fmt.gold_completion(r.cot, r.answer, tokenizer.eos_token or "") for r in records]
     total, tokens = 0.0, 0
     with torch.no_grad():
-        for start in range(0, len(records), batch_size):
-            chunk = records[start : start + batch_size]
-            prompts = [fmt.prompt(r.question, tokenizer) for r in chunk]
-            completions = [sft_completion(r, fmt, tokenizer.eos_token or "", with_reasoning=True) for r in chunk]
-            ids, mask, labels = encode_sft_batch(prompts, completions, tokenizer, max_length=4096)
-            count = int((labels[:, 1:] != -100).sum())
-            loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
-            total, tokens = total + float(loss) * count, tokens + count
+        for rows, first, last in nll_pieces(prompts, completions, tokenizer, logit_positions):
+            ids, mask, labels = encode_sft_batch(
+                [prompts[i] for i in rows], [completions[i] for i in rows], tokenizer, max_length=NLL_MAX_LENGTH
+            )
+            targets = labels[:, 1:]  # [B, L-1]: the token each position predicts
+            keep = torch.zeros_like(ids, dtype=torch.bool)  # [B, L]: positions whose logits this pass computes
+            keep[:, :-1] = targets != -100
+            positions = keep.cumsum(dim=1) - 1  # [B, L]: each kept position's index within its row
+            keep &= (positions >= first) & (positions < last)
+            logits = model(
+                input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep.to(device)
+            ).logits  # [N, V], N <= logit_positions
+            gold = targets[keep[:, :-1]].to(device)  # [N]
+            total += float(torch.nn.functional.cross_entropy(logits.float(), gold, reduction="sum"))
+            tokens += gold.numel()
     return total / max(tokens, 1)
+
+
+NLL_MAX_LENGTH = 4096  # tokens of prompt and gold completion scored by the held-out NLL
+
+
+def nll_pieces(
+    prompts: list[str], completions: list[str], tokenizer, logit_positions: int
+) -> list[tuple[list[int], int, int]]:
+    """The held-out NLL's forward passes: (rows, first, last), scoring completion tokens first..last-1 of
+    each row. Consecutive rows share a pass while their scored tokens fit `logit_positions`; a row longer
+    than that gets passes of its own, one per piece."""
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
+    scored = [  # next-token targets per row, as encode_sft_batch truncates and labels it
+        max(min(len(p) + len(c), NLL_MAX_LENGTH) - max(len(p), 1), 0)
+        for p, c in zip(prompt_ids, completion_ids, strict=True)
+    ]
+    pieces, group, group_tokens = [], [], 0
+    for row, count in enumerate(scored):
+        if count > logit_positions:
+            pieces += [([row], first, first + logit_positions) for first in range(0, count, logit_positions)]
+            continue
+        if group and group_tokens + count > logit_positions:
+            pieces.append((group, 0, logit_positions))
+            group, group_tokens = [], 0
+        group, group_tokens = group + [row], group_tokens + count
+    if group:
+        pieces.append((group, 0, logit_positions))
+    return pieces
 
 
 def phase_datamodule(cfg: DictConfig, source: str) -> ReasoningDataModule:
@@ -198,7 +243,7 @@ def train_arm_seed(
     sampled = arm_sampled(cfg, arm, training.records, label) if cfg.method.samples_per_problem else []
     meter = training.meters[-1]  # curves and final scores: the last phase's
     final = meter.points[-1].scores if meter.points[-1].fraction >= 1.0 else arm.evaluate(training.records, label)
-    after = other_task_probe(arm, fmt, others, label, cfg.eval.batch_size)
+    after = other_task_probe(arm, fmt, others, label, cfg.eval.nll_logit_positions)
     arm_info = dlr_arm_info(arm, training.meters[0], training.aligner) if kind == "dlr" else {}
     result = seed_result(seed, training, final, before, after, unchanged, sampled, arm_info)
     # Kept as soon as it exists: a later arm that crashes does not lose this one.
@@ -288,16 +333,16 @@ def main_text_chain_probe(
     if not others:
         return [], None
     scores = own_chain_scores(cfg, *arm.text_model, others, label)
-    return scores, heldout_nll(arm.text_model, fmt, others, cfg.eval.batch_size)
+    return scores, heldout_nll(arm.text_model, fmt, others, cfg.eval.nll_logit_positions)
 
 
 def other_task_probe(
-    arm: Arm, fmt: PromptFormat, others: Sequence[Record], label: str, batch_size: int
+    arm: Arm, fmt: PromptFormat, others: Sequence[Record], label: str, logit_positions: int
 ) -> tuple[list[DepthScore], float | None]:
     """Scores on the other task's test set and the held-out NLL of its gold completions; none without one."""
     if not others:
         return [], None
-    return arm.evaluate(others, label), heldout_nll(arm.text_model, fmt, others, batch_size)
+    return arm.evaluate(others, label), heldout_nll(arm.text_model, fmt, others, logit_positions)
 
 
 def arm_sampled(cfg: DictConfig, arm: Arm, records: Sequence[Record], label: str) -> list[SampledScore]:
