@@ -140,6 +140,29 @@ def test_a_lead_found_at_untrained_depths_only_is_named_as_such():
     assert won["verdict"] == "supported" and "untrained depths only" not in won["evidence"]
 
 
+def test_a_hub_dataset_makes_no_depth_claims():
+    """GSM8K's "depth" counts a solution's steps, which no arm's training selects (issue 34 item 5): with no
+    trained range, no row speaks of trained or untrained depths, and RL-moved reads the whole test set."""
+    results = {
+        "dlr": [seed_result(10, 0.4, 0.8, 0.3, [0.2, 0.6]), seed_result(11, 0.4, 0.82, 0.3, [0.2, 0.62])],
+        "grpo": [seed_result(0, 0.5, 0.5, 0.1, [0.1, 0.3]), seed_result(1, 0.5, 0.5, 0.1, [0.1, 0.3])],
+    }
+    summary = {
+        "budget": {"kind": "flops", "amount": 1e12},
+        "arms": {name: arm_summary(seeds, name, 4) for name, seeds in results.items()},
+    }
+    rows = claims_table(summary, results, None, "prontoqa")
+    assert not any("depth" in row["claim"] or "depth" in row["evidence"] for row in rows)
+    moved = {r["arm"]: r for r in rows if r["claim"].startswith("RL improves")}
+    assert moved["dlr"]["claim"] == "RL improves the arm on the test set"
+    # all 200 problems: DLR's final (0.8 + 0.3) / 2 = 55% and 56%, its start (0.4 + 0.3) / 2 = 35% on both seeds
+    assert moved["dlr"]["evidence"].startswith("final vs start 55.5% vs 35.0%, difference +20.5 points [")
+    assert [r["claim"] for r in rows if r["arm"] == "dlr"][:2] == [
+        "efficiency: higher accuracy than grpo at equal compute",
+        "efficiency: less compute to reach grpo's final accuracy",
+    ]
+
+
 def test_forgetting_on_logic_at_chance_is_not_testable_and_a_lost_task_is_not_supported():
     chance = {"dlr": [seed_result(10, 0.4, 0.4, 0.3, [0.4, 0.4], other=(0.52, 0.5))]}
     summary = {"budget": {"kind": "flops", "amount": 1e12}, "arms": {"dlr": arm_summary(chance["dlr"], "dlr", 4)}}

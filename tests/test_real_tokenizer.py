@@ -183,6 +183,7 @@ def test_the_gsm8k_comparison_runs_to_its_report(qwen, tmp_path):
     for name in ("dlr/seed_0/main_sha256.json", "grpo/seed_0/base_sha256.json"):
         assert json.loads((run_dir / name).read_text())["unchanged"]
     assert (run_dir / "report.md").read_text().startswith("#")
+    assert not any("depth" in row["claim"] for row in summary["claims"])  # GSM8K trains on every step count
 
 
 @pytest.mark.parametrize(

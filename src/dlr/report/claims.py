@@ -68,10 +68,12 @@ def first_fraction_reaching(curve: Sequence[dict], target: float) -> float | Non
     return next((p["budget_fraction"] for p in curve if p["accuracy_mean"] >= target), None)
 
 
-def rl_moved(name: str, results: Sequence[SeedResult], trained: Sequence[int]) -> dict:
-    """Did RL move the arm at the depths it trained on: each seed's final against its own start, on the
-    same problems."""
-    claim = f"RL improves the arm at its trained depths {trained[0]}-{trained[-1]}"
+def rl_moved(name: str, results: Sequence[SeedResult], trained: Sequence[int] | None) -> dict:
+    """Did RL move the arm at the depths it trained on (a hub dataset: on its whole test set): each seed's
+    final against its own start, on the same problems."""
+    claim = "RL improves the arm " + (
+        f"at its trained depths {trained[0]}-{trained[-1]}" if trained else "on the test set"
+    )
     finals, starts = [r.final_scores for r in results], [r.start_scores for r in results]
     if seed_rows(finals, greedy_outcomes, trained)[0] != seed_rows(starts, greedy_outcomes, trained)[0]:
         return {  # a continual run starts on its first phase's test set and ends on its last's
@@ -95,7 +97,7 @@ def efficiency_rows(
     results: dict[str, Sequence[SeedResult]],
     baseline: str,
     budget: dict,
-    trained: Sequence[int],
+    trained: Sequence[int] | None,
 ) -> list[dict]:
     arm, base = summary["arms"][name], summary["arms"][baseline]
     unit = "TFLOPs" if budget["kind"] == "flops" else "s"
@@ -104,10 +106,12 @@ def efficiency_rows(
     overall = compare(ours_final, theirs_final, None, same_seeds=False)
     verdict = difference_verdict(overall.difference)
     # where the lead is: an answer-at-once readout keeps about the direct-answer rate where its chain fails
-    at_trained = compare(ours_final, theirs_final, trained, same_seeds=False)
-    where = f"; at trained depths {trained[0]}-{trained[-1]} {at_trained.text()}"
-    if verdict == "supported" and difference_verdict(at_trained.difference) != "supported":
-        where += " (the lead is at untrained depths only)"
+    where = ""
+    if trained:
+        at_trained = compare(ours_final, theirs_final, trained, same_seeds=False)
+        where = f"; at trained depths {trained[0]}-{trained[-1]} {at_trained.text()}"
+        if verdict == "supported" and difference_verdict(at_trained.difference) != "supported":
+            where += " (the lead is at untrained depths only)"
     rows = [
         {
             "claim": f"efficiency: higher accuracy than {baseline} at equal compute",
@@ -137,7 +141,7 @@ def efficiency_rows(
             + f" (mean curves of {overall.difference.basis()})",
         }
     )
-    if has_depths(results[name], LONG_DEPTHS):
+    if trained and has_depths(results[name], LONG_DEPTHS):
         long = compare(ours_final, theirs_final, LONG_DEPTHS, same_seeds=False)
         rows.append(
             {
@@ -209,11 +213,16 @@ def forgetting_row(name: str, summary: dict, results: Sequence[SeedResult], othe
 
 
 def claims_table(
-    summary: dict, results: dict[str, Sequence[SeedResult]], trained_depths: Sequence[int], other_task: str | None
+    summary: dict,
+    results: dict[str, Sequence[SeedResult]],
+    trained_depths: Sequence[int] | None,
+    other_task: str | None,
 ) -> list[dict]:
-    """Every DLR arm's rows against the run's GRPO arm, then each arm's RL-moved row."""
+    """Every DLR arm's rows against the run's GRPO arm, then each arm's RL-moved row. `trained_depths`: the
+    procedural training range; None for a hub dataset, whose depth (its solution's step count) no arm's
+    training selects, so no row speaks of trained or untrained depths."""
     budget = summary["budget"]
-    trained = list(range(trained_depths[0], trained_depths[-1] + 1))
+    trained = list(range(trained_depths[0], trained_depths[-1] + 1)) if trained_depths else None
     baseline = next((n for n, s in summary["arms"].items() if "readout" not in s), None)
     rows = []
     for name, arm in summary["arms"].items():

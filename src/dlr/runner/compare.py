@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from dlr.accounting import BUDGET_KINDS, reset_peak_memory
 from dlr.callbacks.budget import BudgetMeter
 from dlr.callbacks.evaluation import AlignmentEval
-from dlr.data.datamodule import ReasoningDataModule
+from dlr.data.datamodule import HUB_SOURCES, ReasoningDataModule
 from dlr.data.schema import Record
 from dlr.methods.dlr_module import DLRSettings
 from dlr.methods.grpo_module import GRPOSettings
@@ -435,7 +435,9 @@ def run_dlr_vs_grpo(cfg: DictConfig, out: Path) -> None:
             name: arm_summary(seed_results, kinds[name], cfg.method.pass_at_k) for name, seed_results in results.items()
         },
     }
-    summary["claims"] = claims_table(summary, results, list(cfg.data.train_depths), cfg.method.other_task)
+    procedural = cfg.data.source not in HUB_SOURCES  # a hub dataset trains on every depth (its step count)
+    trained = list(cfg.data.train_depths) if procedural else None
+    summary["claims"] = claims_table(summary, results, trained, cfg.method.other_task)
     short = write_report(summary, results, out)
     print("\n".join([*short, f"report: {out / 'report.md'}"]))
 
