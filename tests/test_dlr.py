@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import quiet_cpu_trainer, reward_from_yaml, run_train, settings_from_yaml
+from conftest import compose_config, quiet_cpu_trainer, reward_from_yaml, run_train, settings_from_yaml
 from dlr.callbacks.latent_diversity import effective_rank, mean_pairwise_cosine_distance
 from dlr.callbacks.reward_filter import filter_quality
 from dlr.data.datamodule import ReasoningDataModule
@@ -662,3 +662,38 @@ def test_an_injected_nan_skips_one_step_and_training_goes_on(tiny_pair, tmp_path
     trainer.fit(module, datamodule=data)
     assert trainer.global_step == 4 and module.guard.skipped == 1 and module.guard.consecutive == 0
     assert all(torch.isfinite(p).all() for p in module.parameters() if p.requires_grad)
+
+
+def test_evaluation_decodes_with_the_evaluation_budget_and_rollouts_with_the_training_one(tiny_pair, monkeypatch):
+    """DLR's greedy and sampled evaluation give the main `method.eval_max_new_tokens` (in a comparison the
+    `eval.max_new_tokens` GRPO's evaluation gets), its training rollouts `method.max_new_tokens`: before, DLR was
+    evaluated at the training budget, which cut its depth-8 chains where GRPO's had room."""
+    settings = settings_from_yaml(
+        DLRSettings,
+        "dlr",
+        {
+            "latent": {"steps": 3, "max_steps": 3, "dim": 8},
+            "critic": {"hidden": 16},
+            "max_new_tokens": {"rationale": 5, "answer": 2},
+            "eval_max_new_tokens": {"rationale": 9, "answer": 2},
+        },
+    )
+    module = build_module(tiny_pair, settings)
+    import dlr.methods.dlr_module as dlr_module
+
+    budgets = []
+    decode = dlr_module.greedy_decode_embeds
+
+    def recorded_decode(main, embeds, mask, tokenizer, max_new_tokens):
+        budgets.append(max_new_tokens)
+        return decode(main, embeds, mask, tokenizer, max_new_tokens)
+
+    monkeypatch.setattr(dlr_module, "greedy_decode_embeds", recorded_decode)
+    records = ReasoningDataModule("mixed", 2, [1, 1], [1, 1], 0, 1000, 1, {"math": 0.5, "logic": 0.5}).test_records()
+    module.decode(records, torch.randn(2, 4, 3, 8), charge=True)
+    module.evaluate_latent(records, "dlr", batch_size=8)
+    module.sample_attempts(records, 2)
+    assert budgets == [5, 9, 9]
+    assert (
+        compose_config(["experiment=dlr_vs_grpo"]).method.dlr.eval_max_new_tokens.rationale == 96
+    )  # eval.max_new_tokens

@@ -267,13 +267,16 @@ class DLRModule(RLModule):
         chains: torch.Tensor,
         charge: bool = False,
         step_mask: torch.Tensor | None = None,
+        evaluation: bool = False,
     ) -> list[str]:
         """One greedy decode of each chain [B, K, T, Dz] (step_mask [B, K, T]: recurrent chains' real
         steps) by the frozen main model, as the readout says (its own chain and answer line, or the
         answer alone with the cue put back in front); returns B*K completions scored like any text
-        completion. `charge`: count its compute."""
+        completion. `charge`: count its compute. `evaluation`: the evaluation's decode budget, the one
+        GRPO's completions get there (`method.eval_max_new_tokens`), instead of the training rollouts'."""
         embeds, mask = self.main_inputs(records, chains, step_mask)
-        texts, ids = greedy_decode_embeds(self.main, embeds, mask, self.main_tokenizer, self.readout.max_new_tokens)
+        budget = self.settings.eval_decode_tokens if evaluation else self.readout.max_new_tokens
+        texts, ids = greedy_decode_embeds(self.main, embeds, mask, self.main_tokenizer, budget)
         if charge:
             latents = chains.shape[0] * chains.shape[1] * chains.shape[2] if step_mask is None else int(step_mask.sum())
             self.charge(self.projector_cost, latents, 0)  # per real latent
@@ -563,7 +566,7 @@ class DLRModule(RLModule):
         ids, mask = self.encode_questions(records)
         chain = self.policy.mean_chain(ids, mask, self.projector)
         step_mask = None if chain.step_mask is None else chain.step_mask[:, :1]
-        return self.decode(records, chain.mu[:, :1], step_mask=step_mask)
+        return self.decode(records, chain.mu[:, :1], step_mask=step_mask, evaluation=True)
 
     @torch.no_grad()
     def evaluate_latent(self, records: Sequence[Record], label: str, batch_size: int) -> list[DepthScore]:
@@ -586,10 +589,12 @@ class DLRModule(RLModule):
             ids, mask = self.encode_questions(records)
             if self.policy.mode == "recurrent":
                 z, dist = self.policy.sample_recurrent(ids, mask, k, self.projector)
-                texts = self.decode(records, z, step_mask=dist.step_mask)  # question-major: k per record
+                texts = self.decode(
+                    records, z, step_mask=dist.step_mask, evaluation=True
+                )  # question-major: k per record
             else:
                 z, _ = self.policy.sample(self.policy(ids, mask), k)
-                texts = self.decode(records, z)
+                texts = self.decode(records, z, evaluation=True)
             return [texts[i * k : (i + 1) * k] for i in range(len(records))]
         finally:
             self.train(was_training)

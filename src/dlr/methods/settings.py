@@ -126,7 +126,8 @@ class DLRSettings:
     rl: RLSettings
     critic: CriticSettings
     readout: str  # rationale: the main writes its own chain after the latents | answer
-    max_new_tokens: dict  # decode budget by readout
+    max_new_tokens: dict  # decode budget by readout (training rollouts)
+    eval_max_new_tokens: dict  # decode budget by readout at evaluation
     weight_decay: float
     grad_clip: float
     accumulate_grad_batches: int
@@ -191,9 +192,15 @@ class DLRSettings:
                 min(self.alignment.distill_weight, self.alignment.stop_weight, self.alignment.answer_weight) >= 0,
                 "method.alignment.distill_weight, stop_weight and answer_weight must be >= 0",
             ),
-            (
-                set(self.max_new_tokens) == set(READOUTS) and all(int(v) >= 1 for v in self.max_new_tokens.values()),
-                f"method.max_new_tokens needs a budget >= 1 for each readout {READOUTS}, got {self.max_new_tokens}",
+            *(
+                (
+                    set(budgets) == set(READOUTS) and all(int(v) >= 1 for v in budgets.values()),
+                    f"method.{key} needs a budget >= 1 for each readout {READOUTS}, got {budgets}",
+                )
+                for key, budgets in (
+                    ("max_new_tokens", self.max_new_tokens),
+                    ("eval_max_new_tokens", self.eval_max_new_tokens),
+                )
             ),
             (
                 self.readout != "rationale"
@@ -266,6 +273,11 @@ class DLRSettings:
     def decode_tokens(self) -> int:
         """The main model's decode budget per kept chain under this readout."""
         return int(self.max_new_tokens[self.readout])
+
+    @property
+    def eval_decode_tokens(self) -> int:
+        """The main model's decode budget per chain at evaluation under this readout."""
+        return int(self.eval_max_new_tokens[self.readout])
 
     @property
     def total_steps(self) -> int:

@@ -207,13 +207,14 @@ def export_dlr_stage1(cfg: DictConfig, arm: Arm, aligned: list[DepthScore], seco
     if settings.rl.steps:
         raise SystemExit("error: method.alignment.export_to saves stage 1 alone: set method.rl.steps=0")
     folder = project_path(settings.alignment.export_to, cfg.paths.root_dir)
+    earlier = getattr(arm.module, "stage1_info", None) or {}  # continued from a shipped stage 1: its cost counts
     info = {
-        "alignment_steps": settings.alignment.steps,
+        "alignment_steps": earlier.get("alignment_steps", 0) + settings.alignment.steps,
         "batch_size": cfg.data.batch_size,
         "alignment": {k: v for k, v in asdict(settings.alignment).items() if k not in ("init_from", "export_to")},
         "data": OmegaConf.to_container(cfg.data, resolve=True),
-        "flops": float(arm.module.flops_spent),
-        "process_seconds": seconds,  # training only, on this machine
+        "flops": earlier.get("flops", 0.0) + float(arm.module.flops_spent),
+        "process_seconds": earlier.get("process_seconds", 0.0) + seconds,  # training only
         "device": device_name(cfg.trainer.accelerator),
         "accuracy_by_depth": {f"{s.task}/{s.depth}": s.accuracy for s in aligned},
         "command": STAGE1_COMMANDS[settings.readout],
