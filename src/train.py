@@ -22,8 +22,10 @@ from dlr.cli import normalize_cli_args  # noqa: E402
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> None:
+    from dlr.config import check_settings
     from dlr.runner import run
 
+    check_settings(cfg)  # every numeric setting and the data, before any model loads
     run(cfg)
 
 

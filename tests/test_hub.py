@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import compose_config, run_train
+from dlr.config import check_settings
 from dlr.data import hub
 from dlr.data.hub import HUB_DATASETS, HubUnavailable, check_hub_dataset, stream_hub_records
 from dlr.data.schema import MalformedRecord, Record, SkipCounter
@@ -276,7 +279,7 @@ def _assert_readable_offline_error(message: str, hub_id: str) -> None:
         "data=synthetic_math",
         "data=synthetic_logic",
         "data=mixed",
-        "data.local_path=/path/to/file.jsonl",
+        "data.train_path=/path/to/train.jsonl data.test_path=/path/to/test.jsonl",
     ):
         assert part in message
 
@@ -397,3 +400,91 @@ def test_a_resumed_gsm8k_stream_goes_on_where_it_stopped():
     resumed.load_state_dict(state)
     loader = iter(resumed.train_dataloader())
     assert [[r.id for r in next(loader)] for _ in range(2)] == expected[3:]
+
+
+# --- local files: one per split, or one for both; the checks at start (issue 37 item 1) -------------------
+
+TRAIN_FIXTURE, TEST_FIXTURE = str(FIXTURES / "gsm8k_train.jsonl"), str(FIXTURES / "gsm8k_test.jsonl")
+
+
+def local_gsm8k(**files):
+    """data=gsm8k as composed, with the local files `files` (train_path, test_path or local_path)."""
+    from dlr.data.datamodule import ReasoningDataModule
+
+    return ReasoningDataModule("gsm8k", 2, [1, 4], [1, 8], 0, 1000, 1, train_split="train", test_split="test", **files)
+
+
+def test_train_path_and_test_path_read_a_file_each():
+    datamodule = local_gsm8k(train_path=TRAIN_FIXTURE, test_path=TEST_FIXTURE)
+    test_questions = [json.loads(line)["question"] for line in Path(TEST_FIXTURE).read_text().splitlines()]
+    assert [r.question for r in datamodule.test_records()] == test_questions  # test_size 200: the whole file
+    datamodule.check_source()
+    datamodule.check_training_data()
+    datamodule.setup()
+    trained = {datamodule.train_stream.record_at(i).id for i in range(12)}
+    assert trained == {f"gsm8k-train-{i}" for i in range(6)}  # every training record, no test one
+
+
+@pytest.mark.parametrize("key", ["train_path", "test_path", "local_path"])
+def test_a_missing_local_file_fails_naming_its_key(key):
+    files = {"train_path": TRAIN_FIXTURE, "test_path": TEST_FIXTURE} if key != "local_path" else {}
+    with pytest.raises(ValueError, match=f"^data.{key}=missing.jsonl: no such file"):
+        local_gsm8k(**{**files, key: "missing.jsonl"})
+
+
+def test_local_path_beside_a_file_per_split_is_refused():
+    with pytest.raises(ValueError, match="data.local_path serves both splits: set it alone"):
+        local_gsm8k(local_path=GSM8K_FIXTURE, train_path=TRAIN_FIXTURE)
+
+
+def test_a_test_size_that_takes_every_record_fails_before_any_model_loads(tmp_path):
+    """The issue's command: one file of 5 valid records and test_size 200 left nothing to train on, and the
+    run died after loading both models with "split 'train' has no valid records for rank 0"."""
+    overrides = ["data=gsm8k", f"data.local_path={GSM8K_FIXTURE}", f"paths.output_dir={tmp_path}"]
+    with pytest.raises(SystemExit) as err:
+        check_settings(compose_config(["experiment=grpo", *overrides]))
+    assert str(err.value) == (
+        f"error: data.test_size=200 takes all 5 valid records of data.local_path={GSM8K_FIXTURE} for the test set, "
+        "leaving none to train on: lower data.test_size, or give the training records a file of their own with "
+        "data.train_path and data.test_path"
+    )
+    check_settings(compose_config(["experiment=grpo", *overrides, "data.test_size=2"]))  # 3 records to train on
+    check_settings(compose_config(["experiment=eval_tiny", *overrides]))  # evaluation reads only the test set
+
+
+def test_a_missing_file_stops_train_py_with_one_line(tmp_path):
+    result = run_train(
+        ["experiment=grpo", "data=gsm8k", "data.local_path=my_gsm8k.jsonl", f"hydra.run.dir={tmp_path}"], timeout=120
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("error: data.local_path=my_gsm8k.jsonl: no such file")
+    assert "Traceback" not in result.stderr and "Loading weights" not in result.stderr
+
+
+def readme_offline_gsm8k_command() -> list[str]:
+    """The arguments of the README's offline GSM8K command, as a user copies it."""
+    readme = " ".join((ROOT / "README.md").read_text().split())  # the command may wrap across lines
+    commands = [c for c in re.findall(r"`python src/train\.py ([^`]*)`", readme) if "data.train_path=" in c]
+    assert len(commands) == 1, commands
+    return commands[0].split()
+
+
+def test_the_readme_offline_gsm8k_command_trains(tmp_path):
+    """As written (but 2 steps at small sizes, for the CPU): it trains on the training file and tests on the
+    test file."""
+    args = readme_offline_gsm8k_command()
+    assert args[:2] == ["experiment=grpo", "data=gsm8k"] and "trainer.max_steps=3" in args
+    small = [
+        "backbone.grpo_scale.num_generations=2",
+        "backbone.grpo_scale.questions_per_batch=2",
+        "backbone.grpo_scale.max_new_tokens=8",
+        "eval.max_new_tokens=8",
+        "trainer.enable_progress_bar=false",
+    ]
+    args = [arg.replace("trainer.max_steps=3", "trainer.max_steps=2") for arg in args]
+    result = run_train([*args, *small, f"hydra.run.dir={tmp_path}"], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = json.loads((tmp_path / "eval.json").read_text())["scores"]
+    tested = {i for score in scores if score["model"] == "grpo/cot" for i in score["ids"]}
+    assert tested == {"gsm8k-test-0", "gsm8k-test-1", "gsm8k-test-2"}  # the test file's three records
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()

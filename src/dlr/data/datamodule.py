@@ -15,6 +15,7 @@ import random
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
@@ -185,7 +186,9 @@ class ReasoningDataModule(LightningDataModule):
     (procedural sources): `{enabled, floor, decay}` of the depth frontier (frontier.py); the arm's
     rollouts update it through `callbacks/frontier.py`. `logic_extra_distractors` (procedural sources):
     inclusive range of extra distractor rules per logic problem of the training stream; the fixed test
-    set never has them.
+    set never has them. Hub sources read `train_split` and `test_split` from the hub, or local JSONL files in
+    the release's schema instead: `train_path` and `test_path` one for each, or `local_path` one for both
+    (the test set is its first `test_size` records, training reads the rest).
     """
 
     def __init__(
@@ -201,6 +204,8 @@ class ReasoningDataModule(LightningDataModule):
         train_split: str | None = None,
         test_split: str | None = None,
         local_path: str | None = None,
+        train_path: str | None = None,
+        test_path: str | None = None,
         test_size: int = 200,
         frontier: dict | None = None,
         logic_extra_distractors: Sequence[int] = (0, 0),
@@ -219,12 +224,23 @@ class ReasoningDataModule(LightningDataModule):
 
             default = HUB_DATASETS[source].default_split
             train_split, test_split = train_split or default, test_split or default
-        self.train_split, self.test_split, self.local_path, self.test_size = (
-            train_split,
-            test_split,
-            local_path,
-            test_size,
-        )
+        if local_path and (train_path or test_path):
+            raise ValueError(
+                "data.local_path serves both splits: set it alone, or set data.train_path and data.test_path instead"
+            )
+        for key, path in (
+            ("data.local_path", local_path),
+            ("data.train_path", train_path),
+            ("data.test_path", test_path),
+        ):
+            if path and not Path(path).is_file():
+                raise ValueError(
+                    f"{key}={path}: no such file (a JSONL file in the hub schema, relative to {Path.cwd()})"
+                )
+        self.train_split, self.test_split, self.test_size = train_split, test_split, test_size
+        # (config key, local JSONL file) each split reads instead of the hub; a file of None: the hub
+        self.train_file_setting = ("data.train_path", train_path) if train_path else ("data.local_path", local_path)
+        self.test_file_setting = ("data.test_path", test_path) if test_path else ("data.local_path", local_path)
         weights = dict(mix_weights or {}) if source == "mixed" else SYNTHETIC_SOURCES.get(source, {})
         extra = tuple(logic_extra_distractors)
         if extra != (0, 0) and not weights:
@@ -255,13 +271,46 @@ class ReasoningDataModule(LightningDataModule):
     def is_procedural(self) -> bool:
         return self.train_spec is not None
 
+    @property
+    def train_file(self) -> str | None:
+        return self.train_file_setting[1]
+
+    @property
+    def test_file(self) -> str | None:
+        return self.test_file_setting[1]
+
     def check_source(self) -> None:
         """Fail at start (before any model loads) when a hub dataset cannot be reached or read."""
         if not self.is_procedural:
             from dlr.data.hub import check_hub_dataset
 
-            for split in {self.train_split, self.test_split}:
-                check_hub_dataset(self.source, split, self.local_path)
+            for split, file in {(self.train_split, self.train_file), (self.test_split, self.test_file)}:
+                check_hub_dataset(self.source, split, file)
+
+    def _reads_one_source(self) -> bool:
+        """Whether the training stream and the test set read the same rows (one file, or one split of a
+        release): the test set is then the first `test_size` of them and training gets the rest."""
+        if self.train_file or self.test_file:
+            return self.train_file == self.test_file
+        return self.train_split == self.test_split
+
+    def check_training_data(self) -> None:
+        """Fail at start (before any model loads) when the test set leaves the training stream no record:
+        one file or split for both, with `test_size` at least its number of valid records."""
+        if self.is_procedural or not self._reads_one_source():
+            return  # a split of its own: check_source finds it empty, if it is
+        from dlr.data.hub import stream_hub_records
+
+        self.check_source()  # an unreachable hub fails fast here, not after `datasets`' retries
+        test_questions = frozenset(r.question for r in self.test_records())
+        rows = stream_hub_records(self.source, self.train_split, SkipCounter(), local_path=self.train_file)
+        if all(record.question in test_questions for record in rows):
+            where = "{}={}".format(*self.train_file_setting) if self.train_file else f"split {self.train_split!r}"
+            raise ValueError(
+                f"data.test_size={self.test_size} takes all {len(test_questions)} valid records of {where} for the "
+                "test set, leaving none to train on: lower data.test_size, or give the training records a file of "
+                "their own with data.train_path and data.test_path"
+            )
 
     def test_records(self) -> list[Record]:
         """The fixed test set (same on every call, every rank, every run)."""
@@ -271,8 +320,13 @@ class ReasoningDataModule(LightningDataModule):
             else:
                 from dlr.data.hub import stream_hub_records
 
-                rows = stream_hub_records(self.source, self.test_split, self._test_skipped, local_path=self.local_path)
+                rows = stream_hub_records(self.source, self.test_split, self._test_skipped, local_path=self.test_file)
                 self._test_set = list(itertools.islice(rows, self.test_size))
+                if not self._test_set:  # e.g. a file in another release's schema: every row is malformed
+                    where = "{}={}".format(*self.test_file_setting) if self.test_file else f"split {self.test_split!r}"
+                    raise ValueError(
+                        f"{where} has no valid {self.source} records (skipped: {dict(self._test_skipped.by_reason)})"
+                    )
         return self._test_set
 
     def setup(self, stage: str | None = None) -> None:
@@ -285,7 +339,7 @@ class ReasoningDataModule(LightningDataModule):
             self.train_stream = ProceduralStream(self.train_spec, self.train_seed, rank, exclude, self.frontier)
         else:
             self.train_stream = HubStream(
-                self.source, self.train_split, self.local_path, self.train_seed, rank, world, exclude
+                self.source, self.train_split, self.train_file, self.train_seed, rank, world, exclude
             )
 
     def skip_counts(self) -> dict[str, dict[str, int]]:

@@ -247,8 +247,9 @@ def _unavailable(spec: HubDataset, split: str, cause: str) -> HubUnavailable:
     return HubUnavailable(
         f"Dataset '{spec.hub_id}' (split '{split}') is not available: the Hugging Face Hub could not be "
         f"reached ({' '.join(cause.split())}). To run offline, use a procedural data source, data=synthetic_math, "
-        f"data=synthetic_logic or data=mixed, or stream a local copy with data.local_path=/path/to/file.jsonl "
-        f"(one JSON object per line with the fields of '{spec.hub_id}': {', '.join(spec.fields)}). "
+        f"data=synthetic_logic or data=mixed, or stream local copies with data.train_path=/path/to/train.jsonl "
+        f"data.test_path=/path/to/test.jsonl (one JSON object per line with the fields of '{spec.hub_id}': "
+        f"{', '.join(spec.fields)}). "
         f"A copy already in the Hugging Face cache is used when HF_HUB_OFFLINE=1 is set."
     )
 
