@@ -1,8 +1,11 @@
 """Non-finite guard shared by the RL modules: a non-finite loss or gradient skips the step and is
-counted; after `max_consecutive` in a row the run stops with a clear error, keeping its last good
-checkpoint. `debug.inject_nonfinite_at_step` turns the loss into NaN on purpose, to test exactly that."""
+counted; after `max_consecutive` in a row the run stops with a clear error that says which checkpoint,
+if any, it can resume from. `debug.inject_nonfinite_at_step` turns the loss into NaN on purpose, to test
+exactly that."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -35,17 +38,28 @@ class NonFiniteGuard:
         if self.inject_at_step is not None and step == self.inject_at_step and self.inject_left > 0:
             self.inject_left -= 1
 
-    def record(self, finite: bool, step: int) -> bool:
-        """Count a finite or skipped step; raise after too many skipped in a row. Returns `finite`."""
+    def record(self, finite: bool, step: int, last_checkpoint: str | None = None) -> bool:
+        """Count a finite or skipped step; raise after too many skipped in a row, saying whether
+        `last_checkpoint` (the newest checkpoint saved; None or "" when none was) is there to resume from.
+        Returns `finite`."""
         if finite:
             self.consecutive = 0
             return True
         self.skipped += 1
         self.consecutive += 1
         if self.consecutive >= self.max_consecutive:
+            if last_checkpoint and Path(last_checkpoint).is_file():
+                kept = (
+                    f"the last checkpoint, {last_checkpoint}, is kept. Lower the learning rate or method.grad_clip, "
+                    f"then resume from it with ckpt_path={last_checkpoint}"
+                )
+            else:
+                kept = (
+                    "no checkpoint was saved before it (callbacks.model_checkpoint.every_n_train_steps sets how "
+                    "often one is). Lower the learning rate or method.grad_clip and start again"
+                )
             raise NonFiniteTraining(
                 f"{self.consecutive} consecutive optimizer steps had a non-finite loss or gradient (at step {step}); "
-                "training stopped and the last good checkpoint (checkpoints/last.ckpt) is kept. Lower the learning "
-                "rate or method.grad_clip, then resume from that checkpoint with ckpt_path=..."
+                f"training stopped and {kept}"
             )
         return False

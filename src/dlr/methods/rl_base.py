@@ -162,7 +162,8 @@ class RLModule(TrainableStateCheckpoints, LightningModule):
     def _skip(self, step: int) -> None:
         """A non-finite step: counted and logged; the guard stops the run after too many in a row."""
         log_now(self.trainer, {"train/skipped_nonfinite_steps": float(self.guard.skipped + 1)})
-        self.guard.record(False, step)
+        saved = self.trainer.checkpoint_callback.last_model_path if self.trainer.checkpoint_callback else ""
+        self.guard.record(False, step, saved or self.trainer.ckpt_path)  # a resumed run's start is one too
 
     # --- rewards and metrics ------------------------------------------------------------------
 
