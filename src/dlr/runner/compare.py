@@ -75,16 +75,7 @@ def arm_config(cfg: DictConfig, name: str, seed: int, out: Path) -> DictConfig:
 
 def other_task_records(cfg: DictConfig, source: str) -> list[Record]:
     """The fixed test set of data source `source` with the same depths and sizes: the forgetting check."""
-    other = copy.deepcopy(cfg.data)
-    with open_dict(other):  # that source's own splits and no local file
-        other.source, other.mix_weights, other.train_split, other.test_split, other.local_path = (
-            source,
-            None,
-            None,
-            None,
-            None,
-        )
-    return instantiate(other).test_records()
+    return phase_datamodule(cfg, source).test_records()
 
 
 def heldout_nll(
@@ -149,20 +140,39 @@ def nll_pieces(
     return pieces
 
 
-def phase_datamodule(cfg: DictConfig, source: str) -> ReasoningDataModule:
-    """The configured data settings with another source (its own splits, no local file)."""
+def phase_name(phase: str | DictConfig) -> str:
+    """A continual phase's name: its data source, or the `name` of a phase given as data overrides."""
+    return phase if isinstance(phase, str) else phase.name
+
+
+def phase_datamodule(cfg: DictConfig, phase: str | DictConfig) -> ReasoningDataModule:
+    """The configured data settings for one continual phase: another source (its own splits, no local
+    file), or `{name, data}`, the configured data with the phase's `data` overrides (its training depths)."""
     data = copy.deepcopy(cfg.data)
-    with open_dict(data):
-        data.source, data.mix_weights, data.train_split, data.test_split, data.local_path = (
-            source,
-            None,
-            None,
-            None,
-            None,
-        )
+    if isinstance(phase, str):
+        with open_dict(data):
+            data.source, data.mix_weights, data.train_split, data.test_split, data.local_path = (
+                phase,
+                None,
+                None,
+                None,
+                None,
+            )
+    else:
+        if set(phase) != {"name", "data"}:
+            raise SystemExit(f"error: a method.phases entry is a data source or {{name, data}}, got {dict(phase)}")
+        data = OmegaConf.merge(data, phase.data)
     datamodule = instantiate(data)
     datamodule.check_source()
     return datamodule
+
+
+def phase_test_records(cfg: DictConfig, phase: str | DictConfig) -> list[Record]:
+    """What retention measures of a phase: its test set at the depths it trained on (all of a hub set)."""
+    datamodule = phase_datamodule(cfg, phase)
+    spec = datamodule.train_spec
+    records = datamodule.test_records()
+    return records if spec is None else [r for r in records if spec.min_depth <= r.depth <= spec.max_depth]
 
 
 SCORE_LISTS = ("final_scores", "start_scores", "other_task_before_scores", "other_task_after_scores")
@@ -220,7 +230,7 @@ def train_arm_seed(
         log.info("%s seed %d: finished earlier, reading %s", name, seed, seed_dir / "result.json")
         return load_seed_result(seed_dir / "result.json")
     last = seed_dir / "checkpoints" / "last.ckpt"
-    phases = list(cfg.method.get("phases") or [])  # data sources trained one after the other
+    phases = list(cfg.method.get("phases") or [])  # data sources (or depth ranges) trained one after the other
     if last.exists() and not phases:
         log.info("%s seed %d: resuming from %s", name, seed, last)
         with open_dict(arm_cfg):
@@ -273,23 +283,23 @@ def train_phases(
     kind: str,
     name: str,
     seed: int,
-    phases: list[str],
+    phases: list[str | DictConfig],
     fractions: list[float],
 ) -> ArmTraining:
-    """Train the arm on each phase's data source in turn (the configured data without phases); after each
-    phase, rank 0 measures the accuracy on every phase's task so far."""
+    """Train the arm on each phase's data in turn (the configured data without phases); after each phase,
+    rank 0 measures the accuracy on every phase's test problems so far (`phase_test_records`)."""
     label = seed_label(name, seed)
     training = ArmTraining([], [], [], {})
-    for source in phases or [None]:
-        if source is not None:
-            arm.datamodule = phase_datamodule(arm_cfg, source)
+    for index, phase in enumerate(phases or [None]):
+        if phase is not None:
+            arm.datamodule = phase_datamodule(arm_cfg, phase)
         training.records = arm.datamodule.test_records()
         meter = phase_meter(cfg, arm, label, training.records, fractions, first=not training.meters)
         log.info(
             "%s seed %d%s: training until %g %s are spent",
             name,
             seed,
-            f" on {source}" if source else "",
+            f" on {phase_name(phase)}" if phase is not None else "",
             cfg.budget.amount,
             cfg.budget.kind,
         )
@@ -300,10 +310,10 @@ def train_phases(
         )
         fit(arm_cfg, arm, extra_callbacks=[meter, *training.aligner], budgeted=True)
         training.meters.append(meter)
-        if source is not None and is_rank_zero():  # every phase's task so far, after this phase
-            training.retention[source] = {
-                task: overall_accuracy(arm.evaluate(phase_datamodule(arm_cfg, task).test_records(), label))
-                for task in phases[: phases.index(source) + 1]
+        if phase is not None and is_rank_zero():  # every phase's problems so far, after this phase
+            training.retention[phase_name(phase)] = {
+                phase_name(earlier): overall_accuracy(arm.evaluate(phase_test_records(arm_cfg, earlier), label))
+                for earlier in phases[: index + 1]
             }
     return training
 
