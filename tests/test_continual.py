@@ -25,6 +25,15 @@ def test_a_depth_phase_trains_its_depths_and_retention_reads_them_on_the_fixed_t
     assert full == phase_datamodule(cfg, shallow).test_records()  # one fixed test set for every phase
     kept = phase_test_records(cfg, shallow)
     assert {r.depth for r in kept} == {1, 2, 3} and kept == [r for r in full if r.depth <= 3]
+    gsm8k = compose_config(
+        [
+            "experiment=dlr_vs_grpo_gsm8k",
+            "data.train_path=data/fixtures/gsm8k_train.jsonl",
+            "data.test_path=data/fixtures/gsm8k_test.jsonl",
+        ]
+    )
+    logic = phase_datamodule(gsm8k, "synthetic_logic")  # another source reads none of the configured local files
+    assert logic.source == "synthetic_logic" and logic.train_file_setting == ("data.local_path", None)
     with pytest.raises(SystemExit, match="a method.phases entry is a data source or"):
         phase_datamodule(cfg, OmegaConf.create({"name": "x", "data": {}, "budget": 1}))
 

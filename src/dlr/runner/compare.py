@@ -150,14 +150,10 @@ def phase_datamodule(cfg: DictConfig, phase: str | DictConfig) -> ReasoningDataM
     file), or `{name, data}`, the configured data with the phase's `data` overrides (its training depths)."""
     data = copy.deepcopy(cfg.data)
     if isinstance(phase, str):
-        with open_dict(data):
-            data.source, data.mix_weights, data.train_split, data.test_split, data.local_path = (
-                phase,
-                None,
-                None,
-                None,
-                None,
-            )
+        with open_dict(data):  # that source's own splits, no local files
+            data.source, data.mix_weights = phase, None
+            for key in ("train_split", "test_split", "local_path", "train_path", "test_path"):
+                data[key] = None
     else:
         if set(phase) != {"name", "data"}:
             raise SystemExit(f"error: a method.phases entry is a data source or {{name, data}}, got {dict(phase)}")
