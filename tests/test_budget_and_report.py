@@ -12,8 +12,8 @@ from conftest import run_train
 from dlr.accounting import compute_parameters, forward_flops, generation_flops, model_cost, pass_flops
 from dlr.callbacks.budget import BudgetMeter
 from dlr.ranks import log_now
-from dlr.report.report import bootstrap_ci, count_collapses, overall_accuracy
-from dlr.scoring import DepthScore
+from dlr.report.report import bootstrap_ci, count_collapses
+from dlr.scoring import DepthScore, overall_accuracy
 
 
 def cell(task: str, depth: int, n: int, right: int, format_rate: float = 1.0) -> DepthScore:
@@ -328,7 +328,7 @@ def test_shortened_main_job_writes_a_valid_summary_and_every_plot(tmp_path):
     assert {name: a["method"] for name, a in summary["arms"].items()} == {"dlr": "dlr", "grpo": "grpo"}
     for arm in summary["arms"].values():  # both write their own answer line: their format rates are earned
         assert arm["format_rate_not_applicable"] is None and 0 <= arm["format_rate"] <= 1
-    assert dlr["alignment"]["source"] == "shipped" and dlr["alignment"]["steps"] == 400 + 2
+    assert dlr["alignment"]["source"] == "shipped" and dlr["alignment"]["steps"] == 1400 + 2
     assert dlr["alignment"]["counted_in_budget"] is False and dlr["alignment"]["flops"] > 1e12
     assert all(set(a["start_accuracy_by_depth"]) == {"1", "2", "3"} for a in summary["arms"].values())
     for image in ("accuracy_vs_budget.png", "accuracy_by_depth.png", "reward_curves.png", "diversity.png"):
@@ -341,6 +341,20 @@ def test_shortened_main_job_writes_a_valid_summary_and_every_plot(tmp_path):
         "grpo_seed_0",
         "grpo_seed_1",
     }
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard" / "grpo_seed_1"))
+    events.Reload()
+    curve = [e.value for e in events.Scalars("test/budget_fraction")]
+    assert curve == [0.0, 0.5, 1.0]  # the test accuracy beside the training metrics, at every evaluation
+    accuracy = [e.value for e in events.Scalars("test/accuracy")]
+    assert accuracy == pytest.approx([p["accuracy"] for p in grpo_seed_1_curve(run_dir)])
+    assert len(events.Scalars("test/accuracy_depth_3")) == 3
+    assert summary["trained_depths"] == [1, 6]
+
+
+def grpo_seed_1_curve(run_dir) -> list[dict]:
+    return json.loads((run_dir / "grpo" / "seed_1" / "result.json").read_text())["curve"]
 
 
 def test_ablation_variants_merge_their_overrides_into_full_dlr(tmp_path):

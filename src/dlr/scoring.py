@@ -69,6 +69,18 @@ class SampledScore:
         return tuple(unbiased_pass_at_k(self.samples, c, k) for c in self.correct_counts)
 
 
+def overall_accuracy(scores: Sequence[DepthScore]) -> float:
+    """Accuracy over all problems (each (task, depth) cell weighted by its count)."""
+    total = sum(s.n for s in scores)
+    return sum(s.accuracy * s.n for s in scores) / total if total else 0.0
+
+
+def accuracy_by_depth(scores: Sequence[DepthScore]) -> dict[int, float]:
+    """Accuracy per depth over all tasks, count-weighted."""
+    depths = sorted({s.depth for s in scores})
+    return {d: overall_accuracy([s for s in scores if s.depth == d]) for d in depths}
+
+
 def unbiased_pass_at_k(n: int, c: int, k: int) -> float:
     """Chen et al. (2021): the chance that k of n attempts drawn without replacement hold a right one,
     when c of the n are right: 1 - C(n-c, k) / C(n, k). At k = 1 it is c / n, the sampled accuracy."""

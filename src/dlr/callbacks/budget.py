@@ -28,7 +28,7 @@ from dlr.accounting import BUDGET_KINDS, BudgetedModule, peak_memory_bytes
 from dlr.callbacks.latent_diversity import mean_pairwise_cosine_distance
 from dlr.ranks import gather_ranks, log_rank_zero, on_rank_zero
 from dlr.rewards import TOTAL
-from dlr.scoring import DepthScore, scores_as_dicts
+from dlr.scoring import DepthScore, accuracy_by_depth, overall_accuracy, scores_as_dicts
 
 
 @dataclass
@@ -179,6 +179,7 @@ class BudgetMeter(Callback):
             self.record(pl_module, crossed[0], trainer)
             for f in crossed[1:]:
                 self.points.append(dataclasses.replace(self.points[-1], fraction=f))
+                self.log_point(trainer, self.points[-1])
         if fraction >= 1.0:
             trainer.should_stop = True
 
@@ -188,6 +189,20 @@ class BudgetMeter(Callback):
         evaluate = (lambda: self.evaluate(pl_module)) if self.evaluate is not None else list
         scores = on_rank_zero(trainer, evaluate) if trainer is not None else evaluate()
         self.points.append(BudgetPoint(fraction, self.seconds, self.flops, self.generated_tokens, scores or []))
+        if trainer is not None:
+            self.log_point(trainer, self.points[-1])
+
+    @staticmethod
+    def log_point(trainer, point: BudgetPoint) -> None:
+        """The headline curve in TensorBoard beside the training metrics: test accuracy, overall and by depth."""
+        if point.scores:
+            by_depth = {f"test/accuracy_depth_{d}": a for d, a in accuracy_by_depth(point.scores).items()}
+            metrics = {"test/accuracy": overall_accuracy(point.scores), "test/budget_fraction": point.fraction}
+            log_rank_zero(trainer, {**metrics, **by_depth})
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.global_step == 0 and len(self.points) == 1:  # the start, evaluated before the trainer existed
+            self.log_point(trainer, self.points[0])
 
     def state_dict(self) -> dict:
         """Spent seconds, pending evaluations and records survive a resume."""

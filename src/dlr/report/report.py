@@ -10,19 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dlr.report.bootstrap import Interval, mean_interval
-from dlr.scoring import DepthScore, SampledScore
-
-
-def overall_accuracy(scores: Sequence[DepthScore]) -> float:
-    """Accuracy over all problems (each (task, depth) cell weighted by its count)."""
-    total = sum(s.n for s in scores)
-    return sum(s.accuracy * s.n for s in scores) / total if total else 0.0
-
-
-def accuracy_by_depth(scores: Sequence[DepthScore]) -> dict[int, float]:
-    """Accuracy per depth over all tasks, count-weighted."""
-    depths = sorted({s.depth for s in scores})
-    return {d: overall_accuracy([s for s in scores if s.depth == d]) for d in depths}
+from dlr.scoring import DepthScore, SampledScore, accuracy_by_depth, overall_accuracy
 
 
 def problem_values(
@@ -299,51 +287,96 @@ def arm_summary(results: Sequence[SeedResult], method: str, pass_at_k: int) -> d
     }
 
 
+def smoothed(values: Sequence[float], weight: float = 0.6) -> list[float]:
+    """Exponential moving average, debiased at the start (TensorBoard's smoothing): each point keeps `weight` of
+    the running average."""
+    average, out = 0.0, []
+    for i, v in enumerate(values, 1):
+        average = weight * average + (1 - weight) * v
+        out.append(average / (1 - weight**i))
+    return out
+
+
 def plot(summary: dict, results: dict[str, Sequence[SeedResult]], out: Path) -> list[str]:
-    """accuracy_vs_budget.png, accuracy_by_depth.png, reward_curves.png and diversity.png; returns their names."""
+    """accuracy_vs_budget.png, accuracy_by_depth.png, reward_curves.png and diversity.png; returns their names.
+    Accuracies in %, y-axes from 0, compute in the budget's unit, every legend outside the data."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
 
     names = []
+    budget = summary["budget"]
+    scale, unit = (1e12, "TFLOPs") if budget["kind"] == "flops" else (1.0, "seconds")
+    colors = {arm: f"C{i}" for i, arm in enumerate(summary["arms"])}
 
-    def save(fig, name: str) -> None:
+    def save(fig, ax, name: str, title: str) -> None:
+        ax.set_title(title, fontsize=10)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
         fig.tight_layout()
         fig.savefig(out / name, dpi=100)
         plt.close(fig)
         names.append(name)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for arm, s in summary["arms"].items():
-        x = [p["budget_fraction"] for p in s["curve"]]
-        ax.plot(x, [p["accuracy_mean"] for p in s["curve"]], marker="o", label=arm)
-        ax.fill_between(x, [p["ci95"][0] for p in s["curve"]], [p["ci95"][1] for p in s["curve"]], alpha=0.2)
-    ax.set(
-        xlabel="fraction of the budget", ylabel="test accuracy", title="Accuracy vs budget (mean, 95% CI over seeds)"
-    )
-    ax.legend()
-    save(fig, "accuracy_vs_budget.png")
+    def percent_axis(ax, label: str) -> None:
+        ax.set_ylim(0, 1)
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.set_ylabel(label)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for arm, s in summary["arms"].items():
+        x = [p["budget_fraction"] * budget["amount"] / scale for p in s["curve"]]
+        ax.plot(x, [p["accuracy_mean"] for p in s["curve"]], marker="o", color=colors[arm], label=arm)
+        per_seed = [[p["accuracy"] for p in r.curve] for r in results[arm]]
+        if len(per_seed) > 1 and len({len(c) for c in per_seed}) == 1:  # the band: lowest to highest seed
+            points = list(zip(*per_seed, strict=True))  # [fraction][seed]
+            ax.fill_between(x, [min(p) for p in points], [max(p) for p in points], color=colors[arm], alpha=0.2)
+    ax.set_xlabel(f"training compute spent ({unit} per arm and seed)")
+    percent_axis(ax, "greedy test accuracy (all depths)")
+    save(fig, ax, "accuracy_vs_budget.png", "Accuracy vs compute: mean over seeds, band from lowest to highest seed")
+
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     arms = list(summary["arms"])
+    trained = summary.get("trained_depths")
+    if trained:  # the depths the arms trained on, shaded
+        ax.axvspan(
+            trained[0] - 0.5,
+            trained[-1] + 0.5,
+            color="0.92",
+            zorder=0,
+            label=f"trained depths {trained[0]}-{trained[-1]}",
+        )
     for i, arm in enumerate(arms):
         depths = sorted(summary["arms"][arm]["accuracy_by_depth"], key=int)
+        per_seed = [accuracy_by_depth(r.final_scores) for r in results[arm]]
+        means = [summary["arms"][arm]["accuracy_by_depth"][d] for d in depths]
+        low = [m - min(a.get(int(d), 0.0) for a in per_seed) for m, d in zip(means, depths, strict=True)]
+        high = [max(a.get(int(d), 0.0) for a in per_seed) - m for m, d in zip(means, depths, strict=True)]
         ax.bar(
             [int(d) + (i - (len(arms) - 1) / 2) * 0.8 / len(arms) for d in depths],
-            [summary["arms"][arm]["accuracy_by_depth"][d] for d in depths],
+            means,
             width=0.8 / len(arms),
+            yerr=[low, high] if len(per_seed) > 1 else None,
+            capsize=2,
+            color=colors[arm],
             label=arm,
         )
-    ax.set(xlabel="depth (reasoning steps)", ylabel="final test accuracy", title="Accuracy by depth")
-    ax.legend()
-    save(fig, "accuracy_by_depth.png")
+    ax.set_xlabel("depth (reasoning steps)")
+    percent_axis(ax, "final greedy test accuracy")
+    save(fig, ax, "accuracy_by_depth.png", "Accuracy by depth: mean over seeds, whiskers lowest to highest seed")
 
-    for key, name, label in (
-        ("reward", "reward_curves.png", "training reward"),
-        ("diversity", "diversity.png", "mean pairwise cosine distance of the G latents"),
+    for key, name, label, title in (
+        ("reward", "reward_curves.png", "training reward", "Training reward per batch (raw faint, smoothed solid)"),
+        (
+            "diversity",
+            "diversity.png",
+            "mean pairwise cosine distance of the G latents",
+            "Latent diversity (raw faint, smoothed solid)",
+        ),
     ):
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(7.5, 4))
         for arm, seeds in results.items():
             # the training reward of an arm given the answer cue holds a format reward it did not earn
             free = key == "reward" and summary["arms"][arm]["format_rate_not_applicable"]
@@ -351,13 +384,13 @@ def plot(summary: dict, results: dict[str, Sequence[SeedResult]], out: Path) -> 
             for r in seeds:
                 pairs = r.trace.get(key, [])
                 if pairs:
-                    ax.plot(
-                        [f for f, _ in pairs], [v for _, v in pairs], alpha=0.7, label=f"{arm} seed {r.seed}{given}"
-                    )
-        ax.set(xlabel="fraction of the budget", ylabel=label)
-        if ax.lines:
-            ax.legend()
-        save(fig, name)
+                    x = [f * budget["amount"] / scale for f, _ in pairs]
+                    ax.plot(x, [v for _, v in pairs], color=colors[arm], alpha=0.2, linewidth=0.8)
+                    ax.plot(x, smoothed([v for _, v in pairs]), color=colors[arm], label=f"{arm} seed {r.seed}{given}")
+        ax.set_xlabel(f"training compute spent ({unit} per arm and seed)")
+        ax.set_ylabel(label + (" (correctness + format weight; can exceed 1)" if key == "reward" else ""))
+        ax.set_ylim(bottom=min(0.0, ax.get_ylim()[0]))
+        save(fig, ax, name, title)
     return names
 
 

@@ -27,7 +27,7 @@ from dlr.methods.stage1 import STAGE1_COMMANDS, shipped_stage1_folder
 from dlr.methods.warmstart_module import encode_sft_batch
 from dlr.models.backbones import PromptFormat
 from dlr.report.claims import claims_table
-from dlr.report.report import SeedResult, arm_summary, overall_accuracy, write_report
+from dlr.report.report import SeedResult, arm_summary, write_report
 from dlr.runner.arms import ARMS, Arm, check_protected, fit, method_settings, own_chain_scores
 from dlr.runner.common import (
     device_name,
@@ -38,7 +38,7 @@ from dlr.runner.common import (
     reward_config,
     write_json,
 )
-from dlr.scoring import DepthScore, SampledScore, sampled_by_depth, scores_as_dicts
+from dlr.scoring import DepthScore, SampledScore, overall_accuracy, sampled_by_depth, scores_as_dicts
 
 log = logging.getLogger(__name__)
 
@@ -442,8 +442,8 @@ def run_dlr_vs_grpo(cfg: DictConfig, out: Path) -> None:
         },
     }
     procedural = cfg.data.source not in HUB_SOURCES  # a hub dataset trains on every depth (its step count)
-    trained = list(cfg.data.train_depths) if procedural else None
-    summary["claims"] = claims_table(summary, results, trained, cfg.method.other_task)
+    summary["trained_depths"] = list(cfg.data.train_depths) if procedural else None  # inclusive range, or none
+    summary["claims"] = claims_table(summary, results, summary["trained_depths"], cfg.method.other_task)
     short = write_report(summary, results, out)
     print("\n".join([*short, f"report: {out / 'report.md'}"]))
 
