@@ -368,12 +368,17 @@ def plot(summary: dict, results: dict[str, Sequence[SeedResult]], out: Path) -> 
     save(fig, ax, "accuracy_by_depth.png", "Accuracy by depth: mean over seeds, whiskers lowest to highest seed")
 
     for key, name, label, title in (
-        ("reward", "reward_curves.png", "training reward", "Training reward per batch (raw faint, smoothed solid)"),
+        (
+            "reward",
+            "reward_curves.png",
+            "training reward (correct + format weight)",
+            "Training reward per batch (raw faint, smoothed bold)",
+        ),
         (
             "diversity",
             "diversity.png",
             "mean pairwise cosine distance of the G latents",
-            "Latent diversity (raw faint, smoothed solid)",
+            "Latent diversity (raw faint, smoothed bold)",
         ),
     ):
         fig, ax = plt.subplots(figsize=(7.5, 4))
@@ -381,14 +386,18 @@ def plot(summary: dict, results: dict[str, Sequence[SeedResult]], out: Path) -> 
             # the training reward of an arm given the answer cue holds a format reward it did not earn
             free = key == "reward" and summary["arms"][arm]["format_rate_not_applicable"]
             given = " (format reward given)" if free else ""
-            for r in seeds:
+            for i, r in enumerate(seeds):
+                style = ("-", "--", ":", "-.")[i % 4]  # seeds of one arm: its colour, their own line style
                 pairs = r.trace.get(key, [])
                 if pairs:
                     x = [f * budget["amount"] / scale for f, _ in pairs]
-                    ax.plot(x, [v for _, v in pairs], color=colors[arm], alpha=0.2, linewidth=0.8)
-                    ax.plot(x, smoothed([v for _, v in pairs]), color=colors[arm], label=f"{arm} seed {r.seed}{given}")
+                    ax.plot(x, [v for _, v in pairs], color=colors[arm], linestyle=style, alpha=0.2, linewidth=0.8)
+                    smooth = smoothed([v for _, v in pairs])
+                    ax.plot(
+                        x, smooth, color=colors[arm], linestyle=style, linewidth=2, label=f"{arm} seed {r.seed}{given}"
+                    )
         ax.set_xlabel(f"training compute spent ({unit} per arm and seed)")
-        ax.set_ylabel(label + (" (correctness + format weight; can exceed 1)" if key == "reward" else ""))
+        ax.set_ylabel(label)
         ax.set_ylim(bottom=min(0.0, ax.get_ylim()[0]))
         save(fig, ax, name, title)
     return names
