@@ -57,6 +57,10 @@ def test_the_within_math_run_reports_each_phase_after_each_phase(tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "INFO: " not in output and "💡" not in output  # Lightning's lines once, through Hydra's handlers
+    assert "LeafSpec" not in output and "module(s) in eval mode" not in output  # known warnings hidden
+    assert output.count("GPU available") == 2 and (run_dir / "train.log").read_text().count("GPU available") == 2
     summary = json.loads((run_dir / "summary.json").read_text())
     continual = summary["arms"]["grpo"]["continual"]
     assert list(continual) == ["depths_1-3", "depths_4-6"]

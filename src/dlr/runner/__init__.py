@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dlr.resume import resolve_ckpt_path
-from dlr.runner.common import check_writable, is_rank_zero, output_dir, prompt_format, reward_config
+from dlr.runner.common import check_writable, is_rank_zero, output_dir, prompt_format, quiet_logs, reward_config
 from dlr.runner.compare import run_dlr_vs_grpo
 from dlr.runner.single import run_dlr, run_evaluate, run_grpo, run_warmstart
 
@@ -28,6 +28,7 @@ METHODS = {
 
 
 def run(cfg: DictConfig) -> None:
+    quiet_logs()
     if cfg.method.name not in METHODS:
         raise SystemExit(f"error: method.name must be one of {sorted(METHODS)}, got {cfg.method.name!r}")
     reward_config(cfg), prompt_format(cfg)  # a bad reward or prompt setting fails before any model loads

@@ -4,6 +4,7 @@ configured callbacks and loggers, the devices, atomic JSON results."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import warnings
@@ -81,6 +82,30 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None, **overri
     if cfg.trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
         callbacks.append(StepProgressBar())  # Lightning's default would count epochs, which a stream never ends
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
+
+
+# Warnings whose cause we know and that ask nothing of a user, matched at the start of their message.
+KNOWN_WARNINGS = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's own call into torch's pytree
+    r"`is_gradient_checkpointing` is deprecated",  # transformers calling its own renamed method
+    r"Found \d+ module\(s\) in eval mode",  # the frozen main model stays in eval mode by design
+)
+
+
+def quiet_logs() -> None:
+    """One line per message: Lightning's loggers print through Hydra's console and `train.log` handlers
+    instead of also through their own (every INFO line came twice), without the litlogger advert; the
+    known harmless warnings above are hidden."""
+    for pattern in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: not record.getMessage().startswith("💡 Tip")
+    )
 
 
 def rl_ddp_strategy(module: L.LightningModule) -> DDPStrategy:
