@@ -189,3 +189,22 @@ def test_a_continual_run_whose_start_and_final_test_sets_differ_is_not_paired():
     continual = dataclasses.replace(result, start_scores=[cell(d, 0.4, "logic") for d in (1, 2)])
     row = rl_moved("grpo", [continual], [1, 2])
     assert row["verdict"] == "not testable yet" and "different test sets" in row["evidence"]
+
+
+def test_a_grpo_variant_is_compared_with_grpo_on_the_same_problems():
+    """experiment=controls: GRPO (final 50% at depths 1-2) against GRPO with shuffled rewards (final 30%): the
+    variant's row says it is lower, with the interval over seeds and problems, and each arm keeps its RL row."""
+    results = {
+        "grpo": [seed_result(0, 0.4, 0.5, 0.1, [0.25, 0.3]), seed_result(1, 0.4, 0.5, 0.1, [0.25, 0.3])],
+        "grpo_shuffled": [seed_result(2, 0.4, 0.3, 0.1, [0.25, 0.2]), seed_result(3, 0.4, 0.3, 0.1, [0.25, 0.2])],
+    }
+    summary = {
+        "budget": {"kind": "flops", "amount": 1e12},
+        "arms": {name: arm_summary(seeds, "grpo", 4) for name, seeds in results.items()},
+    }
+    rows = claims_table(summary, results, [1, 2], None)
+    (variant,) = [r for r in rows if r["arm"] == "grpo_shuffled" and r["claim"].startswith("efficiency")]
+    assert variant["claim"] == "efficiency: higher accuracy than grpo at equal compute"
+    assert variant["verdict"] == "not supported"  # 20% vs 30% overall, every gap one way
+    assert "at trained depths 1-2 30.0% vs 50.0%, difference -20.0 points [" in variant["evidence"]
+    assert {r["arm"] for r in rows if r["claim"].startswith("RL improves")} == {"grpo", "grpo_shuffled"}

@@ -91,6 +91,29 @@ def rl_moved(name: str, results: Sequence[SeedResult], trained: Sequence[int] | 
     }
 
 
+def higher_accuracy_row(
+    name: str, results: dict[str, Sequence[SeedResult]], baseline: str, budget: dict, trained: Sequence[int] | None
+) -> dict:
+    """Final greedy accuracy against the baseline's on the same problems, overall and at the trained depths."""
+    unit, scale = ("TFLOPs", 1e12) if budget["kind"] == "flops" else ("s", 1.0)
+    ours_final, theirs_final = [r.final_scores for r in results[name]], [r.final_scores for r in results[baseline]]
+    overall = compare(ours_final, theirs_final, None, same_seeds=False)
+    verdict = difference_verdict(overall.difference)
+    # where the lead is: an answer-at-once readout keeps about the direct-answer rate where its chain fails
+    where = ""
+    if trained:
+        at_trained = compare(ours_final, theirs_final, trained, same_seeds=False)
+        where = f"; at trained depths {trained[0]}-{trained[-1]} {at_trained.text()}"
+        if verdict == "supported" and difference_verdict(at_trained.difference) != "supported":
+            where += " (the lead is at untrained depths only)"
+    return {
+        "claim": f"efficiency: higher accuracy than {baseline} at equal compute",
+        "arm": name,
+        "verdict": verdict,
+        "evidence": f"{overall.text()} at {budget['amount'] / scale:g} {unit} each{where}",
+    }
+
+
 def efficiency_rows(
     name: str,
     summary: dict,
@@ -104,22 +127,7 @@ def efficiency_rows(
     scale = 1e12 if budget["kind"] == "flops" else 1.0
     ours_final, theirs_final = [r.final_scores for r in results[name]], [r.final_scores for r in results[baseline]]
     overall = compare(ours_final, theirs_final, None, same_seeds=False)
-    verdict = difference_verdict(overall.difference)
-    # where the lead is: an answer-at-once readout keeps about the direct-answer rate where its chain fails
-    where = ""
-    if trained:
-        at_trained = compare(ours_final, theirs_final, trained, same_seeds=False)
-        where = f"; at trained depths {trained[0]}-{trained[-1]} {at_trained.text()}"
-        if verdict == "supported" and difference_verdict(at_trained.difference) != "supported":
-            where += " (the lead is at untrained depths only)"
-    rows = [
-        {
-            "claim": f"efficiency: higher accuracy than {baseline} at equal compute",
-            "arm": name,
-            "verdict": verdict,
-            "evidence": f"{overall.text()} at {budget['amount'] / scale:g} {unit} each{where}",
-        }
-    ]
+    rows = [higher_accuracy_row(name, results, baseline, budget, trained)]
     target = base["final_accuracy"]["mean"]
     reached = first_fraction_reaching(arm["curve"], target)
     base_reached = first_fraction_reaching(base["curve"], target)
@@ -218,7 +226,8 @@ def claims_table(
     trained_depths: Sequence[int] | None,
     other_task: str | None,
 ) -> list[dict]:
-    """Every DLR arm's rows against the run's GRPO arm, then each arm's RL-moved row. `trained_depths`: the
+    """Every DLR arm's rows against the run's (first) GRPO arm, every other GRPO arm's accuracy against it, then
+    each arm's RL-moved row. `trained_depths`: the
     procedural training range; None for a hub dataset, whose depth (its solution's step count) no arm's
     training selects, so no row speaks of trained or untrained depths."""
     budget = summary["budget"]
@@ -227,6 +236,8 @@ def claims_table(
     rows = []
     for name, arm in summary["arms"].items():
         if "readout" not in arm:
+            if baseline is not None and name != baseline:  # a GRPO variant (experiment=controls) against GRPO
+                rows.append(higher_accuracy_row(name, results, baseline, budget, trained))
             continue
         if baseline is None:
             rows.append(
