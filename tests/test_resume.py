@@ -64,6 +64,8 @@ def test_a_killed_dlr_run_resumes_to_the_uninterrupted_metrics(tmp_path):
     process.wait()
     killed_at = checkpoint_step(last)
     assert 8 <= killed_at < 28, killed_at  # killed mid-run, with a readable checkpoint
+    kept = rewards_by_step(killed_dir)  # written at each checkpoint: the kill lost at most one interval
+    assert max(kept) >= killed_at - 1 and kept == {s: rewards_by_step(tmp_path / "full")[s] for s in kept}
 
     resumed_dir = tmp_path / "resumed"
     resumed = run_train([*COMMON, f"ckpt_path={last}", f"hydra.run.dir={resumed_dir}"], timeout=600)

@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
+from dlr.callbacks.flush_logs import FlushLogsOnCheckpoint
 from dlr.callbacks.progress import StepProgressBar
 from dlr.models.backbones import ModelSpec, PromptFormat, resolve_path
 from dlr.rewards import RewardConfig
@@ -76,7 +77,7 @@ def instantiate_list(group: DictConfig | None) -> list:
 def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None, **overrides) -> L.Trainer:
     """The Trainer of `cfg.trainer` with the configured loggers and callbacks; `extra_callbacks` go first."""
     loggers = instantiate_list(cfg.get("logger"))
-    callbacks = list(extra_callbacks or []) + instantiate_list(cfg.get("callbacks"))
+    callbacks = list(extra_callbacks or []) + instantiate_list(cfg.get("callbacks")) + [FlushLogsOnCheckpoint()]
     if not loggers:  # Lightning refuses a learning-rate monitor without a logger
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     if cfg.trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
