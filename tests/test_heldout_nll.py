@@ -79,11 +79,11 @@ def test_the_gold_completion_is_what_each_main_is_asked_to_write():
     llama = PromptFormat(**compose_config(["backbone=llama2-7b+sheared-1.3b"]).backbone.prompt)
     reasoning = "She has 3 + 4 = 7 apples."
     # the tiny main's warm-start chain, between the latent markers
-    assert tiny.gold_completion(reasoning, "7", "</s>") == f"<bol> {reasoning} <eol> #### 7 </s>"
+    assert tiny.gold_completion(reasoning, "7", "</s>") == f"<bol> {reasoning} <eol> #### 7</s>"
     # an instruct model in its chat turn, as its instruction asks, ended by its end-of-turn token
     assert qwen.gold_completion(reasoning, "7", "<|im_end|>") == f"{reasoning}\n#### 7<|im_end|>"
     # the paper's tags (Eq. 2)
-    assert llama.gold_completion(reasoning, "7", "</s>") == f"<think>\n{reasoning}\n</think>\n<answer>7</answer></s>"
+    assert llama.gold_completion(reasoning, "7", "</s>") == f"<think>{reasoning}</think>\n<answer>7</answer></s>"
 
 
 def test_a_bound_below_one_is_refused(tiny_pair):

@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from dlr.rewards import STRUCTURES
+from dlr.rewards.verify import ANSWER_CLOSE, ANSWER_OPEN
 
 QUANTIZATIONS = ("nf4", "int8", "none")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -66,10 +67,10 @@ class PromptFormat:
         (structure=tags); reasoning then the `#### n` line an instruct model's instruction asks for (chat
         template); else the tiny main's warm-start form, the chain between the latent markers."""
         if self.structure == "tags":
-            return f"<think>\n{reasoning}\n</think>\n<answer>{answer}</answer>{eos}"
+            return f"<think>{reasoning}</think>\n{ANSWER_OPEN}{answer}{ANSWER_CLOSE}{eos}"
         if self.use_chat_template:
             return f"{reasoning}\n{self.answer_cue} {answer}{eos}"
-        return f"{self.bol} {reasoning} {self.eol} {self.answer_cue} {answer} {eos}"
+        return f"{self.bol} {reasoning} {self.eol} {self.answer_cue} {answer}{eos}"
 
 
 def marker_token_id(tokenizer: PreTrainedTokenizerBase, marker: str) -> int | None:

@@ -26,7 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from dlr.data.schema import Record
 from dlr.models.backbones import PromptFormat
-from dlr.rewards.verify import ANSWER_CLOSE, ANSWER_OPEN
+from dlr.rewards.verify import ANSWER_CLOSE
 
 READOUTS = ("rationale", "answer")
 _SPAN = "<<latent-span>>"  # stands in for the latents while a chat template renders the user turn
@@ -71,14 +71,10 @@ class Readout:
         Plain prompts continue the warm-start format (`... <eol> #### n`); chat models write their
         reasoning, then the answer line; the tags structure is `<think>cot</think>\n<answer>n</answer>`
         (after the cue `<answer>`, the answer readout writes `n</answer>`)."""
-        tags = self.fmt.structure == "tags"
         if self.kind == "answer":
-            return f" {record.answer}{ANSWER_CLOSE if tags else ''}{eos}"
-        if tags:
-            return f"<think>{record.cot}</think>\n{ANSWER_OPEN}{record.answer}{ANSWER_CLOSE}{eos}"
-        if self.fmt.use_chat_template:
-            return f"{record.cot}\n{self.fmt.answer_cue} {record.answer}{eos}"
-        return f" {record.cot} {self.fmt.eol} {self.fmt.answer_cue} {record.answer}{eos}"
+            return f" {record.answer}{ANSWER_CLOSE if self.fmt.structure == 'tags' else ''}{eos}"
+        text = self.fmt.gold_completion(record.cot, record.answer, eos)  # the main's whole text chain
+        return text if self.fmt.use_chat_template or self.fmt.structure == "tags" else text.removeprefix(self.fmt.bol)
 
     def gold_chain(self, record: Record) -> str:
         """The gold reasoning a recurrent chain stands for in stage 1 (answer readout): the record's
